@@ -44,13 +44,13 @@ test-py:
 	@$(PYTHON) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 demo:
-	facecl demo
+	facecl demo --out runs/demo
 
 figures:
-	@echo "make figures: not built yet (issue: the main job)"; exit 2
+	$(PYTHON) -m facecl_nb.continual figures
 
 reproduce:
-	@echo "make reproduce: not built yet (issue: the main job)"; exit 2
+	$(PYTHON) -m facecl_nb.continual reproduce
 
 lab:
 	jupyter lab nbs

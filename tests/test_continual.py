@@ -1,0 +1,114 @@
+"""End-to-end tests of the continual runner: a micro run, resume, grids with a failing run, papermill, the CLI."""
+import json, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from facecl_nb import continual as C
+from facecl_nb.data import synth_album, Album
+
+MICRO = dict(projection={'steps': 8}, tuning={'steps': 8, 'batch_size': 8}, hull={'steps': 8}, n_synth=4, hull_candidates=20,
+             metrics=('psnr', 'ssim', 'id_sim', 'dlib_dist'))
+
+
+@pytest.fixture(scope='module')
+def album(tmp_path_factory):
+    root = tmp_path_factory.mktemp('albums')
+    synth_album(root, 'pat', timestamps=3, n_train=4, n_test=2, size=64, seed=5)
+    return Album(root, 'pat')
+
+
+def _strip(res):
+    return {k: v for k, v in res.items() if k not in ('timings',)}
+
+
+def test_micro_run(album, tmp_path):
+    cfg = C.RunConfig.from_dict(MICRO, strategy='hull', buffer=2, seed=0, person='pat', T=2)
+    res = C.continual_run(album, cfg, tmp_path / 'run', progress=False, log=lambda *a: None)
+    for key in ('strategy', 'buffer', 'seed', 'person', 'T', 'R', 'AIP', 'AF', 'BWT', 'timings', 'versions'):
+        assert key in res, key
+    assert res['T'] == 2 and res['complete']
+    R = np.array([[np.nan if v is None else v for v in row] for row in res['R']['psnr']])
+    assert R.shape == (2, 2) and np.isnan(R[0, 1]) and np.isfinite(R[[0, 1, 1], [0, 0, 1]]).all()
+    assert res['buffers'][1]['buffer_timestamps'] == [0, 0]
+    assert res['versions']['weights']['digiface-dcgan'] == '0c3b90b138cfc4e8a73310b9fd5ce2a8f1f3a542a037de277412307fcd28771f'
+    # AIP recomputed from R by hand: mean over t of mean over k <= t
+    assert res['AIP']['psnr'] == pytest.approx(np.mean([R[0, 0], (R[1, 0] + R[1, 1]) / 2]))
+    assert res['AF']['psnr'] == pytest.approx(R[0, 0] - R[1, 0])
+    # a finished run is not recomputed: same folder, same config -> same results, nothing re-run
+    again = C.continual_run(album, cfg, tmp_path / 'run', progress=False, log=lambda *a: None)
+    assert again == res
+
+
+def test_resume_identical(album, tmp_path):
+    cfg = C.RunConfig.from_dict(MICRO, strategy='random', buffer=2, seed=1, person='pat', T=3)
+    full = C.continual_run(album, cfg, tmp_path / 'full', progress=False, log=lambda *a: None)
+
+    class Killed(Exception): pass
+    calls = []
+    def kill_after_first(msg):
+        calls.append(msg)
+        raise Killed()
+    with pytest.raises(Killed):
+        C.continual_run(album, cfg, tmp_path / 'killed', progress=False, log=kill_after_first)
+    assert C.last_state(tmp_path / 'killed') == 0
+    first = json.loads((tmp_path / 'killed' / 'results.json').read_text())
+    assert not first['complete']
+    resumed = C.continual_run(album, cfg, tmp_path / 'killed', progress=False, log=lambda *a: None)
+    assert _strip(resumed) == _strip(full)
+    assert len(resumed['timings']['per_timestamp']) == 3
+
+
+def test_other_config_in_same_folder_is_refused(album, tmp_path):
+    cfg = C.RunConfig.from_dict(MICRO, strategy='none', buffer=0, seed=0, person='pat', T=1)
+    C.continual_run(album, cfg, tmp_path / 'r', progress=False, log=lambda *a: None)
+    with pytest.raises(Exception, match='another configuration'):
+        C.continual_run(album, cfg.replace(seed=3), tmp_path / 'r', progress=False, log=lambda *a: None)
+
+
+def test_joint_and_none(album, tmp_path):
+    j = C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='joint', person='pat', T=2), tmp_path / 'j', progress=False, log=lambda *a: None)
+    assert 'AF' not in j and 'BWT' not in j and np.isfinite(j['AIP']['psnr'])
+    assert j['R']['psnr'][1][0] is not None and j['R']['psnr'][0][1] is None
+    n = C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='none', person='pat', T=2), tmp_path / 'n', progress=False, log=lambda *a: None)
+    assert all(h['buffer'] == [] for h in n['buffers'])
+
+
+def test_grid_with_failing_run(album, tmp_path, capsys):
+    s = C.run_grid(album.root, ['pat'], ['none', 'no-such-strategy'], [2], [0], tmp_path / 'grid', T=2, overrides=MICRO, log=lambda *a: None)
+    assert len(s['failed']) == 1 and 'no-such-strategy' in s['failed'][0]
+    ok = [d for d, v in s['runs'].items() if v['status'] == 'ok']
+    assert len(ok) == 1 and C.run_is_complete(ok[0])
+    assert (Path(s['failed'][0]) / 'error.txt').exists()
+    assert 'FAILED' in capsys.readouterr().err
+    # re-running skips the finished run
+    s2 = C.run_grid(album.root, ['pat'], ['none'], [2], [0], tmp_path / 'grid', T=2, overrides=MICRO, log=lambda *a: None)
+    assert list(s2['runs'].values())[0]['status'].startswith('skipped')
+
+
+def test_papermill_experiment_notebook(album, tmp_path):
+    runs = tmp_path / 'runs'
+    C.run_grid(album.root, ['pat'], ['none', 'random', 'hull', 'joint'], [2], [0], runs, T=2, overrides=MICRO, log=lambda *a: None)
+    figs = tmp_path / 'figs'
+    nb = C.run_experiment_notebook('continual_2d', {'runs_dir': str(runs), 'figures_dir': str(figs), 'album_root': str(album.root), 'png': False},
+                                   reports=tmp_path / 'reports', log=lambda *a: None)
+    assert nb.exists()
+    for f in ('main_table.md', 'R_heatmaps_psnr.html', 'aip_af_vs_buffer.html', 'teaser_pat.png', 'buffer_composition.html', 'figures.json'):
+        assert (figs / f).exists(), f
+    table = (figs / 'main_table.md').read_text()
+    assert 'hull' in table and 'random' in table
+
+
+def test_cli_errors(tmp_path):
+    r = subprocess.run(['facecl', 'run', '--album', str(tmp_path / 'nope'), '--person', 'x', '--out', str(tmp_path / 'o')], capture_output=True, text=True)
+    assert r.returncode != 0 and 'nope' in r.stderr and r.stdout == ''
+
+
+def test_papermill_explorer(album, tmp_path):
+    runs = tmp_path / 'runs'
+    C.run_grid(album.root, ['pat'], ['none', 'hull'], [2], [0], runs, T=2, overrides=MICRO, log=lambda *a: None)
+    nb = C.run_experiment_notebook('explorer', {'runs_dir': str(runs), 'album_root': str(album.root)}, reports=tmp_path / 'reports', log=lambda *a: None)
+    cells = json.loads(nb.read_text())['cells']
+    assert not any(o.get('output_type') == 'error' for c in cells if c['cell_type'] == 'code' for o in c.get('outputs', []))
