@@ -82,13 +82,15 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 def _nearest_samples(G, images, c, n_samples, seed):
-    "For each image, the latent among the mean and `n_samples` prior samples whose render is closest (L2)."
+    """For each image, the latent among `n_samples` prior samples whose render is closest (L2 at half resolution).
+    The mean latent is not a candidate: for the DCGAN it is a dead point (z = 0, every ReLU off, zero gradient), and a
+    flat grey render can be the L2-closest to a dim photo, which would freeze the projection there."""
     dev = images.device
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n_samples, G.z_dim, generator=g).to(dev)
     with torch.no_grad():
         cs = None if c is None else c[:1].expand(n_samples, -1)
-        cand = torch.cat([G.mean_ws(None if c is None else c[:1]), G.mapping(z, cs)])
+        cand = G.mapping(z, cs)
         r = G.synthesis(cand, None if c is None else c[:1].expand(len(cand), -1))
         idx = torch.cdist(F.avg_pool2d(images, 2).flatten(1), F.avg_pool2d(r, 2).flatten(1)).argmin(1)
     return cand[idx].clone()
@@ -96,7 +98,7 @@ def _nearest_samples(G, images, c, n_samples, seed):
 def project(G, images: Tensor, space: str = 'w', steps: int = 200, lr: float = 0.05, init='nearest', lpips_weight: float | None = 1.0,
             c: Tensor | None = None, seed: int = 0, batch_size: int = 32, progress: bool = True, latent_reg: float = 1e-3) -> Tensor:
     '''Invert `images` into G's latent space: anchors [N, num_ws, w_dim] (one w broadcast over layers for 'w', one per layer for 'w+').
-    `init`: 'mean' (G's mean latent), 'nearest' (the closest of the mean and 64 prior samples; the DCGAN's mean, z = 0,
+    `init`: 'mean' (G's mean latent), 'nearest' (the closest of 64 prior samples; the DCGAN's mean, z = 0,
     is a dead point where every ReLU is off) or a tensor of latents.'''
     if space not in ('w', 'w+'): raise InversionError(f"space must be 'w' or 'w+', got {space!r}")
     check_images(G, images)
