@@ -403,6 +403,9 @@ def load_nvidia_pkl(path, which: str = 'G_ema', strict: bool = True, **overrides
         raise GeneratorError(f"{path}: network '{which}' ({cname}) was built with arguments facecl's '{arch}' does not accept: {e} "
                              f"(recorded init_kwargs: {sorted(kwargs)})") from None
     report = load_weights(G, collect_state_dict(net), f"{path}: network '{which}' ({cname})", strict)
+    st = _state_of(net)
+    for name in getattr(cls, 'nvidia_state_attrs', ()):   # plain attributes the pickle carries (e.g. EG3D's rendering resolution)
+        if st.get(name) is not None: setattr(G, name, _plain(st[name]))
     G.load_report = {**report, 'class_name': cname, 'arch': arch, 'which': which, 'path': str(path), 'init_kwargs': kwargs}
     return G.eval()
 
