@@ -98,7 +98,7 @@ def _dispatch(a) -> int | None:
     v = {k: val for k, val in vars(a).items() if k not in ('cmd', 'album_cmd', 'debug')}
     if a.cmd == 'album':
         fn = {'synth': 'cli_album_synth', 'import': 'cli_album_import', 'cameras': 'cli_album_cameras', 'validate': 'cli_album_validate'}[a.album_cmd]
-        return _call('eg3d' if a.album_cmd == 'cameras' else 'data', fn, **v)
+        return _call('cameras' if a.album_cmd == 'cameras' else 'data', fn, **v)
     if a.cmd == 'run': return _call('continual', 'cli_run', **v)
     if a.cmd == 'grid': return _call('continual', 'cli_grid', **v)
     if a.cmd == 'demo': return _call('continual', 'cli_demo', **v)
