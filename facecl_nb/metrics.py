@@ -18,10 +18,11 @@ from .core import resolve_weight, weights_dir, MissingWeightError, ChecksumError
 
 # %% auto #0
 __all__ = ['BACKBONE_FILES', 'HIGHER_IS_BETTER', 'MetricUnavailable', 'check_pair', 'to_uint8', 'psnr', 'ssim', 'find_backbone',
-           'LPIPSMetric', 'lpips_loss', 'dists_metric', 'IdentityEncoder', 'DlibEncoder', 'default_identity_encoder',
-           'identity_similarity', 'dlib_distance', 'IRSE50', 'ArcFaceEncoder', 'frechet_distance', 'identity_fid',
-           'fid', 'compute_metrics', 'empty_R', 'average_incremental_performance', 'average_forgetting',
-           'backward_transfer', 'r_to_json', 'r_from_json', 'EvalResult', 'evaluate']
+           'LPIPSMetric', 'lpips_loss', 'dists_weights_path', 'DISTSMetric', 'dists_metric', 'IdentityEncoder',
+           'DlibEncoder', 'default_identity_encoder', 'identity_similarity', 'dlib_distance', 'IRSE50',
+           'ArcFaceEncoder', 'frechet_distance', 'identity_fid', 'inception_fid_net', 'inception_features', 'fid',
+           'compute_metrics', 'empty_R', 'average_incremental_performance', 'average_forgetting', 'backward_transfer',
+           'r_to_json', 'r_from_json', 'EvalResult', 'evaluate']
 
 # %% ../nbs/05_metrics.ipynb #b7099e89
 class MetricUnavailable(RuntimeError):
@@ -103,12 +104,44 @@ def lpips_loss(net: str = 'vgg'):
     if net not in _CACHE: _CACHE[net] = LPIPSMetric(net)
     return _CACHE[net]
 
+def dists_weights_path() -> Path:
+    "The DISTS alpha/beta file shipped in the `DISTS_pytorch` wheel (in the package folder or, as its own loader looks, in `sys.prefix`)."
+    import importlib.util, sys
+    spec = importlib.util.find_spec('DISTS_pytorch')
+    if spec is None: raise MetricUnavailable("DISTS: the package DISTS_pytorch is not installed (pip install DISTS_pytorch==0.1)")
+    paths = [Path(d)/'weights.pt' for d in (spec.submodule_search_locations or [])] + [Path(sys.prefix)/'weights.pt']
+    for q in paths:
+        if q.is_file(): return q
+    raise MetricUnavailable("DISTS: weights.pt of DISTS_pytorch not found; searched " + ', '.join(map(str, paths)))
+
+class DISTSMetric(nn.Module):
+    """DISTS (Ding et al. 2020) through the `DISTS_pytorch` package: its learned alpha/beta from the wheel, the VGG16
+    ImageNet backbone from a local file (the package itself would download it). Per-image distances [N] of images in [-1, 1]."""
+    def __init__(self, backbone_path=None):
+        super().__init__()
+        import types, torchvision
+        wpath = dists_weights_path()
+        import DISTS_pytorch.DISTS_pt as D
+        path = Path(backbone_path) if backbone_path else find_backbone('vgg')
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+        def vgg16(*args, **kw):                       # what the package asks torchvision for, built from the local file
+            m = torchvision.models.vgg16(weights=None); m.load_state_dict(sd); return m
+        orig = D.models
+        D.models = types.SimpleNamespace(vgg16=vgg16)
+        try: self.model = D.DISTS(load_weights=False)
+        finally: D.models = orig
+        w = torch.load(wpath, map_location='cpu', weights_only=True)
+        self.model.alpha.data.copy_(w['alpha']); self.model.beta.data.copy_(w['beta'])
+        self.backbone_path, self.weights_path = path, wpath
+        self.model.eval().requires_grad_(False)
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.model((a.float() + 1) / 2, (b.float() + 1) / 2, batch_average=False).reshape(-1).double()
+
 def dists_metric():
-    "DISTS (Ding et al. 2020) — needs the `DISTS_pytorch` package and the VGG16 ImageNet weights."
-    path = find_backbone('vgg')
-    try: from DISTS_pytorch import DISTS
-    except ImportError: raise MetricUnavailable("DISTS: the package DISTS_pytorch is not installed (pip install DISTS_pytorch)") from None
-    raise MetricUnavailable(f"DISTS: found {path}, but loading DISTS without its own download is not wired yet")
+    "A cached `DISTSMetric` (raises MetricUnavailable without the package or the VGG16 weights)."
+    if 'dists' not in _CACHE: _CACHE['dists'] = DISTSMetric()
+    return _CACHE['dists']
+
 
 # %% ../nbs/05_metrics.ipynb #1bfcc8dd
 class IdentityEncoder:
@@ -222,11 +255,33 @@ def identity_fid(a: Tensor, b: Tensor, encoder: IdentityEncoder | None = None) -
     if len(ea) < 2 or len(eb) < 2: raise ValueError("identity_fid: needs at least 2 images per set")
     return frechet_distance(ea.mean(0), np.cov(ea, rowvar=False), eb.mean(0), np.cov(eb, rowvar=False))
 
-def fid(a: Tensor, b: Tensor) -> float:
-    "FID with Inception weights (manifest `inception-fid`); MetricUnavailable when they are absent."
-    try: resolve_weight('inception-fid')
-    except (MissingWeightError, ChecksumError) as e: raise MetricUnavailable(f"FID: {e}") from None
-    raise MetricUnavailable("FID: the Inception network definition for these weights is not built yet")
+def inception_fid_net(path=None) -> nn.Module:
+    """pytorch-fid's FID Inception-v3 (2048-d pool features), its weights read from the local file of manifest entry
+    `inception-fid` (the package itself would download them); MetricUnavailable when the file is absent."""
+    try: from pytorch_fid import inception as I
+    except ImportError: raise MetricUnavailable("FID: the package pytorch-fid is not installed (pip install pytorch-fid==0.3.0)") from None
+    if path is None:
+        try: path = resolve_weight('inception-fid')
+        except (MissingWeightError, ChecksumError) as e: raise MetricUnavailable(f"FID: {e}") from None
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    orig = I.load_state_dict_from_url
+    I.load_state_dict_from_url = lambda *a, **k: sd
+    try: net = I.InceptionV3([I.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True, use_fid_inception=True)
+    finally: I.load_state_dict_from_url = orig
+    return net.eval().requires_grad_(False)
+
+def inception_features(x: Tensor, net: nn.Module, batch_size: int = 50) -> np.ndarray:
+    "Pool features [N, 2048] of images in [-1, 1] (quantized to uint8 first, as FID tools read PNGs)."
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 255
+    with torch.no_grad(): return torch.cat([net(b.float())[0].flatten(1) for b in x.split(batch_size)]).double().numpy()
+
+def fid(a: Tensor, b: Tensor, path=None) -> float:
+    "FID between two image sets with the FID Inception weights (manifest `inception-fid`); MetricUnavailable when they are absent."
+    if len(a) < 2 or len(b) < 2: raise ValueError("fid: needs at least 2 images per set")
+    if 'inception' not in _CACHE or path is not None: _CACHE['inception'] = inception_fid_net(path)
+    fa, fb = inception_features(a, _CACHE['inception']), inception_features(b, _CACHE['inception'])
+    return frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+
 
 # %% ../nbs/05_metrics.ipynb #f1666687
 HIGHER_IS_BETTER = {'psnr': True, 'ssim': True, 'lpips': False, 'dists': False, 'id_sim': True, 'dlib_dist': False,
