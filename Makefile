@@ -3,12 +3,13 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 SHELL := /bin/bash
 
-.PHONY: readme install test test-nb test-py demo figures reproduce lab bench clean export help
+.PHONY: readme install test test-nb test-py demo demo3d figures reproduce lab bench clean export help
 
 help:
 	@echo "make install   - install facecl (editable) with torch, dlib, lpips, nbdev and the DigiFace prior"
 	@echo "make test      - nbdev_test on nbs/ then pytest on tests/"
 	@echo "make demo      - offline continual runs on the default synthetic albums, figures into figures/"
+	@echo "make demo DEMO3D=1 (or make demo3d) - the 3D demo: tri-plane prior, albums with cameras, novel views into figures/3d/"
 	@echo "make figures   - the full demo-tier benchmark (all persons, 3 buffer sizes, 3 seeds)"
 	@echo "make reproduce - the paper tier (GPU, user-supplied checkpoints and albums)"
 	@echo "make lab       - JupyterLab on nbs/"
@@ -44,7 +45,10 @@ test-py:
 	@$(PYTHON) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 demo:
-	facecl demo --out runs/demo
+	facecl demo $(if $(filter 1,$(DEMO3D)),--3d --out runs/demo3d,--out runs/demo)
+
+demo3d:
+	facecl demo --3d --out runs/demo3d
 
 figures:
 	$(PYTHON) -m facecl_nb.continual figures

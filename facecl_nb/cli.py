@@ -65,7 +65,7 @@ def _add_run(sub):
     p.add_argument('--buffer', type=int, default=5, help='buffer size k')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', required=True, type=Path, help='run folder')
-    p.add_argument('--profile', default='demo', choices=['demo', 'paper'])
+    p.add_argument('--profile', default='demo', choices=['demo', 'paper', 'demo3d', 'paper3d'])
     p.add_argument('--timestamps', type=int, default=None, help='use only the first T timestamps')
     p = sub.add_parser('grid', help='strategies x buffer sizes x persons x seeds, skipping finished runs',
                        description='Run a grid of continual runs; finished runs are skipped, a failing run is reported and the others go on.')
@@ -75,12 +75,13 @@ def _add_run(sub):
     p.add_argument('--buffers', nargs='+', type=int, default=[3, 5])
     p.add_argument('--seeds', nargs='+', type=int, default=[0])
     p.add_argument('--out', required=True, type=Path, help='folder of run folders')
-    p.add_argument('--profile', default='demo', choices=['demo', 'paper'])
+    p.add_argument('--profile', default='demo', choices=['demo', 'paper', 'demo3d', 'paper3d'])
     p.add_argument('--timestamps', type=int, default=None)
     p = sub.add_parser('demo', help='the offline demo: synthetic albums, continual runs, figures',
                        description='Make the default synthetic albums if needed, run lower bound, ER-Rand, ER-Hull and upper bound at two buffer sizes, '
                                    'execute the experiment notebooks into reports/ and write figures/.')
-    p.add_argument('--out', type=Path, default=Path('runs/demo'))
+    p.add_argument('--out', type=Path, default=None, help='runs folder (default runs/demo, or runs/demo3d with --3d)')
+    p.add_argument('--3d', dest='three_d', action='store_true', help='the 3D demo: tri-plane prior, albums with cameras, novel views')
     p.add_argument('--quick', action='store_true', help='a micro run (2 timestamps, few steps) to check the set-up')
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,10 +16,11 @@ from .core import (Config, ConfigError, ProjectionConfig, TuningConfig, HullConf
                             atomic_write_bytes, seed_everything, code_version, load_manifest, resolve_weight, get_device)
 
 # %% auto #0
-__all__ = ['STRATEGIES_SPECIAL', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'PAPER', 'RunConfig', 'run_name', 'Memory', 'own_spread',
-           'load_profile_prior', 'weight_versions', 'last_state', 'continual_run', 'grid_specs', 'run_is_complete',
-           'run_grid', 'collect_results', 'summary_table', 'format_table', 'experiments_dir', 'run_experiment_notebook',
-           'cli_run', 'cli_grid', 'demo', 'cli_demo', 'paper_tier_missing', 'reproduce']
+__all__ = ['STRATEGIES_SPECIAL', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'PAPER', 'RunConfig', 'run_name',
+           'Memory', 'own_spread', 'load_profile_prior', 'weight_versions', 'check_cameras', 'last_state',
+           'continual_run', 'grid_specs', 'run_is_complete', 'run_grid', 'collect_results', 'summary_table',
+           'format_table', 'experiments_dir', 'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'albums_3d',
+           'demo3d', 'cli_demo', 'paper_tier_missing', 'reproduce']
 
 # %% ../nbs/07_continual.ipynb #e3941c93
 STRATEGIES_SPECIAL = ('none', 'joint')
@@ -94,19 +95,43 @@ def own_spread(anchors: torch.Tensor) -> torch.Tensor:
     return d.sum(1) / (len(x) - 1)
 
 # %% ../nbs/07_continual.ipynb #6594ac68
+PROFILES_3D = ('demo3d', 'paper3d')
+
 def load_profile_prior(profile: str, device=None):
-    "The pretrained prior of a profile: the DigiFace DCGAN (demo) or the user's StyleGAN2-ADA FFHQ checkpoint (paper)."
+    """The pretrained prior of a profile: the DigiFace DCGAN (demo), the user's StyleGAN2-ADA FFHQ checkpoint (paper),
+    the distilled tri-plane prior (demo3d) or the user's EG3D FFHQ checkpoint (paper3d)."""
     from facecl_nb import generators
     device = device or get_device()
     if profile == 'demo': return generators.load_prior(device=device)
+    if profile == 'demo3d':
+        from facecl_nb.prior3d import load_prior3d
+        return load_prior3d(device)
+    if profile == 'paper3d':
+        from facecl_nb.eg3d import load_eg3d
+        return load_eg3d(resolve_weight('eg3d-ffhq')).to(device).eval().requires_grad_(False)
     path = resolve_weight('stylegan2-ffhq')
     return generators.load_generator(path).to(device).eval().requires_grad_(False)
 
 def weight_versions(profile: str) -> dict:
     "sha256 of every weight file a profile uses (from the manifest, verified on load)."
     m = load_manifest()
-    names = ['digiface-dcgan', 'dlib-face-descriptor', 'dlib-landmarks-5'] if profile == 'demo' else ['stylegan2-ffhq', 'arcface-ir-se50', 'alexnet-imagenet']
+    names = {'demo': ['digiface-dcgan', 'dlib-face-descriptor', 'dlib-landmarks-5'],
+             'demo3d': ['eg3d-demo', 'digiface-dcgan', 'dlib-face-descriptor', 'dlib-landmarks-5', 'dlib-landmarks-68'],
+             'paper3d': ['eg3d-ffhq', 'arcface-ir-se50', 'alexnet-imagenet']}.get(profile, ['stylegan2-ffhq', 'arcface-ir-se50', 'alexnet-imagenet'])
     return {n: m[n].get('sha256') for n in names if n in m}
+
+def check_cameras(album, timestamps) -> None:
+    "A 3D run needs cameras.json for every split it uses: one error listing every missing or malformed file."
+    probs = []
+    for t in timestamps:
+        for split in ('train', 'test'):
+            p = album.dir/str(t)/split/'cameras.json'
+            if not p.is_file(): probs.append(f"{p}: missing"); continue
+            try: album.cameras(t, split)
+            except Exception as e: probs.append(f"{p}: {e}")
+    if probs:
+        raise ConfigError("a 3D run needs cameras for every photo; " + '; '.join(probs)
+                          + f" (make them with: facecl album cameras --album {album.root} --person {album.person})")
 
 # %% ../nbs/07_continual.ipynb #c5332b1f
 def _save_pt(path: Path, obj) -> None:
@@ -166,7 +191,10 @@ def continual_run(album, cfg: RunConfig, out, G0=None, progress: bool = True, lo
     if T < 1: raise ValueError(f"album {album.root}/{album.person} has no timestamps")
     P, Tu, H = cfg.stage('projection'), cfg.stage('tuning'), cfg.stage('hull')
     device = get_device()
+    if cfg.profile in PROFILES_3D: check_cameras(album, Ts)
     G_prior = (G0 if G0 is not None else load_profile_prior(cfg.profile, device)).to(device)
+    if cfg.profile in PROFILES_3D and not getattr(G_prior, 'c_dim', 0):
+        raise ConfigError(f"profile {cfg.profile}: the prior is a 2D generator ({getattr(G_prior, 'arch', type(G_prior).__name__)}); a 3D run needs an eg3d one")
     metric_names = list(cfg.metrics)
 
     start = last_state(out) + 1
@@ -425,9 +453,51 @@ def demo(out='runs/demo', quick: bool = False, figures='figures', reports='repor
     log(f"demo: runs {t1 - t0:.0f} s, figures {t2 - t1:.0f} s, total {t2 - t0:.0f} s; figures in {figures}/, executed notebooks in {reports}/")
     return {'grid': s, 'table': t, 'seconds': {'runs': t1 - t0, 'figures': t2 - t1, 'total': t2 - t0}}
 
-def cli_demo(out, quick=False) -> int:
-    "`facecl demo`."
-    r = demo(out, quick=quick)
+DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=[3], seeds=[0], T=4)
+
+def albums_3d(root=None, persons=None, log=print) -> list:
+    """The default demo albums copied under `<albums>/demo3d` with a cameras.json for every split (estimated by
+    `facecl_nb.cameras.album_cameras`); redone only when the 2D album changed."""
+    import shutil
+    from facecl_nb import data, cameras
+    from facecl_nb.core import albums_dir
+    out = []
+    for a in data.default_demo_albums():
+        if persons and a.person not in persons: continue
+        dst_root = Path(root) if root else albums_dir()/'demo3d'
+        dst = dst_root/a.person
+        src_hash = data.content_hash(a.dir)
+        stamp = dst/'source_hash.txt'
+        if not (stamp.is_file() and stamp.read_text() == src_hash):
+            if dst.exists(): shutil.rmtree(dst)
+            shutil.copytree(a.dir, dst)
+            cameras.album_cameras(data.Album(dst_root, a.person), log=log)
+            stamp.write_text(src_hash)
+        out.append(data.Album(dst_root, a.person))
+    return out
+
+def demo3d(out='runs/demo3d', quick: bool = False, figures='figures/3d', reports='reports', plan: dict | None = None, log=print) -> dict:
+    "The 3D demo: the tri-plane prior personalized on an album with cameras (lower bound, ER-Rand, ER-Hull), then the 3D notebook."
+    t0 = time.perf_counter()
+    plan = {**DEMO3D, **(plan or {})}
+    albums = albums_3d(persons=plan['persons'], log=log)
+    root = albums[0].root
+    overrides = dict(QUICK_OVERRIDES) if quick else {}
+    T = 2 if quick else plan['T']
+    s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, profile='demo3d', T=T,
+                 overrides=overrides, jobs=1, log=log)
+    t1 = time.perf_counter()
+    run_experiment_notebook('continual_3d', {'runs_dir': str(Path(out).resolve()), 'figures_dir': str(Path(figures).resolve()),
+                                             'album_root': str(Path(root).resolve())}, reports=reports, log=log)
+    t2 = time.perf_counter()
+    t = summary_table(collect_results(out))
+    log(format_table(t))
+    log(f"demo3d: runs {t1 - t0:.0f} s, figures {t2 - t1:.0f} s; figures in {figures}/")
+    return {'grid': s, 'table': t, 'seconds': {'runs': t1 - t0, 'figures': t2 - t1, 'total': t2 - t0}}
+
+def cli_demo(out=None, quick=False, three_d=False) -> int:
+    "`facecl demo [--3d]`."
+    r = demo3d(out or 'runs/demo3d', quick=quick) if three_d else demo(out or 'runs/demo', quick=quick)
     return 1 if r['grid']['failed'] else 0
 
 # %% ../nbs/07_continual.ipynb #de9b9f26
@@ -471,7 +541,8 @@ def _main(argv=None):
     a = ap.parse_args(argv)
     if a.what == 'figures':
         r = demo('runs/figures', plan=FIGURES, figures='figures/full', reports='reports/full')
-        sys.exit(1 if r['grid']['failed'] else 0)
+        r3 = demo3d('runs/figures3d', figures='figures/full/3d', reports='reports/full', plan=dict(seeds=[0, 1, 2], buffers=[3, 5], T=None))
+        sys.exit(1 if (r['grid']['failed'] or r3['grid']['failed']) else 0)
     sys.exit(reproduce())
 
 if __name__ == '__main__' and '__file__' in globals() and not hasattr(sys, 'ps1'): _main()

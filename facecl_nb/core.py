@@ -261,6 +261,12 @@ PROFILES = {
                  hull=HullConfig(steps=20, lr=0.1)),
     'paper': dict(projection=ProjectionConfig(space='w+', steps=1000, lr=5e-3), tuning=TuningConfig(steps=1000, lr=3e-4),
                   hull=HullConfig(steps=500, lr=5e-2)),
+    # 3D (EG3D): demo3d uses the tri-plane prior of nbs/06b_prior3d.ipynb (64 px, 32 px rendering); paper3d EG3D FFHQ with
+    # the protocol of DESIGN.md 2.4 (invert w 1000 steps at lr 1e-3, tune 350 steps at lr 3e-4)
+    'demo3d': dict(projection=ProjectionConfig(steps=40, lr=0.05, batch_size=20), tuning=TuningConfig(steps=40, lr=2e-3, batch_size=8),
+                   hull=HullConfig(steps=15, lr=0.1)),
+    'paper3d': dict(projection=ProjectionConfig(space='w', steps=1000, lr=1e-3), tuning=TuningConfig(steps=350, lr=3e-4),
+                    hull=HullConfig(steps=500, lr=5e-2)),
 }
 
 # %% ../nbs/00_core.ipynb #ef70805d

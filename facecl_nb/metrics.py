@@ -381,7 +381,7 @@ def evaluate(G, anchors, album, timestamps=None, cameras=None, beta: float = 0.0
         if any(cams.get(t) is None for t in ts): raise ValueError("evaluate: a 3D generator needs cameras for every test photo")
         c = torch.cat([cams[t] for t in ts]).to(dev)
     hp = inv.project_to_hull(G, X, anchors.to(dev), beta=beta, steps=steps, lr=lr, c=c, seed=seed, progress=progress)
-    rec = hp.images.detach()
+    rec = hp.images.detach().clamp(-1, 1)     # images as they would be saved (EG3D's output is not bounded)
     vals, unavailable = compute_metrics(rec, X, [m for m in metrics], encoder=encoder)
     bounds = np.cumsum([0] + sizes)
     rows = {m: [float(v[bounds[i]:bounds[i + 1]].double().mean()) for i in range(len(ts))] for m, v in vals.items()}
@@ -390,6 +390,7 @@ def evaluate(G, anchors, album, timestamps=None, cameras=None, beta: float = 0.0
     # synthesis: identity of random anchor mixtures against each timestamp's test photos
     c_syn = None if c is None else c[:1].expand(n_synth, -1)
     with torch.no_grad(): syn, _ = inv.synthesize(G, anchors.to(dev), n_synth, seed=seed, c=c_syn)
+    syn = syn.clamp(-1, 1)
     if 'id_sim' in metrics:
         enc = encoder or default_identity_encoder()
         e_syn = torch.nn.functional.normalize(enc.embed(syn.cpu()).double(), dim=1)
