@@ -12,12 +12,13 @@ import torch
 from torch import Tensor
 
 from .core import atomic_write_json
+from .eg3d import split_label   # the renderer's reading of a label (shape and finiteness checked)
 
 # %% auto #0
 __all__ = ['FFHQ_FOCAL', 'FFHQ_CENTER', 'FFHQ_RADIUS', 'FFHQ_PIVOT', 'MEAN_LANDMARKS_2D', 'DEFAULT_BOX', 'CameraError',
-           'intrinsics', 'make_label', 'split_label', 'look_at', 'label_from_angles', 'angles_from_label',
-           'project_points', 'landmark_depths', 'landmark_template', 'fit_pose', 'normalize_camera',
-           'labels_from_landmarks', 'crop_landmarks', 'album_cameras', 'cli_album_cameras']
+           'intrinsics', 'make_label', 'look_at', 'label_from_angles', 'angles_from_label', 'project_points',
+           'landmark_depths', 'landmark_template', 'fit_pose', 'normalize_camera', 'labels_from_landmarks',
+           'crop_landmarks', 'album_cameras', 'cli_album_cameras']
 
 # %% ../nbs/06_cameras.ipynb #fe23b4f2
 FFHQ_FOCAL, FFHQ_CENTER, FFHQ_RADIUS, FFHQ_PIVOT = 4.2647, 0.5, 2.7, (0.0, 0.0, 0.2)
@@ -35,12 +36,6 @@ def make_label(cam2world: Tensor, K: Tensor | None = None) -> Tensor:
     K = intrinsics() if K is None else K.float()
     K = K.reshape(-1, 3, 3).expand(len(cam2world), 3, 3)
     return torch.cat([cam2world.reshape(-1, 16), K.reshape(-1, 9)], 1)
-
-def split_label(c: Tensor) -> tuple[Tensor, Tensor]:
-    "cam2world [N, 4, 4] and intrinsics [N, 3, 3] of labels [N, 25]."
-    if not torch.is_tensor(c) or c.ndim != 2 or c.shape[1] != 25:
-        raise CameraError(f"camera label: expected shape [N, 25], got {list(c.shape) if torch.is_tensor(c) else type(c).__name__}")
-    return c[:, :16].reshape(-1, 4, 4), c[:, 16:].reshape(-1, 3, 3)
 
 def look_at(origin: Tensor, # [N, 3] camera centres
             target: Tensor, # [N, 3] or [3] points looked at

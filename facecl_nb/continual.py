@@ -444,14 +444,18 @@ def demo(out='runs/demo', quick: bool = False, figures='figures', reports='repor
     T = 2 if quick else plan['T']
     jobs = jobs or (1 if quick else min(2, os.cpu_count() or 1))
     s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, T=T, overrides=overrides, jobs=jobs, log=log)
+    return _figures_and_table('demo', 'continual_2d', s, out, root, figures, reports, t0, log)
+
+def _figures_and_table(what, notebook, grid, out, root, figures, reports, t0, log) -> dict:
+    "After a demo's grid: execute its experiment notebook, print the summary table and the timings."
     t1 = time.perf_counter()
-    run_experiment_notebook('continual_2d', {'runs_dir': str(Path(out).resolve()), 'figures_dir': str(Path(figures).resolve()),
-                                             'album_root': str(Path(root).resolve())}, reports=reports, log=log)
+    run_experiment_notebook(notebook, {'runs_dir': str(Path(out).resolve()), 'figures_dir': str(Path(figures).resolve()),
+                                       'album_root': str(Path(root).resolve())}, reports=reports, log=log)
     t2 = time.perf_counter()
     t = summary_table(collect_results(out))
     log(format_table(t))
-    log(f"demo: runs {t1 - t0:.0f} s, figures {t2 - t1:.0f} s, total {t2 - t0:.0f} s; figures in {figures}/, executed notebooks in {reports}/")
-    return {'grid': s, 'table': t, 'seconds': {'runs': t1 - t0, 'figures': t2 - t1, 'total': t2 - t0}}
+    log(f"{what}: runs {t1 - t0:.0f} s, figures {t2 - t1:.0f} s, total {t2 - t0:.0f} s; figures in {figures}/, executed notebooks in {reports}/")
+    return {'grid': grid, 'table': t, 'seconds': {'runs': t1 - t0, 'figures': t2 - t1, 'total': t2 - t0}}
 
 DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=[3], seeds=[0], T=4)
 
@@ -486,14 +490,7 @@ def demo3d(out='runs/demo3d', quick: bool = False, figures='figures/3d', reports
     T = 2 if quick else plan['T']
     s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, profile='demo3d', T=T,
                  overrides=overrides, jobs=1, log=log)
-    t1 = time.perf_counter()
-    run_experiment_notebook('continual_3d', {'runs_dir': str(Path(out).resolve()), 'figures_dir': str(Path(figures).resolve()),
-                                             'album_root': str(Path(root).resolve())}, reports=reports, log=log)
-    t2 = time.perf_counter()
-    t = summary_table(collect_results(out))
-    log(format_table(t))
-    log(f"demo3d: runs {t1 - t0:.0f} s, figures {t2 - t1:.0f} s; figures in {figures}/")
-    return {'grid': s, 'table': t, 'seconds': {'runs': t1 - t0, 'figures': t2 - t1, 'total': t2 - t0}}
+    return _figures_and_table('demo3d', 'continual_3d', s, out, root, figures, reports, t0, log)
 
 def cli_demo(out=None, quick=False, three_d=False) -> int:
     "`facecl demo [--3d]`."

@@ -105,7 +105,7 @@ def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside i
         G.load_state_dict(st['G']); opt.load_state_dict(st['opt']); start, hist = st['step'], st['hist']
         log(f"resuming at step {start}")
     gen = torch.Generator().manual_seed(seed + 1)
-    for _ in range(start): torch.randint(0, n, (batch_size,), generator=gen); torch.rand(2 * batch_size, generator=gen)
+    if start: gen.set_state(st['gen'])                 # batches and cameras go on where they stopped
     x_raw = F.avg_pool2d(data['images'], 2)
     bar = tqdm(range(start, steps), desc='prior3d', disable=not progress, initial=start, total=steps)
     t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside i
         bar.set_postfix(img=f"{l_img.item():.4f}", depth=f"{l_depth.item():.4f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:
             import io; buf = io.BytesIO()
-            torch.save({'G': G.state_dict(), 'opt': opt.state_dict(), 'step': step + 1, 'hist': hist}, buf)
+            torch.save({'G': G.state_dict(), 'opt': opt.state_dict(), 'step': step + 1, 'hist': hist, 'gen': gen.get_state()}, buf)
             atomic_write_bytes(state_path, buf.getvalue())
     G.eval()
     save_generator(G, out)
