@@ -12,50 +12,63 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .core import (Config, ConfigError, ProjectionConfig, TuningConfig, HullConfig, PROFILES, atomic_write_json,
-                            atomic_write_bytes, seed_everything, code_version, load_manifest, resolve_weight, get_device)
+from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig, HullConfig, FreeConfig, PROFILES,
+                            atomic_write_json, atomic_write_bytes, seed_everything, code_version, load_manifest, resolve_weight, get_device)
+
 
 # %% auto #0
-__all__ = ['STRATEGIES_SPECIAL', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'PAPER', 'RunConfig', 'run_name',
-           'Memory', 'own_spread', 'load_profile_prior', 'weight_versions', 'check_cameras', 'last_state',
-           'continual_run', 'grid_specs', 'run_is_complete', 'run_grid', 'collect_results', 'summary_table',
-           'format_table', 'experiments_dir', 'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'albums_3d',
-           'demo3d', 'cli_demo', 'paper_tier_missing', 'reproduce']
+__all__ = ['NO_BUFFER', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'PAPER', 'RunConfig', 'run_name', 'Memory',
+           'own_spread', 'load_profile_prior', 'weight_versions', 'check_cameras', 'load_profile_encoder', 'StateError',
+           'write_state', 'read_state', 'last_state', 'read_recon', 'read_pools', 'load_state_model', 'read_memory',
+           'make_anchors', 'new_items', 'update_buffer', 'tune_model', 'evaluate_model', 'continual_run', 'grid_specs',
+           'run_is_complete', 'run_grid', 'collect_results', 'summary_table', 'format_table', 'experiments_dir',
+           'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'albums_3d', 'demo3d', 'cli_demo',
+           'paper_tier_missing', 'reproduce']
 
 # %% ../nbs/07_continual.ipynb #e3941c93
-STRATEGIES_SPECIAL = ('none', 'joint')
+NO_BUFFER = ('none', 'joint', 'cumulative')     # strategies whose runs do not depend on a buffer size k
 
 @dataclass(frozen=True)
 class RunConfig(Config):
-    "Everything that determines a run's results (written beside them)."
+    "Everything that determines a run's results (written beside them). Stage settings not given here come from the profile."
     strategy: str = 'hull'
     buffer: int = 5
     seed: int = 0
     person: str = ''
     profile: str = 'demo'
     T: int | None = None                 # first T timestamps of the album (None: all)
+    protocol: dict = field(default_factory=dict)     # overrides of the profile's Protocol (anchors, encoder, eval)
     projection: dict = field(default_factory=dict)
     tuning: dict = field(default_factory=dict)
+    free: dict = field(default_factory=dict)
     hull: dict = field(default_factory=dict)
     hull_candidates: int = 5000          # C of ER-Hull
     hull_anchors: str = 'seen'           # P_beta spanned by anchors of every training photo seen so far ('seen') or of the tuning set ('tuned')
-    metrics: tuple = ('psnr', 'ssim', 'lpips', 'id_sim', 'dlib_dist')
+    metrics: tuple = ('psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist')
+    synth_metrics: tuple = ('id_sim', 'fid')
     n_synth: int = 8
     threads: int | None = None           # torch threads (None: leave as is)
 
     def check(self):
+        from facecl_nb.replay import strategies
+        known = sorted(set(strategies()) | {'joint'})
+        if self.strategy not in known: raise ConfigError(f"RunConfig: unknown strategy {self.strategy!r}; known: {known}")
         if self.buffer < 0: raise ConfigError(f"RunConfig: buffer must be >= 0, got {self.buffer}")
         if self.profile not in PROFILES: raise ConfigError(f"RunConfig: profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
         if self.hull_anchors not in ('seen', 'tuned'): raise ConfigError(f"RunConfig: hull_anchors must be 'seen' or 'tuned'")
+        if self.T is not None and self.T < 1: raise ConfigError(f"RunConfig: T must be >= 1, got {self.T}")
+        for name in ('protocol', 'projection', 'tuning', 'free', 'hull'): self.stage(name)   # unknown keys and bad values fail here
 
     def stage(self, name: str):
-        "The projection/tuning/hull config: the profile's, with this run's overrides."
+        "The protocol/projection/tuning/free/hull config: the profile's, with this run's overrides."
         base = PROFILES[self.profile][name]
-        return base.replace(**getattr(self, name)) if getattr(self, name) else base
+        over = getattr(self, name)
+        return type(base).from_dict({**base.to_dict(), **over}) if over else base   # unknown keys: an error naming them
 
 def run_name(strategy: str, buffer: int, seed: int, person: str) -> str:
     "Folder name of a run in a grid."
-    return f"{person}/{strategy}" + ('' if strategy in ('none', 'joint', 'cumulative') else f"-k{buffer}") + f"-s{seed}"
+    return f"{person}/{strategy}" + ('' if strategy in NO_BUFFER else f"-k{buffer}") + f"-s{seed}"
+
 
 # %% ../nbs/07_continual.ipynb #110b87b1
 @dataclass
@@ -83,9 +96,18 @@ class Memory:
         return Memory(torch.cat([m.images for m in ms]), torch.cat([m.anchors for m in ms]),
                       sum([m.timestamps for m in ms], []), sum([m.names for m in ms], []), cams)
 
-    def to_state(self) -> dict: return asdict(self)
+    def to_parts(self, prefix: str) -> tuple[dict, dict]:
+        "(tensors, JSON-able meta) for a run-state file, names prefixed."
+        t = {f'{prefix}images': self.images, f'{prefix}anchors': self.anchors}
+        if self.cameras is not None: t[f'{prefix}cameras'] = self.cameras
+        return t, {'timestamps': [int(x) for x in self.timestamps], 'names': list(self.names)}
+
     @staticmethod
-    def from_state(d): return None if d is None else Memory(**d)
+    def from_parts(tensors: dict, meta: dict | None, prefix: str) -> 'Memory | None':
+        "The inverse of `to_parts` (None when the memory was empty)."
+        if meta is None: return None
+        return Memory(tensors[f'{prefix}images'], tensors[f'{prefix}anchors'], list(meta['timestamps']), list(meta['names']),
+                      tensors.get(f'{prefix}cameras'))
 
 def own_spread(anchors: torch.Tensor) -> torch.Tensor:
     "Per item: mean latent distance to the other items of the same set (ER-Hull's fallback when a whole timestamp is in the buffer)."
@@ -115,9 +137,9 @@ def load_profile_prior(profile: str, device=None):
 def weight_versions(profile: str) -> dict:
     "sha256 of every weight file a profile uses (from the manifest, verified on load)."
     m = load_manifest()
-    names = {'demo': ['digiface-dcgan', 'dlib-face-descriptor', 'dlib-landmarks-5'],
+    names = {'demo': ['digiface-dcgan', 'dcgan-encoder-demo', 'dlib-face-descriptor', 'dlib-landmarks-5'],
              'demo3d': ['eg3d-demo', 'digiface-dcgan', 'dlib-face-descriptor', 'dlib-landmarks-5', 'dlib-landmarks-68'],
-             'paper3d': ['eg3d-ffhq', 'arcface-ir-se50', 'alexnet-imagenet']}.get(profile, ['stylegan2-ffhq', 'arcface-ir-se50', 'alexnet-imagenet'])
+             'paper3d': ['eg3d-ffhq', 'arcface-ir-se50', 'alexnet-imagenet']}.get(profile, ['stylegan2-ffhq', 'psp-w-encoder', 'arcface-ir-se50', 'alexnet-imagenet'])
     return {n: m[n].get('sha256') for n in names if n in m}
 
 def check_cameras(album, timestamps) -> None:
@@ -133,33 +155,96 @@ def check_cameras(album, timestamps) -> None:
         raise ConfigError("a 3D run needs cameras for every photo; " + '; '.join(probs)
                           + f" (make them with: facecl album cameras --album {album.root} --person {album.person})")
 
+def load_profile_encoder(protocol: Protocol, G, device=None):
+    "The inversion encoder a protocol names (None when anchors are optimized), checked against the prior G before any work."
+    if protocol.anchors == 'optimize': return None
+    from facecl_nb.encoders import load_encoder
+    return load_encoder(protocol.encoder, G=G, device=device or get_device())
+
+
 # %% ../nbs/07_continual.ipynb #c5332b1f
-def _save_pt(path: Path, obj) -> None:
-    import io
-    buf = io.BytesIO(); torch.save(obj, buf); atomic_write_bytes(path, buf.getvalue())
+class StateError(RuntimeError):
+    "A run-state file that cannot be trusted: unreadable, truncated, tampered with, or in an old format."
 
-def _load_pt(path: Path):
-    return torch.load(path, map_location='cpu', weights_only=False)
+def _digest(tensors: dict, meta_json: str) -> str:
+    import hashlib
+    h = hashlib.sha256(meta_json.encode())
+    for k in sorted(tensors):
+        v = tensors[k].contiguous()
+        h.update(k.encode()); h.update(str(v.dtype).encode()); h.update(str(list(v.shape)).encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b'')
+    return h.hexdigest()
 
-def last_state(out: Path) -> int:
-    "The last timestamp whose state is on disk (-1 when none)."
-    ts = [int(p.stem[1:]) for p in (Path(out)/'state').glob('t*.pt') if p.stem[1:].isdigit()]
+def write_state(path, # a .safetensors file
+                tensors: dict, # name -> tensor
+                meta: dict # JSON-able data
+               ) -> Path:
+    "Write tensors + JSON metadata with their sha256, atomically."
+    from safetensors.torch import save as st_save
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}   # own storage each (safetensors refuses shared memory)
+    mj = json.dumps(meta)
+    return atomic_write_bytes(path, st_save(tensors, metadata={'facecl_state': mj, 'sha256': _digest(tensors, mj)}))
+
+def read_state(path) -> tuple[dict, dict]:
+    "(tensors, meta) of a file written by `write_state`; `StateError` naming the file when it is unreadable or altered."
+    from safetensors.torch import load as st_load
+    from safetensors import safe_open
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        with safe_open(str(path), framework='pt') as f: md = f.metadata() or {}
+        tensors = st_load(data)
+    except Exception as e:
+        raise StateError(f"{path}: unreadable run-state file ({type(e).__name__}: {str(e)[:160]})") from None
+    if 'facecl_state' not in md or 'sha256' not in md: raise StateError(f"{path}: not a facecl run-state file (no facecl_state/sha256 metadata)")
+    if _digest(tensors, md['facecl_state']) != md['sha256']: raise StateError(f"{path}: checksum mismatch — the file was altered or damaged")
+    return tensors, json.loads(md['facecl_state'])
+
+def _prefixed(d: dict, prefix: str) -> dict: return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+
+def last_state(out) -> int:
+    "The last timestamp index whose state is on disk (-1 when none)."
+    ts = [int(p.name[1:].split('.')[0]) for p in (Path(out)/'state').glob('t*.safetensors') if p.name.count('.') == 1 and p.name[1:].split('.')[0].isdigit()]
     return max(ts, default=-1)
+
+def read_recon(run_dir, t: int) -> dict | None:
+    "{'recon': {k: uint8 [n,3,H,W]}, 'synth': {k: uint8 [n,3,H,W]}} of the model after timestamp index t, or None."
+    p = Path(run_dir)/'state'/f't{t}.recon.safetensors'
+    if not p.exists(): return None
+    tens, _ = read_state(p)
+    return {'recon': {int(k): v for k, v in _prefixed(tens, 'recon/').items()}, 'synth': {int(k): v for k, v in _prefixed(tens, 'synth/').items()}}
+
+def read_pools(run_dir) -> list[tuple[int, dict]]:
+    "[(t, {'latents', 'timestamps', 'names', 'chosen'})] of every buffer selection of a run, in order of t."
+    out = []
+    for p in (Path(run_dir)/'state').glob('t*.pool.safetensors'):
+        tens, meta = read_state(p)
+        out.append((int(p.name[1:].split('.')[0]), {'latents': tens['latents'], **meta}))
+    return sorted(out, key=lambda x: x[0])
+
+def load_state_model(run_dir, t: int, G_prior):
+    "The generator after timestamp index t of a run: a copy of `G_prior` with the run's weights."
+    tens, _ = read_state(Path(run_dir)/'state'/f't{t}.safetensors')
+    G = G_prior.copy(); G.load_state_dict(_prefixed(tens, 'G/')); return G.eval().requires_grad_(False)
+
+def read_memory(run_dir, t: int, which: str = 'seen') -> 'Memory | None':
+    "The items a run knew after timestamp index t: 'seen' (every training item, anchors only), 'buffer' or 'prev_new'."
+    tens, meta = read_state(Path(run_dir)/'state'/f't{t}.safetensors')
+    return Memory.from_parts(tens, meta['memory'][which], which + '/')
+
 
 # %% ../nbs/07_continual.ipynb #d0f4ac6e
 def _tseed(seed: int, t: int, salt: int = 0) -> int:
     "Seed of step `salt` of timestamp t: independent of any global stream, so a resumed run draws the same numbers."
     return (seed * 1_000_003 + t * 7919 + salt * 104_729) % (2**31 - 1)
 
-def _empty_R(T: int) -> np.ndarray:
-    R = np.full((T, T), np.nan); return R
+def _empty_R(T: int) -> np.ndarray: return np.full((T, T), np.nan)
 
 def _summary(R: dict, strategy: str) -> dict:
     "AIP, AF, BWT per metric over the rows finished so far."
     from facecl_nb import metrics as M
     out = {'AIP': {}, 'AF': {}, 'BWT': {}}
     for name, mat in R.items():
-        hib = M.HIGHER_IS_BETTER.get(name, True)
+        hib = M.higher_is_better(name)
         mat = np.asarray(mat, dtype=float)
         n = int(np.isfinite(mat[:, 0]).sum())        # rows done (column 0 is defined in every finished row)
         if n == 0: continue
@@ -174,11 +259,87 @@ def _summary(R: dict, strategy: str) -> dict:
     if strategy == 'joint': del out['AF'], out['BWT']
     return out
 
-def continual_run(album, cfg: RunConfig, out, G0=None, progress: bool = True, log=print) -> dict:
-    "Run (or resume) one continual run on `album` (a `facecl_nb.data.Album`); writes and returns `results.json`."
-    from facecl_nb import inversion as inv, replay, metrics as M, generators as gens
-    out = Path(out); (out/'state').mkdir(parents=True, exist_ok=True)
+def make_anchors(G, images, cameras, encoder, protocol: Protocol, P: ProjectionConfig, seed: int, device, progress: bool = False) -> torch.Tensor:
+    "Anchors of photos: the encoder's codes ('encoder'), projection into G ('optimize'), or projection started at the codes."
+    from facecl_nb import inversion as inv
+    codes = None if encoder is None else encoder.encode(images.to(device))
+    if protocol.anchors == 'encoder': return codes.cpu()
+    return inv.project(G, images.to(device), space=P.space, steps=P.steps, lr=P.lr, lpips_weight=P.lpips_weight,
+                       init='nearest' if codes is None else codes, c=None if cameras is None else cameras.to(device),
+                       seed=seed, batch_size=P.batch_size, progress=progress).cpu()
+
+def new_items(album, ts, G, encoder, protocol, P, seed, device, progress=False) -> Memory:
+    "Step 1: the training photos of timestamps `ts`, with their anchors."
+    imgs = torch.cat([album.images(s, 'train') for s in ts])
+    names = sum([[f"{s}/{n}" for n in album.names(s, 'train')] for s in ts], [])
+    tstamps = sum([[s] * len(album.names(s, 'train')) for s in ts], [])
+    cams = album.cameras(ts[0], 'train')
+    cams = None if cams is None else torch.cat([album.cameras(s, 'train') for s in ts])
+    return Memory(imgs, make_anchors(G, imgs, cams, encoder, protocol, P, seed, device, progress), tstamps, names, cams)
+
+def update_buffer(cfg: RunConfig, prev_new: Memory | None, buffer: Memory | None, seen: Memory | None, seed: int):
+    """Step 2: the new buffer, chosen from the pool = previous timestamp's items + the previous buffer (so the buffer
+    carries history forward). `cumulative` keeps the whole pool. Returns (buffer, pool, chosen pool indices)."""
+    from facecl_nb import replay
+    if cfg.strategy in ('none', 'joint') or prev_new is None: return None, None, []
+    if cfg.strategy != 'cumulative' and cfg.buffer == 0: return None, None, []
+    pool = Memory.cat([prev_new, buffer])
+    k = len(pool) if cfg.strategy == 'cumulative' else min(cfg.buffer, len(pool))
+    opts = {'own_spread': _pool_spread(pool, seen)}
+    if cfg.strategy in ('hull',): opts['C'] = cfg.hull_candidates
+    chosen = replay.select_buffer(cfg.strategy, pool.anchors, pool.timestamps, k, seed=seed, **opts)
+    return pool.subset(chosen), pool, list(map(int, chosen))
+
+def tune_model(G, new: Memory, buffer: Memory | None, Tu: TuningConfig, seed: int, device, budget_factor: int = 1, progress=False):
+    "Step 3: tune every weight of G on the new items, with the buffer replayed as the tuning config says."
+    from facecl_nb import inversion as inv
+    items = lambda m: None if m is None else inv.Items(m.images, m.anchors, m.cameras)
+    G = inv.tune(G, items(new), items(buffer), epochs=None if Tu.steps else Tu.epochs, steps=Tu.steps * budget_factor if Tu.steps else None,
+                 lr=Tu.lr, batch_size=Tu.batch_size, mix=Tu.mix, seed=seed, lpips_weight=Tu.lpips_weight, progress=progress)
+    return G.eval().requires_grad_(False)
+
+def evaluate_model(G, cfg: RunConfig, ev_ts, tests, test_cams, test_init, seen: Memory, train: Memory, seed: int, device, progress=False):
+    """Step 4: the row of R of every metric for model G on timestamps `ev_ts`: reconstruction under the run's protocol
+    (both protocols with eval 'both'; the hull one's metrics suffixed '@hull') and synthesis from each timestamp's anchors.
+    Returns (rows {metric: [value per ev_ts]}, recon {k: images}, synth {k: images}, unavailable {metric: reason})."""
+    from facecl_nb import evaluation as E
+    proto, F_, H, P = cfg.stage('protocol'), cfg.stage('free'), cfg.stage('hull'), cfg.stage('projection')
+    rows, unavailable, recon = {}, {}, None
+    tests_ = {s: tests[s] for s in ev_ts}; cams_ = {s: test_cams[s] for s in ev_ts}
+    for p in (('free', 'hull') if proto.eval == 'both' else (proto.eval,)):
+        suffix = '' if p == ('free' if proto.eval == 'both' else proto.eval) else '@' + p
+        span = seen.anchors if cfg.hull_anchors == 'seen' else train.anchors
+        ev = E.evaluate(G, tests_, p, init=None if test_init is None else {s: test_init[s] for s in ev_ts}, span=span, cameras=cams_,
+                        free=F_, hull=H, space=P.space, metrics=cfg.metrics, seed=seed, progress=progress)
+        rows.update({m + suffix: v for m, v in ev.rows.items()}); unavailable.update({m + suffix: w for m, w in ev.unavailable.items()})
+        recon = recon or ev.recon
+    by_t = {s: seen.anchors[[i for i, x in enumerate(seen.timestamps) if x == s]] for s in ev_ts}
+    srows, synth, sun = E.synthesis_scores(G, by_t, tests_, n_synth=cfg.n_synth, seed=seed, cameras=cams_, metrics=cfg.synth_metrics)
+    rows.update(srows); unavailable.update(sun)
+    return rows, recon, synth, unavailable
+
+def _u8(x): return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+def continual_run(album, cfg: RunConfig, out, G0=None, E0=None, progress: bool = True, log=print) -> dict:
+    """Run (or resume) one continual run on `album` (a `facecl_nb.data.Album`); writes and returns `results.json`.
+    Per timestamp: new items → buffer update → tuning → evaluation → record. `G0`/`E0` replace the profile's prior/encoder."""
+    from facecl_nb import inversion as inv
+    out = Path(out)
     if cfg.threads: torch.set_num_threads(cfg.threads)
+    Ts = album.timestamps[:cfg.T] if cfg.T else album.timestamps
+    T = len(Ts)
+    if T < 1: raise ValueError(f"album {album.root}/{album.person} has no timestamps")
+    if cfg.T and cfg.T > len(album.timestamps): raise ConfigError(f"RunConfig: T = {cfg.T} but album {album.dir} has {len(album.timestamps)} timestamps")
+    proto, P, Tu = cfg.stage('protocol'), cfg.stage('projection'), cfg.stage('tuning')
+    device = get_device()
+    # everything that can fail is loaded and checked before the run folder is touched
+    if cfg.profile in PROFILES_3D: check_cameras(album, Ts)
+    G_prior = (G0 if G0 is not None else load_profile_prior(cfg.profile, device)).to(device)
+    if cfg.profile in PROFILES_3D and not getattr(G_prior, 'c_dim', 0):
+        raise ConfigError(f"profile {cfg.profile}: the prior is a 2D generator ({getattr(G_prior, 'arch', type(G_prior).__name__)}); a 3D run needs an eg3d one")
+    encoder = (E0.fits(G_prior).to(device) if E0 is not None else load_profile_encoder(proto, G_prior, device)) if proto.anchors != 'optimize' else None
+
+    (out/'state').mkdir(parents=True, exist_ok=True)
     cfg_path = out/'config.json'
     cfg_d = {**cfg.to_dict(), 'album': str(album.root), 'person': album.person}
     if cfg_path.exists():
@@ -186,106 +347,66 @@ def continual_run(album, cfg: RunConfig, out, G0=None, progress: bool = True, lo
         if {k: v for k, v in old.items() if k != 'album'} != json.loads(json.dumps({k: v for k, v in cfg_d.items() if k != 'album'})):
             raise ConfigError(f"{cfg_path}: this run folder holds a run with another configuration; use another --out or delete it")
     else: atomic_write_json(cfg_path, cfg_d)
-    Ts = album.timestamps[:cfg.T] if cfg.T else album.timestamps
-    T = len(Ts)
-    if T < 1: raise ValueError(f"album {album.root}/{album.person} has no timestamps")
-    P, Tu, H = cfg.stage('projection'), cfg.stage('tuning'), cfg.stage('hull')
-    device = get_device()
-    if cfg.profile in PROFILES_3D: check_cameras(album, Ts)
-    G_prior = (G0 if G0 is not None else load_profile_prior(cfg.profile, device)).to(device)
-    if cfg.profile in PROFILES_3D and not getattr(G_prior, 'c_dim', 0):
-        raise ConfigError(f"profile {cfg.profile}: the prior is a 2D generator ({getattr(G_prior, 'arch', type(G_prior).__name__)}); a 3D run needs an eg3d one")
-    metric_names = list(cfg.metrics)
 
     start = last_state(out) + 1
     if start > 0:
-        st = _load_pt(out/'state'/f't{start - 1}.pt')
-        G = G_prior.copy(); G.load_state_dict(st['G']); G.eval().requires_grad_(False)
-        seen, buffer_mem, prev_new = Memory.from_state(st['seen']), Memory.from_state(st['buffer']), Memory.from_state(st['prev_new'])
-        R = {k: np.array(v, dtype=float) for k, v in st['R'].items()}
+        tens, st = read_state(out/'state'/f't{start - 1}.safetensors')
+        G = G_prior.copy(); G.load_state_dict(_prefixed(tens, 'G/')); G.eval().requires_grad_(False)
+        seen, buffer_mem, prev_new = (Memory.from_parts(tens, st['memory'][n], n + '/') for n in ('seen', 'buffer', 'prev_new'))
+        R = {k: np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float) for k, m in st['R'].items()}
         timings, history, unavailable = st['timings'], st['history'], st['unavailable']
         log(f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}] resuming after timestamp {Ts[start - 1]}")
     else:
         G, seen, buffer_mem, prev_new = G_prior, None, None, None
-        R = {m: _empty_R(T) for m in metric_names}
-        timings, history, unavailable = [], [], {}
-    loss_desc = inv.describe_loss(P.lpips_weight)
-    test_imgs = {t: album.images(t, 'test') for t in Ts}
+        R, timings, history, unavailable = {}, [], [], {}
+    loss_desc = inv.describe_loss(Tu.lpips_weight)
+    tests = {t: album.images(t, 'test') for t in Ts}
     test_cams = {t: album.cameras(t, 'test') for t in Ts}
+    test_init = None if encoder is None else {t: encoder.encode(tests[t].to(device)).cpu() for t in Ts}   # fixed: one code per test photo
 
-    t_iter = range(start, T)
-    if cfg.strategy == 'joint' and start < T: t_iter = [T - 1]   # one model on everything; evaluated on every timestamp
-    for ti in t_iter:
+    joint = cfg.strategy == 'joint'
+    for ti in ([T - 1] if joint and start < T else range(start, T)):   # the upper bound: one model on everything
         t = Ts[ti]; tim = {'t': t}; t0 = time.perf_counter()
-        # 1. project the new photos into the current model
-        ts_new = Ts[:ti + 1] if cfg.strategy == 'joint' else [t]
-        imgs = torch.cat([album.images(s, 'train') for s in ts_new])
-        names = sum([[f"{s}/{n}" for n in album.names(s, 'train')] for s in ts_new], [])
-        tstamps = sum([[s] * len(album.names(s, 'train')) for s in ts_new], [])
-        cams = album.cameras(ts_new[0], 'train')
-        cams = None if cams is None else torch.cat([album.cameras(s, 'train') for s in ts_new])
-        anchors = inv.project(G, imgs.to(device), space=P.space, steps=P.steps, lr=P.lr, lpips_weight=P.lpips_weight,
-                              c=None if cams is None else cams.to(device), seed=_tseed(cfg.seed, t, 1), batch_size=P.batch_size,
-                              progress=progress).cpu()
-        new = Memory(imgs, anchors, tstamps, names, cams)
-        tim['project_s'] = time.perf_counter() - t0; t1 = time.perf_counter()
-        # 2. the pool and the buffer
-        chosen = []
-        if cfg.strategy not in STRATEGIES_SPECIAL and prev_new is not None and cfg.buffer > 0:
-            pool = Memory.cat([prev_new, buffer_mem])
-            spread = _pool_spread(pool, seen)
-            k = len(pool) if cfg.strategy == 'cumulative' else min(cfg.buffer, len(pool))
-            opts = {'own_spread': spread}
-            if cfg.strategy == 'hull': opts['C'] = cfg.hull_candidates
-            chosen = replay.select_buffer(cfg.strategy, pool.anchors, pool.timestamps, k, seed=_tseed(cfg.seed, t, 2), **opts)
-            buffer_mem = pool.subset(chosen)
-            _save_pt(out/'state'/f't{ti}.pool.pt', {'latents': pool.anchors.reshape(len(pool), -1).float(), 'timestamps': pool.timestamps,
-                                                   'names': pool.names, 'chosen': list(map(int, chosen))})
-        else:
-            buffer_mem = None if cfg.strategy in STRATEGIES_SPECIAL else buffer_mem
+        ts_new = Ts[:ti + 1] if joint else [t]
+        new = new_items(album, ts_new, G, encoder, proto, P, _tseed(cfg.seed, t, 1), device, progress)
+        tim['anchors_s'] = time.perf_counter() - t0; t1 = time.perf_counter()
+        buffer_mem, pool, chosen = update_buffer(cfg, prev_new, buffer_mem, seen, _tseed(cfg.seed, t, 2))
+        if pool is not None:
+            write_state(out/'state'/f't{ti}.pool.safetensors', {'latents': pool.anchors.reshape(len(pool), -1).float()},
+                        {'timestamps': [int(x) for x in pool.timestamps], 'names': pool.names, 'chosen': chosen})
         tim['select_s'] = time.perf_counter() - t1; t2 = time.perf_counter()
-        # 3. tune on new + replayed items
-        train = Memory.cat([new, buffer_mem])
-        items = inv.Items(train.images.to(device), train.anchors.to(device), None if train.cameras is None else train.cameras.to(device))
-        # the upper bound gets the tuning budget the sequential runs spend over all timestamps together
-        steps = Tu.steps * (len(ts_new) if cfg.strategy == 'joint' else 1)
-        G = inv.tune(G, items, steps=steps, lr=Tu.lr, batch_size=Tu.batch_size, seed=_tseed(cfg.seed, t, 3),
-                     lpips_weight=Tu.lpips_weight, progress=progress)
-        G.eval().requires_grad_(False)
+        G = tune_model(G, new, buffer_mem, Tu, _tseed(cfg.seed, t, 3), device, budget_factor=len(ts_new), progress=progress)
         tim['tune_s'] = time.perf_counter() - t2; t3 = time.perf_counter()
-        # 4. evaluate on every timestamp so far
-        seen = Memory.cat([seen, Memory(torch.zeros(len(new), 0), new.anchors, new.timestamps, new.names, new.cameras)]) \
-            if cfg.strategy != 'joint' else Memory(torch.zeros(len(new), 0), new.anchors, new.timestamps, new.names, new.cameras)
-        hull_anchors = seen.anchors if cfg.hull_anchors == 'seen' else train.anchors
-        ev_ts = Ts if cfg.strategy == 'joint' else Ts[:ti + 1]
-        ev = M.evaluate(G, hull_anchors.to(device), {s: test_imgs[s] for s in ev_ts}, cameras={s: test_cams[s] for s in ev_ts},
-                        beta=H.beta, steps=H.steps, lr=H.lr, n_synth=cfg.n_synth, seed=_tseed(cfg.seed, t, 4),
-                        metrics=metric_names, progress=progress)
-        unavailable.update(ev.unavailable)
-        rows = range(T) if cfg.strategy == 'joint' else [ti]
-        for r in rows:
-            for name, vals in ev.rows.items():
-                if name not in R: R[name] = _empty_R(T)
+        no_img = Memory(torch.zeros(len(new), 0), new.anchors, new.timestamps, new.names, new.cameras)   # what evaluation needs of them
+        seen = no_img if joint else Memory.cat([seen, no_img])
+        ev_ts = Ts if joint else Ts[:ti + 1]
+        rows, recon, synth, un = evaluate_model(G, cfg, ev_ts, tests, test_cams, test_init, seen, Memory.cat([new, buffer_mem]),
+                                                _tseed(cfg.seed, t, 4), device, progress)
+        unavailable.update(un)
+        for r in (range(T) if joint else [ti]):
+            for name, vals in rows.items():
+                R.setdefault(name, _empty_R(T))
                 for kk, s in enumerate(ev_ts):
                     if Ts.index(s) <= r: R[name][r, Ts.index(s)] = vals[kk]
         tim['eval_s'] = time.perf_counter() - t3; tim['total_s'] = time.perf_counter() - t0
         timings.append(tim)
         history.append({'t': t, 'buffer': [] if buffer_mem is None else list(buffer_mem.names),
-                        'buffer_timestamps': [] if buffer_mem is None else list(map(int, buffer_mem.timestamps)), 'n_train': len(train)})
-        state = {'G': {k: v.cpu() for k, v in G.state_dict().items()}, 'seen': seen.to_state(),
-                 'buffer': None if buffer_mem is None else buffer_mem.to_state(), 'prev_new': new.to_state(),
-                 'R': {k: v.tolist() for k, v in R.items()}, 'timings': timings, 'history': history, 'unavailable': unavailable}
-        _save_pt(out/'state'/f't{ti}.recon.pt', {'recon': {s: ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for s, x in ev.recon.items()},
-                                                  'synth': ((ev.synth.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)})
-        _save_pt(out/'state'/f't{ti}.pt', state)
-        if cfg.strategy == 'joint':   # one model: every row is the same state
-            for r in range(T - 1): _save_pt(out/'state'/f't{r}.pt', state)
+                        'buffer_timestamps': [] if buffer_mem is None else list(map(int, buffer_mem.timestamps)), 'n_new': len(new),
+                        'n_replay': 0 if buffer_mem is None else len(buffer_mem)})
+        write_state(out/'state'/f't{ti}.recon.safetensors', {**{f'recon/{s}': _u8(x) for s, x in recon.items()}, **{f'synth/{s}': _u8(x) for s, x in synth.items()}}, {})
+        tens, mem = {f'G/{k}': v for k, v in G.state_dict().items()}, {}
+        for n, m in (('seen', seen), ('buffer', buffer_mem), ('prev_new', new)):
+            if m is None: mem[n] = None; continue
+            tt, mm = m.to_parts(n + '/'); tens.update(tt); mem[n] = mm
+        meta = {'memory': mem, 'R': {k: [[None if not np.isfinite(x) else float(x) for x in row] for row in v] for k, v in R.items()},
+                'timings': timings, 'history': history, 'unavailable': unavailable}
+        for r in (range(T) if joint else [ti]): write_state(out/'state'/f't{r}.safetensors', tens, meta)   # joint: every row is the same model
         prev_new = new
         res = _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complete=(ti == T - 1))
         atomic_write_json(out/'results.json', res)
-        main = next((m for m in ('psnr', 'id_sim') if m in ev.rows), next(iter(ev.rows)))
+        main = next((m for m in ('psnr', 'id_sim') if m in rows), next(iter(rows)))
         log(f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}] t={t}: {main} on k<=t: "
-            + ' '.join(f"{v:.2f}" for v in ev.rows[main]) + f" | buffer ts {history[-1]['buffer_timestamps']} | {tim['total_s']:.1f}s")
+            + ' '.join(f"{v:.2f}" for v in rows[main]) + f" | buffer ts {history[-1]['buffer_timestamps']} | {tim['total_s']:.1f}s")
     return json.loads((out/'results.json').read_text())
 
 def _pool_spread(pool: Memory, seen: Memory | None) -> torch.Tensor:
@@ -304,22 +425,29 @@ def _pool_spread(pool: Memory, seen: Memory | None) -> torch.Tensor:
 def _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complete) -> dict:
     R = {k: v for k, v in R.items() if k not in unavailable}   # a metric that could not be computed is listed under metrics_unavailable instead
     summ = _summary(R, cfg.strategy)
+    proto = cfg.stage('protocol')
     res = {'strategy': cfg.strategy, 'buffer': cfg.buffer, 'seed': cfg.seed, 'person': album.person, 'T': T,
            'R': {k: [[None if not np.isfinite(x) else float(x) for x in row] for row in np.asarray(v)] for k, v in R.items()},
            **summ, 'timings': {'per_timestamp': timings, 'total_s': float(sum(x['total_s'] for x in timings))},
+           'protocol': {**proto.to_dict(), 'tuning': cfg.stage('tuning').to_dict(),
+                        'eval_settings': {'free': cfg.stage('free').to_dict(), 'hull': cfg.stage('hull').to_dict()}},
            'buffers': history, 'loss': loss_desc, 'metrics_unavailable': unavailable,
            'versions': {'code': code_version(), 'weights': weight_versions(cfg.profile), 'torch': torch.__version__},
            'config': cfg.to_dict(), 'complete': bool(complete)}
     return res
 
+
 # %% ../nbs/07_continual.ipynb #74c59b33
 def grid_specs(persons, strategies, buffers, seeds) -> list[tuple]:
-    "The (person, strategy, buffer, seed) combinations of a grid, buffer-free strategies once."
+    "The (person, strategy, buffer, seed) combinations of a grid, buffer-free strategies once; unknown strategies are refused first."
+    from facecl_nb.replay import strategies as known
+    bad = [s for s in strategies if s not in set(known()) | {'joint'}]
+    if bad: raise ConfigError(f"grid: unknown strategies {bad}; known: {sorted(set(known()) | {'joint'})}")
     out = []
     for p in persons:
         for s in seeds:
             for st in strategies:
-                for k in ([0] if st in ('none', 'joint', 'cumulative') else buffers):
+                for k in ([0] if st in NO_BUFFER else buffers):
                     out.append((p, st, k, s))
     return out
 
@@ -345,8 +473,9 @@ def _grid_worker(args):
 def run_grid(album_root, persons, strategies, buffers, seeds, out, profile='demo', T=None, overrides=None, jobs: int = 1, log=print) -> dict:
     "Run a grid (skipping finished runs, reporting failures); writes `<out>/grid.json` and returns it."
     from tqdm.auto import tqdm
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
     specs = grid_specs(persons, strategies, buffers, seeds)
+    RunConfig.from_dict(overrides or {}, profile=profile, T=T)        # bad overrides fail here, before any run
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
     todo, status = [], {}
     for (p, st, k, s) in specs:
         d = out/run_name(st, k, s, p)
@@ -379,7 +508,7 @@ def collect_results(runs_dir) -> list[dict]:
 def summary_table(results: Sequence[dict], metric: str = 'psnr') -> 'pd.DataFrame':
     "AIP and AF of `metric` per strategy × buffer size: mean ± std over persons and seeds."
     import pandas as pd
-    rows = [{'strategy': r['strategy'], 'buffer': 0 if r['strategy'] in ('none', 'joint', 'cumulative') else r['buffer'],
+    rows = [{'strategy': r['strategy'], 'buffer': 0 if r['strategy'] in NO_BUFFER else r['buffer'],
              'person': r['person'], 'seed': r['seed'], 'AIP': r['AIP'].get(metric, np.nan), 'AF': r.get('AF', {}).get(metric, np.nan)}
             for r in results]
     if not rows: return pd.DataFrame(columns=['strategy', 'buffer', 'n', 'AIP_mean', 'AIP_std', 'AF_mean', 'AF_std'])
@@ -401,7 +530,7 @@ def format_table(t, metric='psnr') -> str:
 # %% ../nbs/07_continual.ipynb #99ba3ecb
 DEMO = dict(persons=['alice'], strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5], seeds=[0], T=None)
 FIGURES = dict(persons=None, strategies=['none', 'random', 'hull', 'hull-greedy', 'joint'], buffers=[3, 5, 10], seeds=[0, 1, 2], T=None)
-QUICK_OVERRIDES = dict(projection={'steps': 10}, tuning={'steps': 10}, hull={'steps': 10}, n_synth=4, hull_candidates=50)
+QUICK_OVERRIDES = dict(projection={'steps': 10}, tuning={'steps': 10}, free={'steps': 5}, hull={'steps': 10}, n_synth=4, hull_candidates=50)
 
 def experiments_dir() -> Path:
     "Folder of the experiment notebooks (in the source checkout)."

@@ -13,11 +13,11 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['PROJECT_ROOT', 'MANIFEST_NAME', 'PROFILES', 'facecl_home', 'weights_dir', 'albums_dir', 'atomic_write_bytes',
-           'atomic_write_text', 'atomic_write_json', 'ManifestError', 'ChecksumError', 'MissingWeightError',
-           'sha256_file', 'verify_file', 'manifest_path', 'load_manifest', 'candidate_paths', 'resolve_weight',
-           'weight_available', 'seed_everything', 'get_device', 'rng', 'ConfigError', 'Config', 'ProjectionConfig',
-           'TuningConfig', 'HullConfig', 'code_version', 'check_install']
+__all__ = ['PROJECT_ROOT', 'MANIFEST_NAME', 'ANCHORS', 'EVALS', 'PROFILES', 'facecl_home', 'weights_dir', 'albums_dir',
+           'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'ManifestError', 'ChecksumError',
+           'MissingWeightError', 'sha256_file', 'verify_file', 'manifest_path', 'load_manifest', 'candidate_paths',
+           'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'rng', 'ConfigError', 'Config',
+           'ProjectionConfig', 'TuningConfig', 'HullConfig', 'FreeConfig', 'Protocol', 'code_version', 'check_install']
 
 # %% ../nbs/00_core.ipynb #039e6490
 PROJECT_ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd().parent
@@ -236,38 +236,78 @@ class ProjectionConfig(Config):
 
 @dataclass(frozen=True)
 class TuningConfig(Config):
-    "Tuning generator weights on (image, anchor) items."
-    steps: int = 1000
+    """Tuning generator weights on (image, anchor) items. The budget is `epochs` passes over the new photos in batches
+    of `batch_size`; with `mix='paired'` each batch is paired with `batch_size` replayed items (new and replayed weigh
+    1 : 1), with `mix='uniform'` batches are drawn from new ∪ buffer alike. `steps`, when set, replaces epochs by a
+    fixed number of optimizer steps."""
+    epochs: int = 1000
+    steps: int | None = None
     lr: float = 3e-4
-    batch_size: int = 8
+    batch_size: int = 2
+    mix: str = 'paired'
     lpips_weight: float = 1.0
-    def check(self): _positive('TuningConfig', steps=self.steps, lr=self.lr, batch_size=self.batch_size)
+    def check(self):
+        if self.mix not in ('paired', 'uniform'): raise ConfigError(f"TuningConfig: mix must be 'paired' or 'uniform', got {self.mix!r}")
+        _positive('TuningConfig', epochs=self.epochs, lr=self.lr, batch_size=self.batch_size)
+        if self.steps is not None: _positive('TuningConfig', steps=self.steps)
 
 @dataclass(frozen=True)
 class HullConfig(Config):
-    "Projection into the dilated hull P_beta and synthesis from anchors."
+    "Reconstruction inside the dilated hull P_beta of the anchors (the `hull` evaluation)."
     beta: float = 0.0
     steps: int = 300
     lr: float = 5e-2
-    n_synth: int = 8
     def check(self):
         if self.beta < 0: raise ConfigError(f"HullConfig: beta must be >= 0, got {self.beta}")
         _positive('HullConfig', steps=self.steps, lr=self.lr)
 
+@dataclass(frozen=True)
+class FreeConfig(Config):
+    "Reconstruction by free latent optimization from the test photo's encoder code (the `free` evaluation)."
+    steps: int = 800
+    lr: float = 5e-3
+    lpips_weight: float = 1.0
+    def check(self): _positive('FreeConfig', steps=self.steps, lr=self.lr)
+
+ANCHORS = ('encoder', 'optimize', 'encoder+optimize')
+EVALS = ('free', 'hull', 'both')
+
+@dataclass(frozen=True)
+class Protocol(Config):
+    """How anchors are made and models are scored. `anchors`: 'encoder' (a fixed inversion encoder, the paper's),
+    'optimize' (projection into the current model) or 'encoder+optimize' (projection started at the encoder's code);
+    `eval`: 'free', 'hull' or 'both' (two R matrices, the hull one's metrics suffixed '@hull')."""
+    anchors: str = 'encoder'
+    encoder: str | None = None      # manifest name of the inversion encoder
+    eval: str = 'free'
+    def check(self):
+        if self.anchors not in ANCHORS: raise ConfigError(f"Protocol: anchors must be one of {list(ANCHORS)}, got {self.anchors!r}")
+        if self.eval not in EVALS: raise ConfigError(f"Protocol: eval must be one of {list(EVALS)}, got {self.eval!r}")
+        if self.anchors != 'optimize' and not self.encoder:
+            raise ConfigError(f"Protocol: anchors {self.anchors!r} needs an encoder (a manifest name)")
+
 PROFILES = {
-    # demo: measured on the DigiFace prior at 64 px (nbs/03_inversion.ipynb): projection is within ~0.3 dB of converged after 40 steps at lr 0.1,
-    # 60 tuning steps at lr 2e-3 raise train PSNR by >3 dB; a few seconds per timestamp on 2 CPU cores
-    'demo': dict(projection=ProjectionConfig(steps=40, lr=0.1, batch_size=32), tuning=TuningConfig(steps=60, lr=2e-3, batch_size=8),
-                 hull=HullConfig(steps=20, lr=0.1)),
-    'paper': dict(projection=ProjectionConfig(space='w+', steps=1000, lr=5e-3), tuning=TuningConfig(steps=1000, lr=3e-4),
-                  hull=HullConfig(steps=500, lr=5e-2)),
-    # 3D (EG3D): demo3d uses the tri-plane prior of nbs/06b_prior3d.ipynb (64 px, 32 px rendering); paper3d EG3D FFHQ with
-    # the protocol of DESIGN.md 2.4 (invert w 1000 steps at lr 1e-3, tune 350 steps at lr 3e-4)
-    'demo3d': dict(projection=ProjectionConfig(steps=40, lr=0.05, batch_size=20), tuning=TuningConfig(steps=40, lr=2e-3, batch_size=8),
-                   hull=HullConfig(steps=15, lr=0.1)),
-    'paper3d': dict(projection=ProjectionConfig(space='w', steps=1000, lr=1e-3), tuning=TuningConfig(steps=350, lr=3e-4),
-                    hull=HullConfig(steps=500, lr=5e-2)),
+    # The paper's protocol (Wang et al., WACV 2025, as their released code runs it): anchors from a fixed W encoder, tuning
+    # for 1000 epochs over the new photos in batches of 2 each paired with 2 replayed items, Adam lr 3e-4, LPIPS-AlexNet + L2;
+    # test photos reconstructed by free latent optimization (Adam lr 5e-3, 800 steps) from their encoder code.
+    'paper': dict(protocol=Protocol(anchors='encoder', encoder='psp-w-encoder', eval='free'),
+                  projection=ProjectionConfig(space='w+', steps=1000, lr=5e-3), tuning=TuningConfig(epochs=1000, batch_size=2, lr=3e-4),
+                  free=FreeConfig(steps=800, lr=5e-3), hull=HullConfig(steps=500, lr=5e-2)),
+    # demo: the same protocol on the DigiFace DCGAN (64 px) with the demo encoder; only the epochs are scaled down
+    # (and the free evaluation's steps, with a larger lr for the DCGAN's z space; measured in nbs/03_inversion.ipynb)
+    'demo': dict(protocol=Protocol(anchors='encoder', encoder='dcgan-encoder-demo', eval='free'),
+                 projection=ProjectionConfig(steps=40, lr=0.1, batch_size=32), tuning=TuningConfig(epochs=10, batch_size=2, lr=3e-4),
+                 free=FreeConfig(steps=30, lr=0.05), hull=HullConfig(steps=20, lr=0.1)),
+    # 3D (EG3D): personalization is PTI with the photo's camera (invert w, then tune), so anchors are optimized;
+    # paper3d: invert 1000 steps at lr 1e-3, tune 350 steps at lr 3e-4. demo3d: the tri-plane prior of nbs/06b_prior3d.ipynb.
+    'demo3d': dict(protocol=Protocol(anchors='optimize', eval='free'),
+                   projection=ProjectionConfig(steps=40, lr=0.05, batch_size=20), tuning=TuningConfig(epochs=4, batch_size=2, lr=2e-3),
+                   free=FreeConfig(steps=20, lr=0.05), hull=HullConfig(steps=15, lr=0.1)),
+    'paper3d': dict(protocol=Protocol(anchors='optimize', eval='free'),
+                    projection=ProjectionConfig(space='w', steps=1000, lr=1e-3), tuning=TuningConfig(epochs=1, steps=350, batch_size=2, lr=3e-4),
+                    free=FreeConfig(steps=800, lr=5e-3), hull=HullConfig(steps=500, lr=5e-2)),
 }
+
 
 # %% ../nbs/00_core.ipynb #ef70805d
 def code_version() -> dict:

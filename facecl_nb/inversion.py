@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['InversionError', 'TuningDiverged', 'check_images', 'check_anchors', 'describe_loss', 'project', 'Items', 'tune',
-           'HullProjection', 'hull_alphas', 'project_to_hull', 'synthesize']
+__all__ = ['InversionError', 'TuningDiverged', 'check_images', 'check_anchors', 'describe_loss', 'project', 'reconstruct_free',
+           'Items', 'tuning_batches', 'tune', 'HullProjection', 'hull_alphas', 'project_to_hull', 'synthesize']
 
 # %% ../nbs/03_inversion.ipynb #39706477
 class InversionError(ValueError):
@@ -48,11 +48,11 @@ def check_anchors(G, anchors: Tensor, n: int | None = None, what: str = 'anchors
 
 # %% ../nbs/03_inversion.ipynb #15276de7
 def _lpips_fn(weight):
-    "An LPIPS(vgg) loss module when its weights are present, else None (and the reason)."
+    "An LPIPS(AlexNet) loss module (the authors' choice) when its weights are present, else None (and the reason)."
     if not weight: return None, 'LPIPS weight 0'
     try:
         from facecl_nb import metrics
-        fn = metrics.lpips_loss('vgg')
+        fn = metrics.lpips_loss('alex')
         return fn, None
     except Exception as e:
         return None, str(e)
@@ -60,7 +60,7 @@ def _lpips_fn(weight):
 def describe_loss(lpips_weight: float | None = 1.0) -> str:
     "The loss terms in use, in words (recorded with every run)."
     fn, why = _lpips_fn(lpips_weight)
-    if fn is not None: return f"L2 + LPIPS(vgg)x{lpips_weight}"
+    if fn is not None: return f"L2 + LPIPS(alex)x{lpips_weight}"
     return f"L2 + multi-scale L1 (LPIPS not used: {why})"
 
 def _loss_fn(lpips_weight):
@@ -72,6 +72,7 @@ def _loss_fn(lpips_weight):
             l = l + 0.5 * (F.avg_pool2d(x, s) - F.avg_pool2d(y, s)).abs().mean((1, 2, 3))
         return l
     return loss
+
 
 # %% ../nbs/03_inversion.ipynb #af396e62
 def _ws_from(G, w: Tensor, space: str) -> Tensor:
@@ -139,6 +140,18 @@ def project(G, images: Tensor, space: str = 'w', steps: int = 200, lr: float = 0
         for p, r in zip(G.parameters(), req): p.requires_grad_(r)
     return out.detach()
 
+def reconstruct_free(G, images: Tensor, # test photos [N, 3, R, R] in [-1, 1]
+                     init, # start latents [N, num_ws, w_dim] (the photos' encoder codes), or 'nearest'
+                     steps: int = 800, lr: float = 5e-3, space: str = 'w+', c: Tensor | None = None, seed: int = 0,
+                     lpips_weight: float | None = 1.0, batch_size: int = 64, progress: bool = False) -> tuple[Tensor, Tensor]:
+    "The paper's reconstruction of unseen photos: free latent optimization in `G` from `init`; returns (renders, latents)."
+    ws = project(G, images, space=space, steps=steps, lr=lr, init=init, lpips_weight=lpips_weight, c=c, seed=seed,
+                 batch_size=batch_size, progress=progress, latent_reg=0.0)
+    c = G.check_c(c.to(ws.device), len(ws)) if getattr(G, 'c_dim', 0) else None
+    with torch.no_grad(): rec = torch.cat([G.synthesis(ws[i:i + batch_size], None if c is None else c[i:i + batch_size]) for i in range(0, len(ws), batch_size)])
+    return rec, ws
+
+
 # %% ../nbs/03_inversion.ipynb #ee7d73ad
 @dataclass
 class Items:
@@ -163,35 +176,82 @@ class Items:
     def to(self, device) -> 'Items':
         return Items(self.images.to(device), self.anchors.to(device), None if self.cameras is None else self.cameras.to(device))
 
-def tune(G, items: Items, steps: int = 150, lr: float = 1e-3, batch_size: int = 16, seed: int = 0, lpips_weight: float | None = 1.0,
+def _endless(n: int, gen: torch.Generator):
+    "Indices 0..n-1 in a fresh random order after every pass, forever (the replay sampler)."
+    while True: yield from torch.randperm(n, generator=gen).tolist()
+
+def tuning_batches(n_new: int, # new photos
+                   n_replay: int, # replayed items (0: no buffer)
+                   batch_size: int, # b: new items per batch (and replayed ones, when paired)
+                   epochs: int | None = None, # passes over the new photos (or over new ∪ buffer, when uniform)
+                   steps: int | None = None, # a fixed number of batches instead of epochs
+                   mix: str = 'paired', # 'paired': b new + b replayed per batch; 'uniform': b drawn from new ∪ buffer
+                   seed: int = 0):
+    """The batches of one tuning run, as (new indices, replay indices) pairs. 'paired' is the authors' schedule: shuffled
+    epochs over the new photos, every batch joined by as many items from an endless shuffled sampler over the buffer,
+    so new and replayed items weigh 1 : 1 whatever the buffer size. 'uniform' draws from new ∪ buffer alike, so replay
+    weighs k / (n + k)."""
+    if mix not in ('paired', 'uniform'): raise InversionError(f"mix must be 'paired' or 'uniform', got {mix!r}")
+    if (epochs is None) == (steps is None): raise InversionError("give exactly one of epochs and steps")
+    gen = torch.Generator().manual_seed(seed)
+    if mix == 'uniform' or n_replay == 0:
+        n = n_new + n_replay
+        split = lambda idx: ([i for i in idx if i < n_new], [i - n_new for i in idx if i >= n_new])
+        if steps is not None:     # a fixed number of random batches from the union
+            for _ in range(steps): yield split(list(range(n)) if n <= batch_size else torch.randperm(n, generator=gen)[:batch_size].tolist())
+        else:
+            for _ in range(epochs):
+                perm = torch.randperm(n, generator=gen).tolist()
+                for i in range(0, n, batch_size): yield split(perm[i:i + batch_size])
+        return
+    rep, new = _endless(n_replay, gen), _endless(n_new, gen)
+    take = lambda it, m: [next(it) for _ in range(m)]
+    if steps is not None:
+        for _ in range(steps): yield take(new, min(batch_size, n_new)), take(rep, batch_size)
+    else:
+        for _ in range(epochs):
+            perm = torch.randperm(n_new, generator=gen).tolist()
+            for i in range(0, n_new, batch_size):
+                b = perm[i:i + batch_size]; yield b, take(rep, len(b))
+
+def tune(G, items: Items, # the new photos with their anchors
+         replay: Items | None = None, # the replayed items (the buffer), or None
+         epochs: int | None = None, # budget: passes over the new photos ...
+         steps: int | None = None, # ... or a fixed number of batches
+         lr: float = 3e-4, batch_size: int = 2, mix: str = 'paired', seed: int = 0, lpips_weight: float | None = 1.0,
          progress: bool = True):
-    "Tune a copy of `G` so that each anchor renders its image; the input generator is left untouched."
+    """Tune a copy of `G` so that each anchor renders its image (every weight, Adam); the input generator is left
+    untouched. The loss of a batch is the mean loss of its new items plus, when paired, the mean loss of its replayed items."""
     if len(items) == 0: raise InversionError("tune: no items")
-    check_images(G, items.images, 'items.images'); check_anchors(G, items.anchors, len(items), 'items.anchors')
+    replay = replay if replay is not None and len(replay) else None
+    for what, it in (('items', items), ('replay', replay)):
+        if it is not None: check_images(G, it.images, f'{what}.images'); check_anchors(G, it.anchors, len(it), f'{what}.anchors')
+    batches = list(tuning_batches(len(items), 0 if replay is None else len(replay), batch_size, epochs, steps, mix, seed))
     dev = next(G.parameters()).device
     Gt = G.copy() if hasattr(G, 'copy') else copy.deepcopy(G)
     Gt.requires_grad_(True); Gt.train()
     params = Gt.tunable_parameters() if hasattr(Gt, 'tunable_parameters') else list(Gt.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     loss_fn = _loss_fn(lpips_weight)
-    items = items.to(dev)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(items); last_good = {k: v.detach().clone() for k, v in Gt.state_dict().items()}
-    bar = _progress(steps, 'tune', progress)
-    for step in range(steps):
-        idx = torch.arange(n) if n <= batch_size else torch.randperm(n, generator=gen)[:batch_size]
-        b = items.subset(idx)
-        loss = loss_fn(Gt.synthesis(b.anchors, b.cameras), b.images).mean()
+    items = items.to(dev); replay = None if replay is None else replay.to(dev)
+    paired = mix == 'paired' and replay is not None
+    last_good = {k: v.detach().clone() for k, v in Gt.state_dict().items()}
+    bar = _progress(len(batches), 'tune', progress)
+    for step, (bi, br) in enumerate(batches):
+        b = Items.cat(([items.subset(bi)] if bi else []) + ([replay.subset(br)] if br else []))   # one forward pass for both
+        per = loss_fn(Gt.synthesis(b.anchors, b.cameras), b.images)
+        loss = per[:len(bi)].mean() + per[len(bi):].mean() if paired and bi and br else per.mean()
         if not torch.isfinite(loss):
             bar.close(); Gt.load_state_dict(last_good); Gt.eval().requires_grad_(False)
             raise TuningDiverged(f"tune: loss became {loss.item()} at step {step}; the generator of step {max(step - 1, 0)} is in .last_good", step, Gt)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        if step % 10 == 9 or step == steps - 1:
+        if step % 10 == 9 or step == len(batches) - 1:
             last_good = {k: v.detach().clone() for k, v in Gt.state_dict().items()}
         bar.update(1)
         if progress and step % 10 == 0: bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     return Gt.eval().requires_grad_(False)
+
 
 # %% ../nbs/03_inversion.ipynb #b2974c7f
 @dataclass

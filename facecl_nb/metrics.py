@@ -17,12 +17,13 @@ from torch import Tensor, nn
 from .core import resolve_weight, weights_dir, MissingWeightError, ChecksumError, load_manifest
 
 # %% auto #0
-__all__ = ['BACKBONE_FILES', 'HIGHER_IS_BETTER', 'MetricUnavailable', 'check_pair', 'to_uint8', 'psnr', 'ssim', 'find_backbone',
-           'LPIPSMetric', 'lpips_loss', 'dists_weights_path', 'DISTSMetric', 'dists_metric', 'IdentityEncoder',
-           'DlibEncoder', 'default_identity_encoder', 'identity_similarity', 'dlib_distance', 'IRSE50',
-           'ArcFaceEncoder', 'frechet_distance', 'identity_fid', 'inception_fid_net', 'inception_features', 'fid',
-           'compute_metrics', 'empty_R', 'average_incremental_performance', 'average_forgetting', 'backward_transfer',
-           'r_to_json', 'r_from_json', 'EvalResult', 'evaluate']
+__all__ = ['BACKBONE_FILES', 'IRSE_WIDTHS', 'IRSE50_UNITS', 'HIGHER_IS_BETTER', 'MetricUnavailable', 'check_pair', 'to_uint8',
+           'psnr', 'ssim', 'find_backbone', 'LPIPSMetric', 'lpips_loss', 'dists_weights_path', 'DISTSMetric',
+           'dists_metric', 'IdentityEncoder', 'DlibEncoder', 'default_identity_encoder', 'identity_similarity',
+           'dlib_distance', 'irse_input_layer', 'irse_body', 'IRSE50', 'ArcFaceEncoder', 'frechet_distance',
+           'identity_fid', 'inception_fid_net', 'inception_features', 'fid', 'higher_is_better', 'compute_metrics',
+           'empty_R', 'average_incremental_performance', 'average_forgetting', 'backward_transfer', 'r_to_json',
+           'r_from_json']
 
 # %% ../nbs/05_metrics.ipynb #b7099e89
 class MetricUnavailable(RuntimeError):
@@ -198,6 +199,7 @@ def _dlib_enc():
 
 # %% ../nbs/05_metrics.ipynb #3a28b86f
 class _SE(nn.Module):
+    "Squeeze-and-excitation: channel weights from the pooled features (reduction 16, no biases)."
     def __init__(self, c, r=16):
         super().__init__()
         self.avg_pool = nn.AdaptiveAvgPool2d(1); self.fc1 = nn.Conv2d(c, c // r, 1, bias=False); self.relu = nn.ReLU(inplace=True)
@@ -205,6 +207,7 @@ class _SE(nn.Module):
     def forward(self, x): return x * self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
 
 class _IRSEUnit(nn.Module):
+    "One IR-SE bottleneck: BN-conv-PReLU-conv(stride)-BN-SE plus a shortcut (a strided max-pool, or 1×1 conv + BN when the width changes)."
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.shortcut_layer = nn.MaxPool2d(1, stride) if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
@@ -212,15 +215,27 @@ class _IRSEUnit(nn.Module):
                                        nn.Conv2d(cout, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), _SE(cout))
     def forward(self, x): return self.res_layer(x) + self.shortcut_layer(x)
 
+IRSE_WIDTHS = (64, 128, 256, 512)
+IRSE50_UNITS = (3, 4, 14, 3)
+
+def irse_input_layer() -> nn.Sequential:
+    "The IR-SE stem: 3×3 conv to 64 channels, BN, PReLU (keys `input_layer.0/1/2`)."
+    return nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
+
+def irse_body(units: Sequence[int] = IRSE50_UNITS, # bottlenecks per stage; (3, 4, 14, 3) is IR-SE50
+             ) -> nn.Sequential:
+    "The IR-SE body as one flat sequence of bottlenecks (keys `body.0` … `body.23` for IR-SE50); each stage halves the resolution."
+    mods, cin = [], 64
+    for cout, n in zip(IRSE_WIDTHS, units):
+        for i in range(n): mods.append(_IRSEUnit(cin, cout, 2 if i == 0 else 1)); cin = cout
+    return nn.Sequential(*mods)
+
 class IRSE50(nn.Module):
     "ArcFace IR-SE50 backbone for 112×112 crops: embeddings [N, 512], L2-normalized."
     def __init__(self):
         super().__init__()
-        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
-        units, cin = [], 64
-        for cout, n in ((64, 3), (128, 4), (256, 14), (512, 3)):
-            for i in range(n): units.append(_IRSEUnit(cin, cout, 2 if i == 0 else 1)); cin = cout
-        self.body = nn.Sequential(*units)
+        self.input_layer = irse_input_layer()
+        self.body = irse_body(IRSE50_UNITS)
         self.output_layer = nn.Sequential(nn.BatchNorm2d(512), nn.Dropout(0.4), nn.Flatten(), nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512, affine=True))
     def forward(self, x):
         return F.normalize(self.output_layer(self.body(self.input_layer(x))), dim=1)
@@ -236,6 +251,7 @@ class ArcFaceEncoder(IdentityEncoder):
         H = images.shape[-1]; m = int(round(H * 35 / 256)); x = images[..., m:H - m + 0, m:H - m + 0] if H >= 64 else images
         x = F.interpolate(x.float(), size=(112, 112), mode='bilinear', align_corners=False)
         return self.net.to(x.device)(x).double()
+
 
 # %% ../nbs/05_metrics.ipynb #478a993e
 def frechet_distance(mu1, s1, mu2, s2) -> float:
@@ -285,7 +301,12 @@ def fid(a: Tensor, b: Tensor, path=None) -> float:
 
 # %% ../nbs/05_metrics.ipynb #f1666687
 HIGHER_IS_BETTER = {'psnr': True, 'ssim': True, 'lpips': False, 'dists': False, 'id_sim': True, 'dlib_dist': False,
-                    'synth_id_sim': True, 'id_fid': False, 'fid': False}
+                    'synth_id_sim': True, 'synth_fid': False, 'id_fid': False, 'fid': False}
+
+def higher_is_better(name: str # a metric name, possibly with a protocol suffix ('psnr@hull')
+                    ) -> bool:
+    "Whether larger values of metric `name` are better."
+    return HIGHER_IS_BETTER.get(name.split('@')[0], True)
 
 def compute_metrics(recon: Tensor, target: Tensor, metrics: Sequence[str] = ('psnr', 'ssim', 'lpips', 'id_sim', 'dlib_dist'),
                     encoder: IdentityEncoder | None = None) -> tuple[dict, dict]:
@@ -347,53 +368,3 @@ def r_to_json(R) -> list:
 def r_from_json(rows) -> np.ndarray:
     "Nested lists with None -> float array with NaN."
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
-
-# %% ../nbs/05_metrics.ipynb #69a55653
-@dataclass
-class EvalResult:
-    "What `evaluate` returns: one value per timestamp and metric, images for figures, per-image values."
-    rows: dict            # metric -> [value per timestamp]
-    recon: dict           # timestamp -> reconstructions [n,3,H,W]
-    synth: torch.Tensor   # [n_synth,3,H,W]
-    per_image: dict       # metric -> {timestamp: Tensor[n]}
-    unavailable: dict     # metric -> reason
-    timestamps: list
-
-def _test_sets(album, timestamps, cameras):
-    if isinstance(album, dict):
-        ts = list(timestamps) if timestamps is not None else list(album)
-        return ts, {t: album[t] for t in ts}, (cameras or {})
-    ts = list(timestamps) if timestamps is not None else list(album.timestamps)
-    return ts, {t: album.images(t, 'test') for t in ts}, {t: album.cameras(t, 'test') for t in ts}
-
-def evaluate(G, anchors, album, timestamps=None, cameras=None, beta: float = 0.0, steps: int = 150, lr: float = 0.05,
-             n_synth: int = 8, seed: int = 0, metrics=('psnr', 'ssim', 'lpips', 'id_sim', 'dlib_dist'), encoder=None,
-             progress: bool = False) -> EvalResult:
-    "Reconstruct every test photo of `timestamps` in P_beta(anchors) of `G` and synthesize from the anchors; one row of R per metric."
-    from facecl_nb import inversion as inv
-    ts, imgs, cams = _test_sets(album, timestamps, cameras)
-    sizes = [len(imgs[t]) for t in ts]
-    if not ts or min(sizes) == 0: raise ValueError(f"evaluate: every timestamp needs test photos (got {dict(zip(ts, sizes))})")
-    dev = next(G.parameters()).device
-    X = torch.cat([imgs[t] for t in ts]).to(dev)
-    c = None
-    if getattr(G, 'c_dim', 0):
-        if any(cams.get(t) is None for t in ts): raise ValueError("evaluate: a 3D generator needs cameras for every test photo")
-        c = torch.cat([cams[t] for t in ts]).to(dev)
-    hp = inv.project_to_hull(G, X, anchors.to(dev), beta=beta, steps=steps, lr=lr, c=c, seed=seed, progress=progress)
-    rec = hp.images.detach().clamp(-1, 1)     # images as they would be saved (EG3D's output is not bounded)
-    vals, unavailable = compute_metrics(rec, X, [m for m in metrics], encoder=encoder)
-    bounds = np.cumsum([0] + sizes)
-    rows = {m: [float(v[bounds[i]:bounds[i + 1]].double().mean()) for i in range(len(ts))] for m, v in vals.items()}
-    per_image = {m: {t: v[bounds[i]:bounds[i + 1]].cpu() for i, t in enumerate(ts)} for m, v in vals.items()}
-    recon = {t: rec[bounds[i]:bounds[i + 1]].cpu() for i, t in enumerate(ts)}
-    # synthesis: identity of random anchor mixtures against each timestamp's test photos
-    c_syn = None if c is None else c[:1].expand(n_synth, -1)
-    with torch.no_grad(): syn, _ = inv.synthesize(G, anchors.to(dev), n_synth, seed=seed, c=c_syn)
-    syn = syn.clamp(-1, 1)
-    if 'id_sim' in metrics:
-        enc = encoder or default_identity_encoder()
-        e_syn = torch.nn.functional.normalize(enc.embed(syn.cpu()).double(), dim=1)
-        e_tst = torch.nn.functional.normalize(enc.embed(X.cpu()).double(), dim=1)
-        rows['synth_id_sim'] = [float((e_syn @ e_tst[bounds[i]:bounds[i + 1]].T).mean()) for i in range(len(ts))]
-    return EvalResult(rows, recon, syn.cpu(), per_image, unavailable, ts)

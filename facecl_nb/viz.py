@@ -99,8 +99,8 @@ def aip_af_vs_buffer(table, metric: str = 'psnr'):
 
 # %% ../nbs/08_viz.ipynb #d120a50a
 def _recon(run_dir, t):
-    p = Path(run_dir)/'state'/f't{t}.recon.pt'
-    return torch.load(p, map_location='cpu', weights_only=False) if p.exists() else None
+    from facecl_nb.continual import read_recon
+    return read_recon(run_dir, t)
 
 def teaser_grid(results: Sequence[dict], album, k: int = 0, photo: int = 0, every: int = 1) -> np.ndarray:
     "An image (uint8 HWC): one row per run — the test photo of timestamp k, then its reconstruction by the model after each t ≥ k."
@@ -162,9 +162,9 @@ def buffer_pca_over_time(run_dir):
     "The pool (coloured by timestamp), the chosen buffer and its hull in a 2-D PCA shared over all t, with a slider over t."
     import plotly.graph_objects as go
     import plotly.express as px
-    files = sorted((Path(run_dir)/'state').glob('t*.pool.pt'), key=lambda p: int(p.name.split('.')[0][1:]))
-    if not files: raise ValueError(f"{run_dir}: no pool files (runs without replay have none)")
-    pools = [(int(p.name.split('.')[0][1:]), torch.load(p, map_location='cpu', weights_only=False)) for p in files]
+    from facecl_nb.continual import read_pools
+    pools = read_pools(run_dir)
+    if not pools: raise ValueError(f"{run_dir}: no pool files (runs without replay have none)")
     X = torch.cat([d['latents'] for _, d in pools]).double()
     mu = X.mean(0); _, _, V = torch.linalg.svd(X - mu, full_matrices=False); basis = V[:2].T
     T = max(max(d['timestamps']) for _, d in pools) + 2
@@ -251,7 +251,7 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
             imgs = W.HBox([W.VBox([W.HTML('<b>test photo</b>'), W.Image(value=png(tgt))]),
                            W.VBox([W.HTML(f'<b>model after t={t}</b>' + (' (k > t: not yet seen)' if k > t else '')), W.Image(value=png(rimg))])])
             figs = [go.FigureWidget(r_cell_figure(R, t, k, metric, label(r)))]
-            pool = Path(r['run_dir'])/'state'/f't{t}.pool.pt'
+            pool = Path(r['run_dir'])/'state'/f't{t}.pool.safetensors'
             if pool.exists():
                 f = buffer_pca_over_time(r['run_dir'])
                 fr = [x for x in f.frames if x.name == str(t)]

@@ -9,7 +9,7 @@ import torch
 from facecl_nb import continual as C
 from facecl_nb.data import synth_album, Album
 
-MICRO = dict(projection={'steps': 8}, tuning={'steps': 8, 'batch_size': 8}, hull={'steps': 8}, n_synth=4, hull_candidates=20,
+MICRO = dict(projection={'steps': 8}, tuning={'epochs': 2}, free={'steps': 8}, hull={'steps': 8}, n_synth=4, hull_candidates=20,
              metrics=('psnr', 'ssim', 'id_sim', 'dlib_dist'))
 
 
@@ -54,6 +54,7 @@ def test_resume_identical(album, tmp_path):
     with pytest.raises(Killed):
         C.continual_run(album, cfg, tmp_path / 'killed', progress=False, log=kill_after_first)
     assert C.last_state(tmp_path / 'killed') == 0
+    assert not list((tmp_path / 'killed' / 'state').glob('*.pt'))            # state in safetensors + JSON only
     first = json.loads((tmp_path / 'killed' / 'results.json').read_text())
     assert not first['complete']
     resumed = C.continual_run(album, cfg, tmp_path / 'killed', progress=False, log=lambda *a: None)
@@ -77,8 +78,11 @@ def test_joint_and_none(album, tmp_path):
 
 
 def test_grid_with_failing_run(album, tmp_path, capsys):
-    s = C.run_grid(album.root, ['pat'], ['none', 'no-such-strategy'], [2], [0], tmp_path / 'grid', T=2, overrides=MICRO, log=lambda *a: None)
-    assert len(s['failed']) == 1 and 'no-such-strategy' in s['failed'][0]
+    with pytest.raises(C.ConfigError, match="unknown strategies \\['hul'\\]"):     # refused before any run starts
+        C.run_grid(album.root, ['pat'], ['none', 'hul'], [2], [0], tmp_path / 'grid0', T=2, overrides=MICRO, log=lambda *a: None)
+    assert not (tmp_path / 'grid0').exists()
+    s = C.run_grid(album.root, ['pat', 'ghost'], ['none'], [2], [0], tmp_path / 'grid', T=2, overrides=MICRO, log=lambda *a: None)
+    assert len(s['failed']) == 1 and 'ghost' in s['failed'][0]
     ok = [d for d, v in s['runs'].items() if v['status'] == 'ok']
     assert len(ok) == 1 and C.run_is_complete(ok[0])
     assert (Path(s['failed'][0]) / 'error.txt').exists()

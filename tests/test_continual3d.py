@@ -13,7 +13,7 @@ from facecl_nb.core import ConfigError
 from facecl_nb.data import synth_album, Album
 from facecl_nb.eg3d import TriPlaneGenerator, small_config
 
-MICRO = dict(projection={'steps': 4}, tuning={'steps': 4, 'batch_size': 4}, hull={'steps': 4}, n_synth=2, hull_candidates=10,
+MICRO = dict(projection={'steps': 4}, tuning={'steps': 4, 'batch_size': 4}, free={'steps': 4}, hull={'steps': 4}, n_synth=2, hull_candidates=10,
              metrics=('psnr', 'ssim', 'dlib_dist'))
 
 
@@ -41,10 +41,10 @@ def test_one_continual_run_3d(album3d, tmp_path):
     R = np.array([[np.nan if v is None else v for v in row] for row in res['R']['psnr']])
     assert np.isnan(R[0, 1]) and np.isfinite(R[[0, 1, 1], [0, 0, 1]]).all()
     assert res['buffers'][1]['buffer_timestamps'] == [0, 0]
-    st = torch.load(tmp_path / 'run' / 'state' / 't1.pt', weights_only=False)
-    assert any(not torch.equal(st['G'][k], before[k]) for k in before if not k.startswith('backbone.mapping'))   # tuned
+    tens, meta = C.read_state(tmp_path / 'run' / 'state' / 't1.safetensors')
+    assert any(not torch.equal(tens['G/' + k], before[k]) for k in before if not k.startswith('backbone.mapping'))   # tuned
     assert all(torch.equal(G0.state_dict()[k], before[k]) for k in before)                                       # input untouched
-    assert len(st['seen']['cameras']) == 6
+    assert len(tens['seen/cameras']) == 6
 
 
 def test_3d_run_needs_cameras(tmp_path):
