@@ -8,7 +8,7 @@ import argparse, sys, importlib
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['NotBuiltError', 'build_parser', 'main']
+__all__ = ['NotBuiltError', 'build_parser', 'protocol_overrides', 'main']
 
 # %% ../nbs/09_cli.ipynb #10d5095e
 class NotBuiltError(RuntimeError):
@@ -26,7 +26,7 @@ def _call(module: str, func: str, **kw):
 
 # %% ../nbs/09_cli.ipynb #b853f484
 def _add_album(sub):
-    p = sub.add_parser('album', help='make, import or annotate personal albums', description='Make, import or annotate personal albums (layout: DESIGN.md section 4).')
+    p = sub.add_parser('album', help='make, import or annotate personal albums', description='Make, import or annotate personal albums (layout: <root>/<person>/album.yaml and <root>/<person>/<t>/{train,test}/<name>.png).')
     s = p.add_subparsers(dest='album_cmd', metavar='{synth,import,cameras,validate}', required=True)
     q = s.add_parser('synth', help='make an identity-verified synthetic album from the DigiFace prior',
                      description='Make a synthetic personal album from the DigiFace DCGAN prior: one identity, per-timestamp appearance and style, '
@@ -56,17 +56,29 @@ def _add_album(sub):
     q.add_argument('--album', required=True, type=Path)
     q.add_argument('--person', required=True)
 
+def _add_protocol(p):
+    "Options that change the protocol (each defaults to the profile's, which is the paper's)."
+    g = p.add_argument_group('protocol (default: the profile\'s, i.e. the paper\'s)')
+    g.add_argument('--anchors', choices=['encoder', 'optimize', 'encoder+optimize'], default=None,
+                   help="anchors from the fixed inversion encoder (the paper's), by projection into the current model, or projection started at the encoder's code")
+    g.add_argument('--eval', dest='eval_', choices=['free', 'hull', 'both'], default=None,
+                   help="test photos reconstructed by free latent optimization from their encoder code (the paper's), inside P_beta, or both (two R matrices; the hull one's metrics suffixed @hull)")
+    g.add_argument('--replay-mix', choices=['paired', 'uniform'], default=None,
+                   help="each batch of b new photos paired with b replayed items (1:1, the paper's) or batches drawn from new + buffer alike")
+    g.add_argument('--epochs', type=int, default=None, help='tuning epochs over the new photos (paper: 1000)')
+
 def _add_run(sub):
     p = sub.add_parser('run', help='one continual run (a strategy, a buffer size, a seed)',
                        description='Personalize the prior timestamp by timestamp with a replay strategy; writes <out>/results.json, resumable.')
     p.add_argument('--album', required=True, type=Path, help='albums root folder')
     p.add_argument('--person', required=True)
-    p.add_argument('--strategy', default='hull', help='none, joint, random, hull, hull-greedy, cumulative, reservoir, kmeans, herding')
+    p.add_argument('--strategy', default='hull', help='none, joint, random, hull, hull-greedy, cumulative, reservoir, kmeans, herding (checked before any work)')
     p.add_argument('--buffer', type=int, default=5, help='buffer size k')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', required=True, type=Path, help='run folder')
     p.add_argument('--profile', default='demo', choices=['demo', 'paper', 'demo3d', 'paper3d'])
     p.add_argument('--timestamps', type=int, default=None, help='use only the first T timestamps')
+    _add_protocol(p)
     p = sub.add_parser('grid', help='strategies x buffer sizes x persons x seeds, skipping finished runs',
                        description='Run a grid of continual runs; finished runs are skipped, a failing run is reported and the others go on.')
     p.add_argument('--album', required=True, type=Path)
@@ -77,6 +89,7 @@ def _add_run(sub):
     p.add_argument('--out', required=True, type=Path, help='folder of run folders')
     p.add_argument('--profile', default='demo', choices=['demo', 'paper', 'demo3d', 'paper3d'])
     p.add_argument('--timestamps', type=int, default=None)
+    _add_protocol(p)
     p = sub.add_parser('demo', help='the offline demo: synthetic albums, continual runs, figures',
                        description='Make the default synthetic albums if needed, run lower bound, ER-Rand, ER-Hull and upper bound at two buffer sizes, '
                                    'execute the experiment notebooks into reports/ and write figures/.')
@@ -95,8 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 # %% ../nbs/09_cli.ipynb #897acd26
+def protocol_overrides(anchors=None, eval_=None, replay_mix=None, epochs=None) -> dict:
+    "RunConfig overrides from the protocol options (only those given)."
+    o = {}
+    if anchors or eval_: o['protocol'] = {k: v for k, v in (('anchors', anchors), ('eval', eval_)) if v}
+    if replay_mix or epochs: o['tuning'] = {k: v for k, v in (('mix', replay_mix), ('epochs', epochs)) if v}
+    return o
+
 def _dispatch(a) -> int | None:
-    v = {k: val for k, val in vars(a).items() if k not in ('cmd', 'album_cmd', 'debug')}
+    v = {k: val for k, val in vars(a).items() if k not in ('cmd', 'album_cmd', 'debug', 'anchors', 'eval_', 'replay_mix', 'epochs')}
+    if a.cmd in ('run', 'grid'): v['overrides'] = protocol_overrides(a.anchors, a.eval_, a.replay_mix, a.epochs)
     if a.cmd == 'album':
         fn = {'synth': 'cli_album_synth', 'import': 'cli_album_import', 'cameras': 'cli_album_cameras', 'validate': 'cli_album_validate'}[a.album_cmd]
         return _call('cameras' if a.album_cmd == 'cameras' else 'data', fn, **v)

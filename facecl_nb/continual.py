@@ -17,13 +17,14 @@ from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig
 
 
 # %% auto #0
-__all__ = ['NO_BUFFER', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'PAPER', 'RunConfig', 'run_name', 'Memory',
-           'own_spread', 'load_profile_prior', 'weight_versions', 'check_cameras', 'load_profile_encoder', 'StateError',
-           'write_state', 'read_state', 'last_state', 'read_recon', 'read_pools', 'load_state_model', 'read_memory',
-           'make_anchors', 'new_items', 'update_buffer', 'tune_model', 'evaluate_model', 'continual_run', 'grid_specs',
-           'run_is_complete', 'run_grid', 'collect_results', 'summary_table', 'format_table', 'experiments_dir',
-           'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'albums_3d', 'demo3d', 'cli_demo',
-           'paper_tier_missing', 'reproduce']
+__all__ = ['NO_BUFFER', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'RunConfig', 'run_name',
+           'Memory', 'own_spread', 'load_profile_prior', 'weight_versions', 'check_cameras', 'load_profile_encoder',
+           'StateError', 'write_state', 'read_state', 'last_state', 'read_recon', 'read_pools', 'load_state_model',
+           'read_memory', 'module_digest', 'RunLocked', 'RunLock', 'resume_point', 'make_anchors', 'new_items',
+           'update_buffer', 'tune_model', 'evaluate_model', 'continual_run', 'grid_specs', 'run_is_complete',
+           'run_grid', 'collect_results', 'summary_table', 'format_table', 'experiments_dir', 'run_experiment_notebook',
+           'cli_run', 'cli_grid', 'demo', 'albums_3d', 'demo3d', 'cli_demo', 'compare_protocols', 'paper_tier_missing',
+           'reproduce']
 
 # %% ../nbs/07_continual.ipynb #e3941c93
 NO_BUFFER = ('none', 'joint', 'cumulative')     # strategies whose runs do not depend on a buffer size k
@@ -46,7 +47,7 @@ class RunConfig(Config):
     hull_anchors: str = 'seen'           # P_beta spanned by anchors of every training photo seen so far ('seen') or of the tuning set ('tuned')
     metrics: tuple = ('psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist')
     synth_metrics: tuple = ('id_sim', 'fid')
-    n_synth: int = 8
+    n_synth: int | None = None          # samples per (t, k) for synthesis (None: the protocol's)
     threads: int | None = None           # torch threads (None: leave as is)
 
     def check(self):
@@ -231,6 +232,53 @@ def read_memory(run_dir, t: int, which: str = 'seen') -> 'Memory | None':
     tens, meta = read_state(Path(run_dir)/'state'/f't{t}.safetensors')
     return Memory.from_parts(tens, meta['memory'][which], which + '/')
 
+def module_digest(m) -> str:
+    "sha256 of a network's state dict (names, shapes, values): pins the exact prior or encoder a run started from."
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(m.state_dict().items()):
+        v = v.detach().cpu().contiguous()
+        h.update(k.encode()); h.update(str(list(v.shape)).encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b'')
+    return h.hexdigest()
+
+class RunLocked(RuntimeError):
+    "Another process is working in this run folder."
+
+class RunLock:
+    "An exclusive lock on a run folder (`<run>/.lock`, holding the owner's pid and start time); released on exit, and by the OS if the process dies."
+    def __init__(self, out): self.path = Path(out)/'.lock'; self.f = None
+    def __enter__(self):
+        import fcntl, socket
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, 'a+')
+        try: fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.f.seek(0); who = self.f.read().strip() or 'another process'; self.f.close(); self.f = None
+            raise RunLocked(f"{self.path.parent}: this run folder is in use by {who}; wait for it to finish or use another --out") from None
+        self.f.seek(0); self.f.truncate(); self.f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"); self.f.flush()
+        return self
+    def __exit__(self, *exc):
+        import fcntl
+        if self.f: fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close(); self.f = None
+
+def resume_point(out, log=print) -> tuple[int, dict | None, dict | None]:
+    """(index of the first timestamp to run, tensors, meta) from the newest readable state of a run folder. A corrupt or
+    altered state file is named, moved aside (`*.bad`), and the run falls back to the timestamp before it."""
+    old = sorted((Path(out)/'state').glob('t*.pt'))
+    if old: raise StateError(f"{old[0]}: an old-format (pickle) state file — refused, nothing in it was run; start afresh in another --out "
+                             f"or delete {Path(out)/'state'}")
+    t = last_state(out)
+    while t >= 0:
+        p = Path(out)/'state'/f't{t}.safetensors'
+        try:
+            tens, meta = read_state(p)
+            return t + 1, tens, meta
+        except StateError as e:
+            bad = p.with_name(p.name + '.bad'); os.replace(p, bad)
+            log(f"warning: {e}; moved to {bad.name}, resuming from the state before it")
+            t = last_state(out)
+    return 0, None, None
+
 
 # %% ../nbs/07_continual.ipynb #d0f4ac6e
 def _tseed(seed: int, t: int, salt: int = 0) -> int:
@@ -314,7 +362,7 @@ def evaluate_model(G, cfg: RunConfig, ev_ts, tests, test_cams, test_init, seen: 
         rows.update({m + suffix: v for m, v in ev.rows.items()}); unavailable.update({m + suffix: w for m, w in ev.unavailable.items()})
         recon = recon or ev.recon
     by_t = {s: seen.anchors[[i for i, x in enumerate(seen.timestamps) if x == s]] for s in ev_ts}
-    srows, synth, sun = E.synthesis_scores(G, by_t, tests_, n_synth=cfg.n_synth, seed=seed, cameras=cams_, metrics=cfg.synth_metrics)
+    srows, synth, sun = E.synthesis_scores(G, by_t, tests_, n_synth=cfg.n_synth or proto.n_synth, seed=seed, cameras=cams_, metrics=cfg.synth_metrics)
     rows.update(srows); unavailable.update(sun)
     return rows, recon, synth, unavailable
 
@@ -323,14 +371,11 @@ def _u8(x): return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 def continual_run(album, cfg: RunConfig, out, G0=None, E0=None, progress: bool = True, log=print) -> dict:
     """Run (or resume) one continual run on `album` (a `facecl_nb.data.Album`); writes and returns `results.json`.
     Per timestamp: new items → buffer update → tuning → evaluation → record. `G0`/`E0` replace the profile's prior/encoder."""
-    from facecl_nb import inversion as inv
     out = Path(out)
-    if cfg.threads: torch.set_num_threads(cfg.threads)
     Ts = album.timestamps[:cfg.T] if cfg.T else album.timestamps
-    T = len(Ts)
-    if T < 1: raise ValueError(f"album {album.root}/{album.person} has no timestamps")
+    if len(Ts) < 1: raise ValueError(f"album {album.root}/{album.person} has no timestamps")
     if cfg.T and cfg.T > len(album.timestamps): raise ConfigError(f"RunConfig: T = {cfg.T} but album {album.dir} has {len(album.timestamps)} timestamps")
-    proto, P, Tu = cfg.stage('protocol'), cfg.stage('projection'), cfg.stage('tuning')
+    proto = cfg.stage('protocol')
     device = get_device()
     # everything that can fail is loaded and checked before the run folder is touched
     if cfg.profile in PROFILES_3D: check_cameras(album, Ts)
@@ -339,18 +384,41 @@ def continual_run(album, cfg: RunConfig, out, G0=None, E0=None, progress: bool =
         raise ConfigError(f"profile {cfg.profile}: the prior is a 2D generator ({getattr(G_prior, 'arch', type(G_prior).__name__)}); a 3D run needs an eg3d one")
     encoder = (E0.fits(G_prior).to(device) if E0 is not None else load_profile_encoder(proto, G_prior, device)) if proto.anchors != 'optimize' else None
 
+    from facecl_nb.data import content_hash
+    inputs = {'album_content_hash': content_hash(album.dir), 'prior_sha256': module_digest(G_prior),
+              'encoder_sha256': None if encoder is None else module_digest(encoder)}
+    threads = torch.get_num_threads()
+    try:
+        with RunLock(out): return _run_locked(album, cfg, out, Ts, G_prior, encoder, inputs, device, progress, log)
+    finally: torch.set_num_threads(threads)
+
+def _check_inputs(cfg_path: Path, old: dict, inputs: dict) -> None:
+    "Resuming over other inputs would mix two experiments in one R: refuse, naming what changed."
+    what = {'album_content_hash': 'the album (its photos or cameras)', 'prior_sha256': 'the prior generator', 'encoder_sha256': 'the inversion encoder'}
+    changed = [f"{what[k]} ({str(old.get('inputs', {}).get(k))[:12]}… → {str(v)[:12]}…)" for k, v in inputs.items() if old.get('inputs', {}).get(k) != v]
+    if changed:
+        raise ConfigError(f"{cfg_path.parent}: this run started from other inputs — changed: {'; '.join(changed)}. "
+                          f"Results would mix both; start afresh in another --out, or delete {cfg_path.parent}")
+
+def _run_locked(album, cfg, out, Ts, G_prior, encoder, inputs, device, progress, log) -> dict:
+    from facecl_nb import inversion as inv
+    T = len(Ts)
+    proto, P, Tu = cfg.stage('protocol'), cfg.stage('projection'), cfg.stage('tuning')
+    if cfg.threads: torch.set_num_threads(cfg.threads)
     (out/'state').mkdir(parents=True, exist_ok=True)
+    for p in (out/'state').glob('.*.tmp'): p.unlink()          # temporary files of a killed write
     cfg_path = out/'config.json'
-    cfg_d = {**cfg.to_dict(), 'album': str(album.root), 'person': album.person}
+    cfg_d = {**cfg.to_dict(), 'album': str(album.root), 'person': album.person, 'inputs': inputs}
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
-        if {k: v for k, v in old.items() if k != 'album'} != json.loads(json.dumps({k: v for k, v in cfg_d.items() if k != 'album'})):
+        strip = lambda d: {k: v for k, v in d.items() if k not in ('album', 'inputs')}
+        if strip(old) != json.loads(json.dumps(strip(cfg_d))):
             raise ConfigError(f"{cfg_path}: this run folder holds a run with another configuration; use another --out or delete it")
+        _check_inputs(cfg_path, old, inputs)
     else: atomic_write_json(cfg_path, cfg_d)
 
-    start = last_state(out) + 1
+    start, tens, st = resume_point(out, log)
     if start > 0:
-        tens, st = read_state(out/'state'/f't{start - 1}.safetensors')
         G = G_prior.copy(); G.load_state_dict(_prefixed(tens, 'G/')); G.eval().requires_grad_(False)
         seen, buffer_mem, prev_new = (Memory.from_parts(tens, st['memory'][n], n + '/') for n in ('seen', 'buffer', 'prev_new'))
         R = {k: np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float) for k, m in st['R'].items()}
@@ -402,7 +470,7 @@ def continual_run(album, cfg: RunConfig, out, G0=None, E0=None, progress: bool =
                 'timings': timings, 'history': history, 'unavailable': unavailable}
         for r in (range(T) if joint else [ti]): write_state(out/'state'/f't{r}.safetensors', tens, meta)   # joint: every row is the same model
         prev_new = new
-        res = _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complete=(ti == T - 1))
+        res = _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complete=(ti == T - 1), inputs=inputs)
         atomic_write_json(out/'results.json', res)
         main = next((m for m in ('psnr', 'id_sim') if m in rows), next(iter(rows)))
         log(f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}] t={t}: {main} on k<=t: "
@@ -422,7 +490,7 @@ def _pool_spread(pool: Memory, seen: Memory | None) -> torch.Tensor:
         out[pidx] = d.sum(1) / (len(ref) - 1)   # the item itself is in ref at distance 0
     return out
 
-def _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complete) -> dict:
+def _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complete, inputs=None) -> dict:
     R = {k: v for k, v in R.items() if k not in unavailable}   # a metric that could not be computed is listed under metrics_unavailable instead
     summ = _summary(R, cfg.strategy)
     proto = cfg.stage('protocol')
@@ -432,7 +500,8 @@ def _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complet
            'protocol': {**proto.to_dict(), 'tuning': cfg.stage('tuning').to_dict(),
                         'eval_settings': {'free': cfg.stage('free').to_dict(), 'hull': cfg.stage('hull').to_dict()}},
            'buffers': history, 'loss': loss_desc, 'metrics_unavailable': unavailable,
-           'versions': {'code': code_version(), 'weights': weight_versions(cfg.profile), 'torch': torch.__version__},
+           'versions': {'code': code_version(), 'weights': weight_versions(cfg.profile), 'torch': torch.__version__,
+                        'inputs': inputs or {}},      # digests of the album and of the prior and encoder actually used
            'config': cfg.to_dict(), 'complete': bool(complete)}
     return res
 
@@ -547,17 +616,18 @@ def run_experiment_notebook(name: str, parameters: dict, reports='reports', cwd=
     pm.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd or Path.cwd()), progress_bar=False, kernel_name='python3')
     return dst
 
-def cli_run(album, person, strategy, buffer, seed, out, profile='demo', timestamps=None) -> int:
+def cli_run(album, person, strategy, buffer, seed, out, profile='demo', timestamps=None, overrides=None) -> int:
     "`facecl run`: one run, resumable."
     from facecl_nb.data import Album
+    cfg = RunConfig.from_dict(overrides or {}, strategy=strategy, buffer=buffer, seed=seed, person=person, profile=profile, T=timestamps)
     a = Album(album, person); a.validate()
-    res = continual_run(a, RunConfig(strategy=strategy, buffer=buffer, seed=seed, person=person, profile=profile, T=timestamps), out)
+    res = continual_run(a, cfg, out)
     print(json.dumps({'AIP': res['AIP'], 'AF': res.get('AF'), 'BWT': res.get('BWT')}, indent=1))
     return 0
 
-def cli_grid(album, persons, strategies, buffers, seeds, out, profile='demo', timestamps=None) -> int:
+def cli_grid(album, persons, strategies, buffers, seeds, out, profile='demo', timestamps=None, overrides=None) -> int:
     "`facecl grid`: a grid of runs; exit code 1 when any failed (the others still run)."
-    s = run_grid(album, persons, strategies, buffers, seeds, out, profile=profile, T=timestamps)
+    s = run_grid(album, persons, strategies, buffers, seeds, out, profile=profile, T=timestamps, overrides=overrides)
     print(format_table(summary_table(collect_results(out))))
     return 1 if s['failed'] else 0
 
@@ -626,6 +696,32 @@ def cli_demo(out=None, quick=False, three_d=False) -> int:
     r = demo3d(out or 'runs/demo3d', quick=quick) if three_d else demo(out or 'runs/demo', quick=quick)
     return 1 if r['grid']['failed'] else 0
 
+# %% ../nbs/07_continual.ipynb #ec1b4337
+BEFORE = dict(protocol={'anchors': 'optimize', 'eval': 'hull'}, tuning={'steps': 60, 'lr': 2e-3, 'batch_size': 8, 'mix': 'uniform'})
+
+def compare_protocols(out='runs/protocols', # folder of the two grids (`paper/`, `before/`)
+                      plan: dict | None = None, jobs: int | None = None, csv=None,
+                      paper_runs=None, # an existing folder of the demo grid under the paper protocol (`make demo`'s runs/demo) to reuse
+                      log=print) -> 'pd.DataFrame':
+    "Run the demo grid under the paper's protocol and under `BEFORE`; a table of AIP/AF (PSNR, dlib identity) per strategy and protocol."
+    import pandas as pd
+    from facecl_nb import data
+    plan = {**DEMO, **(plan or {})}
+    root = data.default_demo_albums()[0].root
+    jobs = jobs or min(2, os.cpu_count() or 1)
+    rows = []
+    for name, over in (('paper', {}), ('before', BEFORE)):
+        d = Path(paper_runs) if (name == 'paper' and paper_runs) else Path(out)/name
+        run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], d, T=plan['T'], overrides=over, jobs=jobs, log=log)
+        for r in collect_results(d):
+            rows.append({'protocol': name, 'strategy': r['strategy'], 'k': 0 if r['strategy'] in NO_BUFFER else r['buffer'], 'seed': r['seed'],
+                         'AIP psnr': r['AIP'].get('psnr'), 'AF psnr': r.get('AF', {}).get('psnr'),
+                         'AIP dlib': r['AIP'].get('dlib_dist'), 'AF dlib': r.get('AF', {}).get('dlib_dist'),
+                         'minutes': r['timings']['total_s'] / 60})
+    df = pd.DataFrame(rows).sort_values(['strategy', 'k', 'protocol']).reset_index(drop=True)
+    if csv: Path(csv).parent.mkdir(parents=True, exist_ok=True); df.to_csv(csv, index=False, float_format='%.4f')
+    return df
+
 # %% ../nbs/07_continual.ipynb #de9b9f26
 PAPER = dict(strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5, 10], seeds=[0])
 
@@ -662,9 +758,13 @@ def reproduce(album_root=None, out='runs/paper', figures='figures/paper', report
 
 def _main(argv=None):
     import argparse
-    ap = argparse.ArgumentParser(prog='python -m facecl_nb.continual', description='make figures / make reproduce')
-    ap.add_argument('what', choices=['figures', 'reproduce'])
+    ap = argparse.ArgumentParser(prog='python -m facecl_nb.continual', description='make figures / make reproduce / the protocol comparison')
+    ap.add_argument('what', choices=['figures', 'reproduce', 'protocols'])
     a = ap.parse_args(argv)
+    if a.what == 'protocols':
+        from facecl_nb.core import PROJECT_ROOT
+        df = compare_protocols(csv=PROJECT_ROOT/'nbs'/'data'/'protocol_comparison_demo.csv', paper_runs='runs/demo' if Path('runs/demo').is_dir() else None)
+        print(df.to_string(index=False)); sys.exit(0)
     if a.what == 'figures':
         r = demo('runs/figures', plan=FIGURES, figures='figures/full', reports='reports/full')
         r3 = demo3d('runs/figures3d', figures='figures/full/3d', reports='reports/full', plan=dict(seeds=[0, 1, 2], buffers=[3, 5], T=None))

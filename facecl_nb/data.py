@@ -19,8 +19,8 @@ from .core import (atomic_write_bytes, atomic_write_text, atomic_write_json, sha
                             load_manifest)
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'SPLITS', 'DETECTOR_DESC', 'SYNTH_VERSION', 'SYNTH_RECIPE', 'AlbumError', 'Album', 'ffhq_quad',
-           'align_face', 'detect_faces', 'detect_landmarks', 'import_photos', 'draw_style', 'jitter_style',
+__all__ = ['IMAGE_EXTS', 'SPLITS', 'DETECT_THRESHOLD', 'DETECTOR_DESC', 'SYNTH_VERSION', 'SYNTH_RECIPE', 'AlbumError', 'Album',
+           'ffhq_quad', 'align_face', 'detect_faces', 'detect_landmarks', 'import_photos', 'draw_style', 'jitter_style',
            'gaussian_blur', 'apply_style', 'to_uint8', 'dlib_descriptors', 'content_hash', 'synth_album',
            'album_matches', 'default_demo_albums', 'contact_sheet', 'cli_album_synth', 'cli_album_import',
            'cli_album_validate']
@@ -78,7 +78,7 @@ def _check_cameras(path: Path, stems: list[str]) -> list[tuple[str, str]]:
 
 # %% ../nbs/01_data.ipynb #5e0c5b3f
 class Album:
-    "One person's album (DESIGN.md §4): timestamps, train/test photos as tensors in [-1, 1], optional cameras."
+    "One person's album : timestamps, train/test photos as tensors in [-1, 1], optional cameras."
     def __init__(self, root, person: str):
         self.root, self.person = Path(root), str(person)
         self.dir = self.root/self.person
@@ -252,13 +252,18 @@ def _dlib(name: str):
         else: raise KeyError(f"unknown dlib model {name!r}")
     return _DLIB[name]
 
-def detect_faces(img: Image.Image, upsample: int = 1, max_side: int = 1024) -> list[tuple[np.ndarray, float]]:
-    "(68 landmarks [68, 2] in `img`'s pixels, detector score) for every face dlib's HOG detector finds."
+DETECT_THRESHOLD = 0.5   # HOG detector score below which a box is not a face: real faces score ~1 and more, the false boxes
+                         # dlib returns at its default threshold (0) score ~0.1 (e.g. one beside the astronaut photo's face, 1.16 vs 0.12)
+
+def detect_faces(img: Image.Image, upsample: int = 1, max_side: int = 1024,
+                 threshold: float = DETECT_THRESHOLD # minimum detector score of a face
+                ) -> list[tuple[np.ndarray, float]]:
+    "(68 landmarks [68, 2] in `img`'s pixels, detector score) for every face dlib's HOG detector finds with a score >= `threshold`."
     import dlib
     img = img.convert('RGB')
     s = min(1.0, max_side / max(img.size))
     small = img if s == 1.0 else img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.BILINEAR)
-    dets, scores, _ = _dlib('detector').run(np.asarray(small), upsample, 0.0)
+    dets, scores, _ = _dlib('detector').run(np.asarray(small), upsample, threshold)
     full, pred, out = np.asarray(img), _dlib('landmarks68'), []
     for d, sc in zip(dets, scores):
         r = d if s == 1.0 else dlib.rectangle(int(d.left() / s), int(d.top() / s), int(d.right() / s), int(d.bottom() / s))
@@ -445,6 +450,13 @@ def _round(v, nd=6):
     return v
 
 # %% ../nbs/01_data.ipynb #6f2543a7
+def _clean_stale_tmp(root: Path, person: str) -> None:
+    "Remove the hidden work folders of earlier synth runs of `person` that were killed (their process is gone)."
+    for d in Path(root).glob(f".{person}.tmp-*") if Path(root).is_dir() else []:
+        pid = d.name.rsplit('-', 1)[-1]
+        alive = pid.isdigit() and Path(f'/proc/{pid}').exists() and int(pid) != os.getpid()
+        if not alive: shutil.rmtree(d, ignore_errors=True)
+
 def synth_album(root, person: str, timestamps: int = 10, n_train: int = 20, n_test: int = 5, size: int = 64, seed: int = 0,
                 force: bool = False, recipe: dict | None = None, log: Callable = print) -> Album:
     "Make an identity-verified synthetic album from the DigiFace prior; the same arguments give byte-identical files."
@@ -458,6 +470,9 @@ def synth_album(root, person: str, timestamps: int = 10, n_train: int = 20, n_te
     pdir = root/person
     if pdir.exists() and (not pdir.is_dir() or any(pdir.iterdir())) and not force:
         raise FileExistsError(f"{pdir}: album of '{person}' already exists (use --force to overwrite)")
+    if size > 4096: raise ValueError(f"size must be <= 4096 px, got {size} (the DigiFace prior renders 64 px; a {size}-px album would hold "
+                                     f"{timestamps * (n_train + n_test)} upsampled photos of {3 * size * size / 2**20:.0f} MB each in memory)")
+    _clean_stale_tmp(root, person)
     rc = {**SYNTH_RECIPE, **(recipe or {})}
     n = n_train + n_test
     t0 = __import__('time').perf_counter()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import resolve_weight, weights_dir, MissingWeightError, ChecksumError, load_manifest
+from .core import resolve_weight, weights_dir, MissingWeightError, ChecksumError, load_manifest, verify_file, hash_prefix_in_name
 
 # %% auto #0
 __all__ = ['BACKBONE_FILES', 'IRSE_WIDTHS', 'IRSE50_UNITS', 'HIGHER_IS_BETTER', 'MetricUnavailable', 'check_pair', 'to_uint8',
@@ -76,7 +76,9 @@ def find_backbone(net: str) -> Path:
     entry, fname = BACKBONE_FILES[net]
     paths = [Path(torch.hub.get_dir())/'checkpoints'/fname, weights_dir()/fname]
     for p in paths:
-        if p.is_file(): return p
+        if p.is_file():
+            try: return verify_file(p, None, entry, prefix=hash_prefix_in_name(fname))   # the name carries its hash's first digits
+            except ChecksumError as e: raise MetricUnavailable(str(e)) from None
     raise MetricUnavailable(f"{fname} (torchvision {net} ImageNet weights, manifest entry {entry}) not found; searched " + ', '.join(map(str, paths)))
 
 class LPIPSMetric(nn.Module):
@@ -179,7 +181,7 @@ def default_identity_encoder() -> IdentityEncoder:
     "ArcFace IR-SE50 when its weights are present, else dlib."
     if 'default' not in _ENC:
         try: _ENC['default'] = ArcFaceEncoder()
-        except (MissingWeightError, ChecksumError, MetricUnavailable): _ENC['default'] = DlibEncoder()
+        except (MissingWeightError, ChecksumError, MetricUnavailable): _ENC['default'] = _dlib_enc()   # one dlib encoder and one descriptor cache
     return _ENC['default']
 
 def identity_similarity(a: Tensor, b: Tensor, encoder: IdentityEncoder | None = None) -> Tensor:

@@ -388,7 +388,7 @@ def hull_score(latents, # [P, D] (or [P, num_ws, w_dim]) latents of the pool
                timestamps: Sequence[int], # [P] timestamp of each pool item
                chosen: Sequence[int], # the buffer: distinct pool indices
                own_spread=None, # [P] each item's mean latent distance to the other training items of its timestamp (default: from the pool)
-              ) -> float: # the score of DESIGN.md §2.2 (lower is better)
+              ) -> float: # the ER-Hull score defined above (lower is better)
     "The ER-Hull score of one buffer: mean over timestamps of the mean distance of their items outside the buffer to its hull."
     X, ts = _prep(latents, timestamps)
     return float(_Pool(X, ts, own_spread).scores(_candidates([list(chosen)], len(X), 'chosen'))[0])
@@ -535,7 +535,7 @@ def select_buffer(strategy: str, # one of `strategies()`
                   seed: int = 0, # seeds the strategy's numpy Generator
                   **options, # per strategy: hull: C; hull-greedy: max_rounds; kmeans: iters; all: own_spread
                  ) -> list[int]: # distinct pool indices
-    "Choose a replay buffer of k pool items with a named strategy (DESIGN.md §2.2)."
+    "Choose a replay buffer of k pool items with a named strategy."
     if not isinstance(strategy, str) or strategy not in strategies():
         raise ValueError(f"strategy: unknown strategy {strategy!r}; known strategies: {', '.join(strategies())}")
     X, ts = _prep(latents, timestamps)

@@ -116,3 +116,28 @@ def test_papermill_explorer(album, tmp_path):
     nb = C.run_experiment_notebook('explorer', {'runs_dir': str(runs), 'album_root': str(album.root)}, reports=tmp_path / 'reports', log=lambda *a: None)
     cells = json.loads(nb.read_text())['cells']
     assert not any(o.get('output_type') == 'error' for c in cells if c['cell_type'] == 'code' for o in c.get('outputs', []))
+
+
+def test_missing_encoder_is_refused_before_any_work(album, tmp_path):
+    cfg = C.RunConfig.from_dict(MICRO, strategy='hull', buffer=2, person='pat', T=2, protocol={'encoder': 'no-such-encoder'})
+    with pytest.raises(Exception, match="encoder 'no-such-encoder'"):
+        C.continual_run(album, cfg, tmp_path / 'r', progress=False, log=lambda *a: None)
+    assert not (tmp_path / 'r').exists()                      # nothing half-written
+    missing = tmp_path / 'weights' / 'faces_w_encoder.pt'
+    cfg = C.RunConfig.from_dict(MICRO, strategy='hull', buffer=2, person='pat', T=2, protocol={'encoder': str(missing)})
+    with pytest.raises(Exception, match='faces_w_encoder.pt: no such file'):
+        C.continual_run(album, cfg, tmp_path / 'r2', progress=False, log=lambda *a: None)
+    assert not (tmp_path / 'r2').exists()
+
+
+def test_protocol_options_recorded_and_paired_replay(album, tmp_path):
+    "eval 'both' gives two R matrices; anchors from the encoder are the same whatever the model (fixed encoder)."
+    cfg = C.RunConfig.from_dict(MICRO, strategy='random', buffer=2, person='pat', T=2, protocol={'eval': 'both'})
+    res = C.continual_run(album, cfg, tmp_path / 'b', progress=False, log=lambda *a: None)
+    assert res['protocol']['anchors'] == 'encoder' and res['protocol']['eval'] == 'both' and res['protocol']['tuning']['mix'] == 'paired'
+    assert {'psnr', 'psnr@hull', 'synth_id_sim'} <= set(res['R']) and 'psnr@hull' in res['AF']
+    seen = C.read_memory(tmp_path / 'b', 1, 'seen')
+    from facecl_nb.encoders import load_encoder
+    E = load_encoder('dcgan-encoder-demo')
+    torch.testing.assert_close(seen.anchors[:len(album.names(0, 'train'))], E.encode(album.images(0, 'train')))
+    assert res['buffers'][1]['n_replay'] == 2
