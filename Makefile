@@ -57,7 +57,7 @@ reproduce:
 	$(PYTHON) -m facecl_nb.continual reproduce
 
 lab:
-	jupyter lab nbs
+	jupyter lab nbs $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 bench:
 	@mkdir -p bench/results

@@ -73,7 +73,8 @@ def _add_run(sub):
     p.add_argument('--album', required=True, type=Path, help='albums root folder')
     p.add_argument('--person', required=True)
     p.add_argument('--strategy', default='hull', help='none, joint, random, hull, hull-greedy, cumulative, reservoir, kmeans, herding (checked before any work)')
-    p.add_argument('--buffer', type=int, default=5, help='buffer size k')
+    p.add_argument('--buffer', type=int, default=5, help='buffer size k (>= 0); while a pool holds fewer items, all of them are kept: '
+                   'the size used at each timestamp is recorded in results.json (buffers[t].n_replay)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', required=True, type=Path, help='run folder')
     p.add_argument('--profile', default='demo', choices=['demo', 'paper', 'demo3d', 'paper3d'])
@@ -140,3 +141,5 @@ def main(argv=None) -> int:
         msg = str(e) or type(e).__name__
         print(f'facecl: error: {type(e).__name__}: {msg}', file=sys.stderr); return 1
     return int(rc or 0)
+
+if __name__ == '__main__' and not hasattr(__builtins__, '__IPYTHON__') and 'ipykernel' not in sys.modules: sys.exit(main())

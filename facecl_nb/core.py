@@ -16,9 +16,9 @@ import yaml
 __all__ = ['PROJECT_ROOT', 'MANIFEST_NAME', 'ANCHORS', 'EVALS', 'PROFILES', 'facecl_home', 'weights_dir', 'albums_dir',
            'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'ManifestError', 'ChecksumError',
            'MissingWeightError', 'sha256_file', 'hash_prefix_in_name', 'verify_file', 'manifest_path', 'load_manifest',
-           'candidate_paths', 'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'rng',
-           'ConfigError', 'Config', 'ProjectionConfig', 'TuningConfig', 'HullConfig', 'FreeConfig', 'Protocol',
-           'code_version', 'load_check', 'check_install']
+           'candidate_paths', 'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'ConfigError',
+           'Config', 'ProjectionConfig', 'TuningConfig', 'HullConfig', 'FreeConfig', 'Protocol', 'code_version',
+           'load_check', 'check_install']
 
 # %% ../nbs/00_core.ipynb #039e6490
 PROJECT_ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd().parent
@@ -210,10 +210,6 @@ def get_device(prefer: str | None = None):
             raise RuntimeError(f"device '{want}' requested (FACECL_DEVICE or argument) but CUDA is not available")
         return dev
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-
-def rng(seed: int) -> np.random.Generator:
-    "A numpy Generator for `seed` (the project's one way to make local randomness)."
-    return np.random.default_rng(seed)
 
 # %% ../nbs/00_core.ipynb #bdc2fa6c
 class ConfigError(ValueError):

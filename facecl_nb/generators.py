@@ -172,7 +172,12 @@ def _load_facecl(path: Path, strict: bool = True, **overrides) -> Generator:
     arch = meta['facecl_arch']
     try: cls = get_arch(arch)
     except GeneratorError as e: raise GeneratorError(f"{path}: {e}") from None
-    G = cls(**{**json.loads(meta.get('facecl_kwargs', '{}')), **overrides})
+    try:
+        kwargs = json.loads(meta.get('facecl_kwargs', '{}'))
+        if not isinstance(kwargs, dict): raise TypeError(f"facecl_kwargs is a {type(kwargs).__name__}, not a mapping")
+        G = cls(**{**kwargs, **overrides})
+    except (ValueError, TypeError) as e:
+        raise GeneratorError(f"{path}: its facecl_kwargs metadata do not build a '{arch}' generator ({type(e).__name__}: {str(e)[:200]})") from None
     G.load_report = load_weights(G, load_file(str(path)), str(path), strict)
     return G.eval()
 

@@ -22,8 +22,7 @@ __all__ = ['BACKBONE_FILES', 'IRSE_WIDTHS', 'IRSE50_UNITS', 'HIGHER_IS_BETTER', 
            'dists_metric', 'IdentityEncoder', 'DlibEncoder', 'default_identity_encoder', 'identity_similarity',
            'dlib_distance', 'irse_input_layer', 'irse_body', 'IRSE50', 'ArcFaceEncoder', 'frechet_distance',
            'identity_fid', 'inception_fid_net', 'inception_features', 'fid', 'higher_is_better', 'compute_metrics',
-           'empty_R', 'average_incremental_performance', 'average_forgetting', 'backward_transfer', 'r_to_json',
-           'r_from_json']
+           'average_incremental_performance', 'average_forgetting', 'backward_transfer', 'r_to_json', 'r_from_json']
 
 # %% ../nbs/05_metrics.ipynb #b7099e89
 class MetricUnavailable(RuntimeError):
@@ -340,10 +339,6 @@ def _check_R(R, name='R', allow_1d=False) -> np.ndarray:
     miss = [(int(t), int(k)) for t, k in zip(*low) if not np.isfinite(R[t, k])]
     if miss: raise ValueError(f"{name}: R[t, k] must be defined for k <= t; missing at {miss[:6]}")
     return R
-
-def empty_R(T: int) -> np.ndarray:
-    "A T×T matrix of NaN."
-    return np.full((T, T), np.nan)
 
 def average_incremental_performance(R, higher_is_better: bool = True) -> float:
     "AIP: mean over t of the mean over k <= t of R[t, k]; a 1-D R (the upper bound's one model) gives the mean over k."

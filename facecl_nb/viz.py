@@ -14,7 +14,7 @@ import torch
 # %% auto #0
 __all__ = ['STRATEGY_ORDER', 'STRATEGY_LABEL', 'label', 'chromium_path', 'save_figure', 'r_heatmaps', 'aip_af_vs_buffer',
            'teaser_grid', 'teaser_figure', 'buffer_composition', 'buffer_pca_over_time', 'buffer_pca_small_multiples',
-           'r_cell_figure', 'explorer']
+           'r_cell_figure', 'resolve_runs_dir', 'explorer']
 
 # %% ../nbs/08_viz.ipynb #d1c5e7b5
 STRATEGY_ORDER = ['none', 'random', 'hull', 'hull-greedy', 'reservoir', 'kmeans', 'herding', 'cumulative', 'joint']
@@ -180,6 +180,9 @@ def buffer_pca_over_time(run_dir):
         frames.append(go.Frame(data=tr, name=str(t)))
         steps.append(dict(method='animate', label=str(t), args=[[str(t)], dict(mode='immediate', frame=dict(duration=0, redraw=True))]))
     fig = go.Figure(data=frames[0].data, frames=frames)
+    allY = ((X - mu) @ basis).numpy(); pad = 0.05 * (allY.max(0) - allY.min(0) + 1e-9)
+    fig.update_xaxes(range=[allY[:, 0].min() - pad[0], allY[:, 0].max() + pad[0]])    # one range for every frame
+    fig.update_yaxes(range=[allY[:, 1].min() - pad[1], allY[:, 1].max() + pad[1]])
     fig.update_layout(sliders=[dict(steps=steps, currentvalue=dict(prefix='buffer chosen at t='))], height=520, width=640,
                       title=f'Pool, buffer and hull in PCA ({Path(run_dir).name})', xaxis_title='PC1', yaxis_title='PC2')
     return fig
@@ -201,35 +204,46 @@ def buffer_pca_small_multiples(run_dir, cols: int = 5):
 def r_cell_figure(R: np.ndarray, t: int, k: int, metric: str, title: str = ''):
     "A heat map of R with the cell (t, k) outlined."
     import plotly.graph_objects as go
-    fig = go.Figure(go.Heatmap(z=R, colorscale='Viridis', hovertemplate='t=%{y} k=%{x} ' + metric + '=%{z:.3f}<extra></extra>'))
+    z = [[None if not np.isfinite(v) else float(v) for v in row] for row in np.asarray(R, dtype=float)]   # NaN is not JSON
+    fig = go.Figure(go.Heatmap(z=z, colorscale='Viridis', hovertemplate='t=%{y} k=%{x} ' + metric + '=%{z:.3f}<extra></extra>'))
     fig.add_shape(type='rect', x0=k - .5, x1=k + .5, y0=t - .5, y1=t + .5, line=dict(color='red', width=3))
     fig.update_yaxes(autorange='reversed', title='t (model)'); fig.update_xaxes(title='k (test timestamp)')
     v = R[t, k]
     fig.update_layout(title=f"{title} R[{t},{k}] = " + ('undefined (k > t)' if not np.isfinite(v) else f"{v:.3f}"), width=420, height=400)
     return fig
 
+def resolve_runs_dir(runs_dir) -> Path:
+    "A runs folder as given, else relative to the repository (notebooks run from nbs/experiments/); absolute in errors."
+    from facecl_nb.core import PROJECT_ROOT
+    p = Path(runs_dir)
+    if p.is_absolute() or p.exists(): return p.resolve()
+    q = PROJECT_ROOT/p
+    return q.resolve() if q.exists() else p.resolve()
+
 def explorer(runs_dir, album_root, metric: str = 'psnr'):
     "An ipywidgets explorer over the finished runs in `runs_dir`."
     import ipywidgets as W
     import plotly.graph_objects as go
-    from facecl_nb.continual import collect_results
+    from facecl_nb.continual import collect_results, NO_BUFFER
     from facecl_nb.data import Album
+    runs_dir = resolve_runs_dir(runs_dir)
     results = collect_results(runs_dir)
-    if not results: raise ValueError(f"no finished runs under {runs_dir}")
+    if not results: raise ValueError(f"no finished runs under {runs_dir} (run `make demo` first, or pass runs_dir)")
     persons = sorted({r['person'] for r in results})
     w_person = W.Dropdown(options=persons, description='person')
     w_strategy = W.Dropdown(options=[s for s in STRATEGY_ORDER if any(r['strategy'] == s for r in results)], description='strategy')
-    w_buffer = W.Dropdown(options=sorted({r['buffer'] for r in results}), description='buffer k')
+    def buffers_of(st): return sorted({r['buffer'] for r in results if r['strategy'] == st}) if st not in NO_BUFFER else ['-']
+    w_buffer = W.Dropdown(options=buffers_of(w_strategy.value), description='buffer k')
     w_seed = W.Dropdown(options=sorted({r['seed'] for r in results}), description='seed')
     T = max(r['T'] for r in results)
-    w_t = W.IntSlider(min=0, max=T - 1, value=T - 1, description='model t')
-    w_k = W.IntSlider(min=0, max=T - 1, value=0, description='test k')
-    w_photo = W.IntSlider(min=0, max=0, value=0, description='photo')
+    w_t = W.IntSlider(min=0, max=T - 1, value=T - 1, description='model t', continuous_update=False)
+    w_k = W.IntSlider(min=0, max=T - 1, value=0, description='test k', continuous_update=False)
+    w_photo = W.IntSlider(min=0, max=0, value=0, description='photo', continuous_update=False)
     out = W.Output()
 
     def find():
         c = [r for r in results if r['person'] == w_person.value and r['strategy'] == w_strategy.value and r['seed'] == w_seed.value]
-        c = [r for r in c if r['strategy'] in ('none', 'joint', 'cumulative') or r['buffer'] == w_buffer.value] or c
+        c = [r for r in c if r['strategy'] in NO_BUFFER or r['buffer'] == w_buffer.value] or c
         return c[0] if c else None
 
     def draw(*_):
@@ -259,6 +273,10 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
                 figs.append(go.FigureWidget(g))
             from IPython.display import display
             display(W.VBox([imgs, W.HBox(figs)]))
+    def strategy_changed(ch):
+        opts = buffers_of(w_strategy.value)
+        if list(w_buffer.options) != opts: w_buffer.options = opts      # no k for the lower/upper bound; only the k's that ran
+    w_strategy.observe(strategy_changed, 'value')
     for w in (w_person, w_strategy, w_buffer, w_seed, w_t, w_k, w_photo): w.observe(draw, 'value')
     ui = W.VBox([W.HBox([w_person, w_strategy, w_buffer, w_seed]), W.HBox([w_t, w_k, w_photo]), out])
     draw()

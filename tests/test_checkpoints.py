@@ -9,7 +9,8 @@ numpy scalar attributes, tensors through torch's own reduction — the layout of
 modules exist in `sys.modules` only while pickling.
 
 If a checkout of NVIDIA's stylegan2-ada-pytorch is named by FACECL_STYLEGAN2_ADA_SRC, one more test pickles a
-network with NVIDIA's own code (in a subprocess) and compares facecl's outputs with NVIDIA's."""
+network with NVIDIA's own code (in a subprocess) and compares facecl's outputs with NVIDIA's.
+Likewise FACECL_PSP_SRC (a checkout of yuval-alaluf/hyperstyle) cross-checks the pSp W encoder reader."""
 import collections, copy, io, os, pickle, subprocess, sys, textwrap, types, zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -457,3 +458,94 @@ def test_eg3d_matches_nvidia_code(tmp_path, sr):
         err = (out[k] - ref[k]).abs().max() / ref[k].abs().max()
         assert err < 1e-4, (k, float(err))
     assert nothing_imported()
+
+
+# ------------------------------------------------------------------------------ pSp W encoder against the original code (opt-in)
+PSP_SRC = os.environ.get('FACECL_PSP_SRC')
+
+# CPU stand-ins for rosinality's CUDA ops (`models/stylegan2/op`, compiled at import): the reference formulas of
+# stylegan2-pytorch. The W encoder only runs `EqualLinear` without activation, so none of them is called here.
+PSP_OP_STUBS = """
+    import math, sys, types, torch
+    import torch.nn.functional as F
+    def fused_leaky_relu(input, bias, negative_slope=0.2, scale=2 ** 0.5):
+        return F.leaky_relu(input + bias.view(1, -1, *[1] * (input.ndim - 2)), negative_slope) * scale
+    class FusedLeakyReLU(torch.nn.Module):
+        def __init__(self, channel, negative_slope=0.2, scale=2 ** 0.5):
+            super().__init__()
+            self.bias, self.negative_slope, self.scale = torch.nn.Parameter(torch.zeros(channel)), negative_slope, scale
+        def forward(self, input): return fused_leaky_relu(input, self.bias, self.negative_slope, self.scale)
+    def upfirdn2d(input, kernel, up=1, down=1, pad=(0, 0)):
+        n, c, h, w = input.shape
+        x = input.reshape(n * c, 1, h, 1, w, 1)
+        x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1]).reshape(n * c, 1, h * up, w * up)
+        x = F.pad(x, [pad[0], pad[1], pad[0], pad[1]])                        # negative pads crop
+        x = F.conv2d(x, torch.flip(kernel, [0, 1])[None, None].to(x))
+        x = x[:, :, ::down, ::down]
+        return x.reshape(n, c, x.shape[-2], x.shape[-1])
+    op = types.ModuleType('models.stylegan2.op')
+    op.fused_leaky_relu, op.FusedLeakyReLU, op.upfirdn2d = fused_leaky_relu, FusedLeakyReLU, upfirdn2d
+    sys.modules['models.stylegan2.op'] = op
+"""
+
+
+@pytest.mark.skipif(not PSP_SRC, reason='set FACECL_PSP_SRC to a checkout of yuval-alaluf/hyperstyle (models/encoders/w_encoder.py)')
+def test_psp_w_encoder_matches_original(tmp_path):
+    """HyperStyle's own `WEncoder(50, 'ir_se')` (its CUDA op package replaced by CPU stand-ins, in a subprocess) is
+    randomized — BatchNorm statistics and affines, PReLU slopes and the linear bias too — and saved the way pSp/e4e's
+    trainer saves a checkpoint; `load_psp_w_encoder` reads it and gives the same output (`E(x)`), the same codes
+    (`encode`: output + latent_avg) and, for a 1024-px photo, the codes of the MyStyle preprocessing (bicubic to 256,
+    clamp) fed to the original."""
+    code = textwrap.dedent(PSP_OP_STUBS) + textwrap.dedent(f"""
+        import warnings, contextlib, io
+        warnings.filterwarnings('ignore')
+        sys.path.insert(0, {PSP_SRC!r})
+        from models.encoders.w_encoder import WEncoder
+        torch.manual_seed(0)
+        with contextlib.redirect_stdout(io.StringIO()):                      # it prints 'Using WEncoder'
+            E = WEncoder(50, 'ir_se', types.SimpleNamespace(input_nc=3, output_size=1024)).eval()
+        with torch.no_grad():
+            for m in E.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5); m.bias.normal_(0, 0.1)
+                    m.running_mean.normal_(0, 0.1); m.running_var.uniform_(0.5, 1.5)
+                elif isinstance(m, torch.nn.PReLU): m.weight.uniform_(0.0, 0.5)
+            E.linear.bias.normal_(0, 0.1)                                     # small: the output is mostly the body's
+        latent_avg = torch.randn(18, 512)
+        opts = dict(exp_dir='experiment', dataset_type='ffhq_encode', encoder_type='WEncoder', input_nc=3, label_nc=0,
+                    output_size=1024, batch_size=8, learning_rate=1e-4, optim_name='ranger', start_from_latent_avg=True,
+                    learn_in_w=False, lpips_lambda=0.8, id_lambda=0.1, l2_lambda=1.0, w_norm_lambda=0,
+                    stylegan_weights='pretrained_models/stylegan2-ffhq-config-f.pt', checkpoint_path=None, max_steps=500000)
+        state_dict = {{'encoder.' + k: v for k, v in E.state_dict().items()}}
+        state_dict['decoder.style.1.weight'] = torch.randn(512, 512)           # a trainer's net also holds the decoder
+        torch.save({{'state_dict': state_dict, 'opts': opts, 'latent_avg': latent_avg}}, {str(tmp_path / 'w_encoder.pt')!r})
+        torch.manual_seed(1)
+        x = torch.rand(2, 3, 256, 256) * 2 - 1
+        x1024 = torch.rand(2, 3, 1024, 1024) * 2 - 1
+        with torch.no_grad():
+            out = E(x)
+            out1024 = E(F.interpolate(x1024, size=256, mode='bicubic', align_corners=False).clamp(-1, 1))
+        torch.save(dict(x=x, x1024=x1024, out=out, out1024=out1024, latent_avg=latent_avg), {str(tmp_path / 'ref.pt')!r})
+    """)
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = torch.load(tmp_path / 'ref.pt')
+    from facecl_nb.encoders import PSPWEncoder, load_psp_w_encoder
+    E = load_psp_w_encoder(tmp_path / 'w_encoder.pt')
+    assert isinstance(E, PSPWEncoder) and (E.num_ws, E.w_dim) == (18, 512) and E.start_from_latent_avg
+    assert E.load_report == {'missing': [], 'unexpected': [], 'mismatched': []}
+    assert list(E.config()['kwargs']['units']) == [3, 4, 14, 3]
+    assert ref['out'].shape == (2, 18, 512) and torch.isfinite(ref['out']).all() and ref['out'].std() > 0
+
+    scale = ref['out'].abs().max()                                           # the encoder's own output, latent_avg aside
+
+    def rel_err(a, b):
+        assert a.shape == b.shape, (a.shape, b.shape)
+        return float((a - b).abs().max() / scale)
+    with torch.no_grad(): out = E(ref['x'])
+    assert rel_err(out, ref['out']) < 1e-4
+    codes = E.encode(ref['x'])
+    assert rel_err(codes, ref['out'] + ref['latent_avg']) < 1e-4
+    codes1024 = E.encode(ref['x1024'])
+    assert rel_err(codes1024, ref['out1024'] + ref['latent_avg']) < 1e-4
+    assert not any(m == 'models' or m.startswith('models.') for m in sys.modules)

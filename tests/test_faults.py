@@ -158,3 +158,42 @@ def test_corrupt_user_weight_is_named_at_check_install(tmp_path, monkeypatch):
     assert rep['weights']['alexnet-imagenet'].startswith('BAD') and 'should start with 7be5be79' in rep['weights']['alexnet-imagenet']
     with pytest.raises(MetricUnavailable, match='alexnet-owt-7be5be79.pth'):
         find_backbone('alex')
+
+
+def test_failed_import_leaves_no_person_folder(tmp_path):
+    from PIL import Image
+    from facecl_nb.data import import_photos
+    photos = tmp_path / 'photos'; photos.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(photos / 'grey.png')
+    (photos / 'broken.jpg').write_bytes(b'not a jpeg')
+    with pytest.raises(RuntimeError, match=r'no photo could be aligned .*broken.jpg: unreadable.*grey.png: no face found'):
+        import_photos(photos, tmp_path / 'albums', 'nobody', 0, 'train', size=64, log=quiet)
+    assert not (tmp_path / 'albums' / 'nobody').exists()
+
+
+def test_bad_generator_metadata_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+    from facecl_nb.generators import load_generator, GeneratorError
+    for bad in ('{"z_dim": ', '[1, 2]', '{"no_such_arg": 3}'):
+        p = tmp_path / 'g.safetensors'
+        save_file({'x': torch.zeros(1)}, str(p), metadata={'facecl_arch': 'dcgan', 'facecl_kwargs': bad})
+        with pytest.raises(GeneratorError, match=r'g.safetensors: its facecl_kwargs metadata do not build'):
+            load_generator(p)
+
+
+def test_kill_9_during_synth_then_rerun_is_identical(tmp_path):
+    "A synth killed at a random moment leaves no half album; the re-run writes the same files as an uninterrupted one."
+    from facecl_nb.data import content_hash
+    args = ['--person', 'kit', '--timestamps', '3', '--train', '3', '--test', '2', '--seed', '5']
+    ref = subprocess.run([sys.executable, '-m', 'facecl_nb.cli', 'album', 'synth', '--album', str(tmp_path / 'ref')] + args, capture_output=True, text=True)
+    assert ref.returncode == 0 and (tmp_path / 'ref' / 'kit' / 'album.yaml').is_file(), ref.stderr[-1000:]
+    rng = random.Random(int(os.environ.get('FACECL_FAULT_SEED', '0')))
+    p = subprocess.Popen([sys.executable, '-m', 'facecl_nb.cli', 'album', 'synth', '--album', str(tmp_path / 'a')] + args,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(rng.uniform(1.5, 6)); p.send_signal(signal.SIGKILL); p.wait()
+    kit = tmp_path / 'a' / 'kit'
+    assert not kit.exists() or (kit / 'album.yaml').exists()          # all or nothing
+    r = subprocess.run([sys.executable, '-m', 'facecl_nb.cli', 'album', 'synth', '--album', str(tmp_path / 'a'), '--force'] + args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert content_hash(kit) == content_hash(tmp_path / 'ref' / 'kit')
+    assert not list((tmp_path / 'a').glob('.kit.tmp-*'))               # the killed run's work folder is gone
