@@ -17,17 +17,22 @@ from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig
 
 
 # %% auto #0
-__all__ = ['NO_BUFFER', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'RunConfig', 'run_name',
-           'Memory', 'own_spread', 'load_profile_prior', 'weight_versions', 'check_cameras', 'load_profile_encoder',
-           'StateError', 'write_state', 'read_state', 'last_state', 'read_recon', 'read_pools', 'load_state_model',
-           'read_memory', 'module_digest', 'RunLocked', 'RunLock', 'resume_point', 'make_anchors', 'new_items',
-           'update_buffer', 'tune_model', 'evaluate_model', 'continual_run', 'grid_specs', 'run_is_complete',
-           'run_grid', 'collect_results', 'summary_table', 'format_table', 'experiments_dir', 'run_experiment_notebook',
-           'cli_run', 'cli_grid', 'demo', 'albums_3d', 'demo3d', 'cli_demo', 'compare_protocols', 'paper_tier_missing',
-           'reproduce']
+__all__ = ['NO_BUFFER', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'known_strategies',
+           'RunConfig', 'run_name', 'Memory', 'own_spread', 'load_profile_prior', 'weight_versions', 'check_cameras',
+           'load_profile_encoder', 'StateError', 'state_bytes', 'write_state', 'read_state', 'last_state', 'read_recon',
+           'read_pools', 'load_state_model', 'read_memory', 'module_digest', 'RunLocked', 'RunLock', 'resume_point',
+           'make_anchors', 'new_items', 'update_buffer', 'tune_model', 'evaluate_model', 'continual_run', 'grid_specs',
+           'run_is_complete', 'run_grid', 'collect_results', 'summary_table', 'format_table', 'experiments_dir',
+           'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'albums_3d', 'demo3d', 'cli_demo',
+           'compare_protocols', 'paper_tier_missing', 'reproduce']
 
 # %% ../nbs/07_continual.ipynb #e3941c93
 NO_BUFFER = ('none', 'joint', 'cumulative')     # strategies whose runs do not depend on a buffer size k
+
+def known_strategies() -> list[str]:
+    "Every strategy a run can name: the replay module's buffers (with `none` and `cumulative`) and the upper bound `joint`."
+    from facecl_nb.replay import strategies
+    return sorted(set(strategies()) | {'joint'})
 
 @dataclass(frozen=True)
 class RunConfig(Config):
@@ -51,8 +56,7 @@ class RunConfig(Config):
     threads: int | None = None           # torch threads (None: leave as is)
 
     def check(self):
-        from facecl_nb.replay import strategies
-        known = sorted(set(strategies()) | {'joint'})
+        known = known_strategies()
         if self.strategy not in known: raise ConfigError(f"RunConfig: unknown strategy {self.strategy!r}; known: {known}")
         if self.buffer < 0: raise ConfigError(f"RunConfig: buffer must be >= 0, got {self.buffer}")
         if self.profile not in PROFILES: raise ConfigError(f"RunConfig: profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
@@ -167,23 +171,32 @@ def load_profile_encoder(protocol: Protocol, G, device=None):
 class StateError(RuntimeError):
     "A run-state file that cannot be trusted: unreadable, truncated, tampered with, or in an old format."
 
-def _digest(tensors: dict, meta_json: str) -> str:
-    import hashlib
-    h = hashlib.sha256(meta_json.encode())
+def _hash_tensors(h, tensors: dict, dtype: bool = True):
+    "Feed names, (dtypes,) shapes and bytes of `tensors`, in name order, into the hash `h`; returns its hex digest."
     for k in sorted(tensors):
-        v = tensors[k].contiguous()
-        h.update(k.encode()); h.update(str(v.dtype).encode()); h.update(str(list(v.shape)).encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b'')
+        v = tensors[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        if dtype: h.update(str(v.dtype).encode())
+        h.update(str(list(v.shape)).encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b'')
     return h.hexdigest()
 
-def write_state(path, # a .safetensors file
-                tensors: dict, # name -> tensor
+def _digest(tensors: dict, meta_json: str) -> str:
+    import hashlib
+    return _hash_tensors(hashlib.sha256(meta_json.encode()), tensors)
+
+def state_bytes(tensors: dict, # name -> tensor
                 meta: dict # JSON-able data
-               ) -> Path:
-    "Write tensors + JSON metadata with their sha256, atomically."
+               ) -> bytes:
+    "A run-state file's contents: safetensors with the JSON metadata and the sha256 of both in its header."
     from safetensors.torch import save as st_save
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}   # own storage each (safetensors refuses shared memory)
     mj = json.dumps(meta)
-    return atomic_write_bytes(path, st_save(tensors, metadata={'facecl_state': mj, 'sha256': _digest(tensors, mj)}))
+    return st_save(tensors, metadata={'facecl_state': mj, 'sha256': _digest(tensors, mj)})
+
+def write_state(path, # a .safetensors file
+                tensors: dict, meta: dict) -> Path:
+    "Write tensors + JSON metadata with their sha256, atomically."
+    return atomic_write_bytes(path, state_bytes(tensors, meta))
 
 def read_state(path) -> tuple[dict, dict]:
     "(tensors, meta) of a file written by `write_state`; `StateError` naming the file when it is unreadable or altered."
@@ -235,11 +248,7 @@ def read_memory(run_dir, t: int, which: str = 'seen') -> 'Memory | None':
 def module_digest(m) -> str:
     "sha256 of a network's state dict (names, shapes, values): pins the exact prior or encoder a run started from."
     import hashlib
-    h = hashlib.sha256()
-    for k, v in sorted(m.state_dict().items()):
-        v = v.detach().cpu().contiguous()
-        h.update(k.encode()); h.update(str(list(v.shape)).encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b'')
-    return h.hexdigest()
+    return _hash_tensors(hashlib.sha256(), m.state_dict(), dtype=False)
 
 class RunLocked(RuntimeError):
     "Another process is working in this run folder."
@@ -354,9 +363,9 @@ def evaluate_model(G, cfg: RunConfig, ev_ts, tests, test_cams, test_init, seen: 
     proto, F_, H, P = cfg.stage('protocol'), cfg.stage('free'), cfg.stage('hull'), cfg.stage('projection')
     rows, unavailable, recon = {}, {}, None
     tests_ = {s: tests[s] for s in ev_ts}; cams_ = {s: test_cams[s] for s in ev_ts}
+    span = seen.anchors if cfg.hull_anchors == 'seen' else train.anchors
     for p in (('free', 'hull') if proto.eval == 'both' else (proto.eval,)):
         suffix = '' if p == ('free' if proto.eval == 'both' else proto.eval) else '@' + p
-        span = seen.anchors if cfg.hull_anchors == 'seen' else train.anchors
         ev = E.evaluate(G, tests_, p, init=None if test_init is None else {s: test_init[s] for s in ev_ts}, span=span, cameras=cams_,
                         free=F_, hull=H, space=P.space, metrics=cfg.metrics, seed=seed, progress=progress)
         rows.update({m + suffix: v for m, v in ev.rows.items()}); unavailable.update({m + suffix: w for m, w in ev.unavailable.items()})
@@ -401,7 +410,7 @@ def _check_inputs(cfg_path: Path, old: dict, inputs: dict) -> None:
                           f"Results would mix both; start afresh in another --out, or delete {cfg_path.parent}")
 
 def _run_locked(album, cfg, out, Ts, G_prior, encoder, inputs, device, progress, log) -> dict:
-    from facecl_nb import inversion as inv
+    from facecl_nb import inversion as inv, metrics as M
     T = len(Ts)
     proto, P, Tu = cfg.stage('protocol'), cfg.stage('projection'), cfg.stage('tuning')
     if cfg.threads: torch.set_num_threads(cfg.threads)
@@ -421,7 +430,7 @@ def _run_locked(album, cfg, out, Ts, G_prior, encoder, inputs, device, progress,
     if start > 0:
         G = G_prior.copy(); G.load_state_dict(_prefixed(tens, 'G/')); G.eval().requires_grad_(False)
         seen, buffer_mem, prev_new = (Memory.from_parts(tens, st['memory'][n], n + '/') for n in ('seen', 'buffer', 'prev_new'))
-        R = {k: np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float) for k, m in st['R'].items()}
+        R = {k: M.r_from_json(m) for k, m in st['R'].items()}
         timings, history, unavailable = st['timings'], st['history'], st['unavailable']
         log(f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}] resuming after timestamp {Ts[start - 1]}")
     else:
@@ -466,9 +475,9 @@ def _run_locked(album, cfg, out, Ts, G_prior, encoder, inputs, device, progress,
         for n, m in (('seen', seen), ('buffer', buffer_mem), ('prev_new', new)):
             if m is None: mem[n] = None; continue
             tt, mm = m.to_parts(n + '/'); tens.update(tt); mem[n] = mm
-        meta = {'memory': mem, 'R': {k: [[None if not np.isfinite(x) else float(x) for x in row] for row in v] for k, v in R.items()},
-                'timings': timings, 'history': history, 'unavailable': unavailable}
-        for r in (range(T) if joint else [ti]): write_state(out/'state'/f't{r}.safetensors', tens, meta)   # joint: every row is the same model
+        meta = {'memory': mem, 'R': {k: M.r_to_json(v) for k, v in R.items()}, 'timings': timings, 'history': history, 'unavailable': unavailable}
+        data = state_bytes(tens, meta)                   # serialized once: the upper bound writes the same model for every row
+        for r in (range(T) if joint else [ti]): atomic_write_bytes(out/'state'/f't{r}.safetensors', data)
         prev_new = new
         res = _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complete=(ti == T - 1), inputs=inputs)
         atomic_write_json(out/'results.json', res)
@@ -491,11 +500,12 @@ def _pool_spread(pool: Memory, seen: Memory | None) -> torch.Tensor:
     return out
 
 def _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complete, inputs=None) -> dict:
+    from facecl_nb import metrics as M
     R = {k: v for k, v in R.items() if k not in unavailable}   # a metric that could not be computed is listed under metrics_unavailable instead
     summ = _summary(R, cfg.strategy)
     proto = cfg.stage('protocol')
     res = {'strategy': cfg.strategy, 'buffer': cfg.buffer, 'seed': cfg.seed, 'person': album.person, 'T': T,
-           'R': {k: [[None if not np.isfinite(x) else float(x) for x in row] for row in np.asarray(v)] for k, v in R.items()},
+           'R': {k: M.r_to_json(v) for k, v in R.items()},
            **summ, 'timings': {'per_timestamp': timings, 'total_s': float(sum(x['total_s'] for x in timings))},
            'protocol': {**proto.to_dict(), 'tuning': cfg.stage('tuning').to_dict(),
                         'eval_settings': {'free': cfg.stage('free').to_dict(), 'hull': cfg.stage('hull').to_dict()}},
@@ -509,9 +519,8 @@ def _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complet
 # %% ../nbs/07_continual.ipynb #74c59b33
 def grid_specs(persons, strategies, buffers, seeds) -> list[tuple]:
     "The (person, strategy, buffer, seed) combinations of a grid, buffer-free strategies once; unknown strategies are refused first."
-    from facecl_nb.replay import strategies as known
-    bad = [s for s in strategies if s not in set(known()) | {'joint'}]
-    if bad: raise ConfigError(f"grid: unknown strategies {bad}; known: {sorted(set(known()) | {'joint'})}")
+    bad = [s for s in strategies if s not in known_strategies()]
+    if bad: raise ConfigError(f"grid: unknown strategies {bad}; known: {known_strategies()}")
     out = []
     for p in persons:
         for s in seeds:

@@ -18,7 +18,7 @@ __all__ = ['PROJECT_ROOT', 'MANIFEST_NAME', 'ANCHORS', 'EVALS', 'PROFILES', 'fac
            'MissingWeightError', 'sha256_file', 'hash_prefix_in_name', 'verify_file', 'manifest_path', 'load_manifest',
            'candidate_paths', 'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'ConfigError',
            'Config', 'ProjectionConfig', 'TuningConfig', 'HullConfig', 'FreeConfig', 'Protocol', 'code_version',
-           'load_check', 'check_install']
+           'load_plain_torch', 'load_check', 'check_install']
 
 # %% ../nbs/00_core.ipynb #039e6490
 PROJECT_ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd().parent
@@ -342,6 +342,18 @@ def code_version() -> dict:
     return out
 
 # %% ../nbs/00_core.ipynb #9da82b0d
+def load_plain_torch(path):
+    """`torch.load` of a file that may hold only tensors and plain data (an argparse Namespace is read as a dict): torch's
+    weights-only unpickler refuses anything else before it runs (`pickle.UnpicklingError`)."""
+    import argparse, torch
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    def plain(v):
+        if isinstance(v, argparse.Namespace): return {k: plain(x) for k, x in vars(v).items()}
+        if isinstance(v, dict): return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(obj)
+
 def load_check(path) -> str | None:
     """Open a weight file the way its reader will, without running anything in it: None when it reads, else why not.
     Catches what a hash cannot (files whose hash is unknown: user checkpoints)."""
@@ -355,9 +367,7 @@ def load_check(path) -> str | None:
             from facecl_nb.generators import read_nvidia_pkl
             read_nvidia_pkl(p)
         elif p.suffix in ('.pt', '.pth', '.tar'):
-            import argparse
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(p, map_location='cpu', weights_only=True)
+            obj = load_plain_torch(p)
             if not isinstance(obj, dict) or not obj: return f"expected a dict of tensors, got {type(obj).__name__}"
         elif p.suffix == '.dat':
             if p.stat().st_size < 1024: return f"only {p.stat().st_size} bytes"

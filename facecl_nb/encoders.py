@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import atomic_write_bytes, atomic_write_json, resolve_weight, seed_everything
+from .core import atomic_write_bytes, atomic_write_json, resolve_weight, seed_everything, load_plain_torch
 from .metrics import irse_input_layer, irse_body, IRSE_WIDTHS
 from .stylegan2 import FullyConnectedLayer
-from .generators import GeneratorError, UnsafeCheckpointError, load_weights
+from .generators import GeneratorError, UnsafeCheckpointError, load_weights, save_generator, read_facecl_file
 
 # %% auto #0
 __all__ = ['EncoderError', 'InversionEncoder', 'PSPWEncoder', 'read_torch_checkpoint', 'load_psp_w_encoder', 'DemoEncoder',
@@ -105,13 +105,11 @@ def _units_of(sd: dict, where: str) -> list[int]:
     return units
 
 def read_torch_checkpoint(path) -> dict:
-    """Read a `torch.save` file holding only tensors and plain data (dicts, lists, numbers, strings; an argparse
-    Namespace becomes a dict). Anything else — a class to build, a function to call — is refused before it runs."""
+    """Read a `torch.save` file holding only tensors and plain data (an argparse Namespace becomes a dict); anything else —
+    a class to build, a function to call — is refused before it runs (`UnsafeCheckpointError`)."""
     path = Path(path)
     if not path.is_file(): raise EncoderError(f"{path}: no such file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location='cpu', weights_only=True)
+    try: return load_plain_torch(path)
     except pickle.UnpicklingError as e:
         msg = str(e).split('\n')
         why = next((l.strip() for l in msg if 'GLOBAL' in l or 'global' in l), None)
@@ -119,11 +117,6 @@ def read_torch_checkpoint(path) -> dict:
         raise UnsafeCheckpointError(f"{path}: refused — the checkpoint holds more than tensors and plain data ({why[:300]}); nothing in it was run") from None
     except Exception as e:
         raise EncoderError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    def plain(v):
-        if isinstance(v, argparse.Namespace): return {k: plain(x) for k, x in vars(v).items()}
-        if isinstance(v, dict): return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(obj)
 
 def load_psp_w_encoder(path, # the pSp/e4e/HyperStyle checkpoint (`faces_w_encoder.pt`)
                        strict: bool = True) -> PSPWEncoder:
@@ -185,26 +178,18 @@ class DemoEncoder(InversionEncoder):
 _ENCODERS = {'dcgan-encoder': DemoEncoder, 'psp-w-encoder': PSPWEncoder}
 
 def save_encoder(E: InversionEncoder, path) -> Path:
-    "Save an encoder (architecture, constructor arguments, weights) as safetensors, atomically."
-    from safetensors.torch import save as st_save
-    sd = {k: v.detach().cpu().contiguous() for k, v in E.state_dict().items()}
-    if isinstance(E, PSPWEncoder): sd['latent_avg'] = E.latent_avg.detach().cpu().contiguous()
-    return atomic_write_bytes(path, st_save(sd, metadata={'facecl_arch': E.arch, 'facecl_kwargs': json.dumps(E.config()['kwargs'])}))
+    "Save an encoder (architecture, constructor arguments, weights) as safetensors, atomically — the generators' format."
+    return save_generator(E, path, extra={'latent_avg': E.latent_avg} if isinstance(E, PSPWEncoder) else None)
 
 def _load_safetensors_encoder(path: Path) -> InversionEncoder:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     try:
-        with safe_open(str(path), framework='pt') as f: meta = f.metadata() or {}
-        arch, kwargs = meta['facecl_arch'], json.loads(meta.get('facecl_kwargs', '{}'))
-        if arch not in _ENCODERS: raise KeyError(f"unknown encoder architecture {arch!r} (known: {sorted(_ENCODERS)})")
-        E = _ENCODERS[arch](**kwargs)
-        sd = load_file(str(path))
-    except Exception as e:
-        raise EncoderError(f"{path}: not a facecl encoder file ({type(e).__name__}: {str(e)[:200]})") from None
-    la = sd.pop('latent_avg', None)
-    try: E.load_report = load_weights(E, sd, str(path), True)
-    except GeneratorError as e: raise EncoderError(str(e)) from None
+        arch, kwargs, sd = read_facecl_file(path)
+        if arch not in _ENCODERS: raise GeneratorError(f"{path}: unknown encoder architecture {arch!r} (known: {sorted(_ENCODERS)})")
+        try: E = _ENCODERS[arch](**kwargs)
+        except (ValueError, TypeError) as e: raise GeneratorError(f"{path}: its facecl_kwargs metadata do not build a '{arch}' encoder ({e})") from None
+        la = sd.pop('latent_avg', None)
+        E.load_report = load_weights(E, sd, str(path), True)
+    except GeneratorError as e: raise EncoderError(f"not a facecl encoder file: {e}") from None
     if la is not None: E.latent_avg.copy_(la)
     return E.eval().requires_grad_(False)
 

@@ -16,10 +16,10 @@ from .core import resolve_weight, atomic_write_bytes
 
 # %% auto #0
 __all__ = ['ARCHS', 'ARCH_MODULES', 'NVIDIA_CLASS_ARCH', 'GeneratorError', 'register_arch', 'get_arch', 'Generator',
-           'DCGANGenerator', 'load_prior', 'load_weights', 'save_generator', 'load_generator', 'UnsafeCheckpointError',
-           'PersistentRecord', 'SafeUnpickler', 'read_nvidia_pkl', 'class_name_of', 'class_names_in',
-           'collect_state_dict', 'init_kwargs_of', 'init_args_of', 'nvidia_arch_of', 'load_nvidia_pkl',
-           'persistent_pickle_bytes']
+           'DCGANGenerator', 'load_prior', 'load_weights', 'save_generator', 'read_facecl_file', 'load_generator',
+           'UnsafeCheckpointError', 'PersistentRecord', 'SafeUnpickler', 'read_nvidia_pkl', 'class_name_of',
+           'class_names_in', 'collect_state_dict', 'init_kwargs_of', 'init_args_of', 'nvidia_arch_of',
+           'load_nvidia_pkl', 'persistent_pickle_bytes']
 
 # %% ../nbs/02_generators.ipynb #b7921cc4
 class GeneratorError(ValueError):
@@ -155,30 +155,38 @@ def load_weights(G: nn.Module, sd: dict, where: str, strict: bool = True) -> dic
     G.load_state_dict({k: v for k, v in sd.items() if k in own and k not in mismatched}, strict=False)
     return {'missing': missing, 'unexpected': unexpected, 'mismatched': mismatched}
 
-def save_generator(G: Generator, path) -> Path:
+def save_generator(G, path, # a facecl network: `arch` and `config()` (generators, and encoders alike)
+                   extra: dict | None = None # tensors to store beside the state dict (e.g. an encoder's latent_avg)
+                  ) -> Path:
     "Save `G` (architecture, constructor kwargs, weights) as a safetensors file, atomically."
     from safetensors.torch import save as st_save
-    sd = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in {**G.state_dict(), **(extra or {})}.items()}
     meta = {'facecl_arch': G.arch, 'facecl_kwargs': json.dumps(G.config()['kwargs'])}
     return atomic_write_bytes(path, st_save(sd, metadata=meta))
 
-def _load_facecl(path: Path, strict: bool = True, **overrides) -> Generator:
+def read_facecl_file(path) -> tuple[str, dict, dict]:
+    "(architecture name, constructor kwargs, tensors) of a file `save_generator` wrote; `GeneratorError` naming the file otherwise."
     from safetensors import safe_open
     from safetensors.torch import load_file
     try:
         with safe_open(str(path), framework='pt') as f: meta = f.metadata() or {}
     except Exception as e: raise GeneratorError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     if 'facecl_arch' not in meta: raise GeneratorError(f"{path}: a safetensors file without facecl metadata (facecl_arch)")
-    arch = meta['facecl_arch']
-    try: cls = get_arch(arch)
-    except GeneratorError as e: raise GeneratorError(f"{path}: {e}") from None
     try:
         kwargs = json.loads(meta.get('facecl_kwargs', '{}'))
         if not isinstance(kwargs, dict): raise TypeError(f"facecl_kwargs is a {type(kwargs).__name__}, not a mapping")
-        G = cls(**{**kwargs, **overrides})
+    except (ValueError, TypeError) as e:
+        raise GeneratorError(f"{path}: its facecl_kwargs metadata do not build a '{meta['facecl_arch']}' network ({type(e).__name__}: {str(e)[:200]})") from None
+    return meta['facecl_arch'], kwargs, load_file(str(path))
+
+def _load_facecl(path: Path, strict: bool = True, **overrides) -> Generator:
+    arch, kwargs, sd = read_facecl_file(path)
+    try: cls = get_arch(arch)
+    except GeneratorError as e: raise GeneratorError(f"{path}: {e}") from None
+    try: G = cls(**{**kwargs, **overrides})
     except (ValueError, TypeError) as e:
         raise GeneratorError(f"{path}: its facecl_kwargs metadata do not build a '{arch}' generator ({type(e).__name__}: {str(e)[:200]})") from None
-    G.load_report = load_weights(G, load_file(str(path)), str(path), strict)
+    G.load_report = load_weights(G, sd, str(path), strict)
     return G.eval()
 
 def load_generator(path, **overrides) -> Generator:

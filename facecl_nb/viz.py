@@ -60,7 +60,8 @@ def r_heatmaps(results: Sequence[dict], metric: str = 'psnr', cols: int = 4):
     results = _sorted([r for r in results if metric in r['R']])
     if not results: raise ValueError(f"no run has metric '{metric}'")
     n = len(results); cols = min(cols, n); rows = (n + cols - 1) // cols
-    mats = [np.array([[np.nan if v is None else v for v in row] for row in r['R'][metric]], dtype=float) for r in results]
+    from facecl_nb.metrics import r_from_json
+    mats = [r_from_json(r['R'][metric]) for r in results]
     lo, hi = np.nanmin([np.nanmin(m) for m in mats]), np.nanmax([np.nanmax(m) for m in mats])
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{label(r)} ({r['person']}, s{r['seed']})" for r in results],
                         horizontal_spacing=0.06, vertical_spacing=0.12)
@@ -204,8 +205,8 @@ def buffer_pca_small_multiples(run_dir, cols: int = 5):
 def r_cell_figure(R: np.ndarray, t: int, k: int, metric: str, title: str = ''):
     "A heat map of R with the cell (t, k) outlined."
     import plotly.graph_objects as go
-    z = [[None if not np.isfinite(v) else float(v) for v in row] for row in np.asarray(R, dtype=float)]   # NaN is not JSON
-    fig = go.Figure(go.Heatmap(z=z, colorscale='Viridis', hovertemplate='t=%{y} k=%{x} ' + metric + '=%{z:.3f}<extra></extra>'))
+    from facecl_nb.metrics import r_to_json
+    fig = go.Figure(go.Heatmap(z=r_to_json(R), colorscale='Viridis', hovertemplate='t=%{y} k=%{x} ' + metric + '=%{z:.3f}<extra></extra>'))
     fig.add_shape(type='rect', x0=k - .5, x1=k + .5, y0=t - .5, y1=t + .5, line=dict(color='red', width=3))
     fig.update_yaxes(autorange='reversed', title='t (model)'); fig.update_xaxes(title='k (test timestamp)')
     v = R[t, k]
@@ -225,6 +226,7 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
     import ipywidgets as W
     import plotly.graph_objects as go
     from facecl_nb.continual import collect_results, NO_BUFFER
+    from facecl_nb.metrics import r_from_json
     from facecl_nb.data import Album
     runs_dir = resolve_runs_dir(runs_dir)
     results = collect_results(runs_dir)
@@ -261,7 +263,7 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
             rimg = rec['recon'][Ts[k]][w_photo.value].permute(1, 2, 0).numpy() if (rec is not None and Ts[k] in rec['recon']) else np.full_like(tgt, 255)
             def png(a):
                 b = io.BytesIO(); PImage.fromarray(a).resize((192, 192), PImage.NEAREST).save(b, 'PNG'); return b.getvalue()
-            R = np.array([[np.nan if v is None else v for v in row] for row in r['R'][metric]], dtype=float)
+            R = r_from_json(r['R'][metric])
             imgs = W.HBox([W.VBox([W.HTML('<b>test photo</b>'), W.Image(value=png(tgt))]),
                            W.VBox([W.HTML(f'<b>model after t={t}</b>' + (' (k > t: not yet seen)' if k > t else '')), W.Image(value=png(rimg))])])
             figs = [go.FigureWidget(r_cell_figure(R, t, k, metric, label(r)))]
