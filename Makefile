@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 SHELL := /bin/bash
 
-.PHONY: readme install test test-nb test-py demo demo3d figures reproduce lab bench clean export help
+.PHONY: readme install test test-nb test-py demo demo3d figures reproduce lab bench docs clean export help
 
 help:
 	@echo "make install   - install facecl (editable) with torch, dlib, lpips, nbdev and the DigiFace prior"
@@ -14,6 +14,7 @@ help:
 	@echo "make reproduce - the paper tier (GPU, user-supplied checkpoints and albums)"
 	@echo "make lab       - JupyterLab on nbs/"
 	@echo "make bench     - speed benchmarks into bench/results/*.json"
+	@echo "make docs      - the course website from the notebooks' stored outputs (offline, Sphinx + myst-nb) into docs/_build/html"
 	@echo "make clean     - remove caches, reports and figures"
 
 install:
@@ -65,7 +66,15 @@ bench:
 	  echo "== $$b"; $(PYTHON) $$b --out bench/results/$$(basename $$b .py).json; done; \
 	  if [ $$found = 0 ]; then echo "make bench: no benchmarks built yet"; exit 2; fi
 
+# the website: Sphinx + myst-nb + sphinx-book-theme, sources nbs/*.ipynb read in place (config in docs/conf.py),
+# nothing executed; warnings are printed, errors fail the build
+DOCS_OUT ?= docs/_build
+docs:
+	@start=$$(date +%s); \
+	$(PYTHON) -m sphinx -b html -c docs -d $(DOCS_OUT)/doctrees nbs $(DOCS_OUT)/html $(SPHINXOPTS) || exit $$?; \
+	echo "docs built in $$(( $$(date +%s) - start )) s: $(abspath $(DOCS_OUT))/html/index.html"
+
 clean:
-	rm -rf _docs _proc .pytest_cache build dist *.egg-info
+	rm -rf _docs _proc .pytest_cache build dist *.egg-info docs/_build
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -rf reports/*.ipynb figures/*.html figures/*.png

@@ -4,8 +4,7 @@
 
 # %% ../nbs/07_cameras.ipynb #c69bcbd2
 from __future__ import annotations
-import json, math
-from pathlib import Path
+import math
 
 import numpy as np
 import torch

@@ -8,21 +8,12 @@ import argparse, sys, importlib
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['NotBuiltError', 'build_parser', 'protocol_overrides', 'main']
+__all__ = ['build_parser', 'protocol_overrides', 'main']
 
 # %% ../nbs/09_cli.ipynb #10d5095e
-class NotBuiltError(RuntimeError):
-    "A command whose implementation has not been built yet."
-
 def _call(module: str, func: str, **kw):
-    "Import `facecl_nb.<module>` lazily and call `func(**kw)`; a missing function is a clear error."
-    try: mod = importlib.import_module(f'facecl_nb.{module}')
-    except ModuleNotFoundError as e:
-        if (e.name or '').startswith('facecl_nb'): raise NotBuiltError(f"facecl_nb.{module} is not built yet") from None
-        raise
-    f = getattr(mod, func, None)
-    if f is None: raise NotBuiltError(f"facecl_nb.{module}.{func} is not built yet")
-    return f(**kw)
+    "Import `facecl_nb.<module>` when a command needs it (so `facecl --help` stays fast) and call `func(**kw)`."
+    return getattr(importlib.import_module(f'facecl_nb.{module}'), func)(**kw)
 
 # %% ../nbs/09_cli.ipynb #b853f484
 def _add_album(sub):
@@ -90,6 +81,8 @@ def _add_run(sub):
     p.add_argument('--out', required=True, type=Path, help='folder of run folders')
     p.add_argument('--profile', default='demo', choices=['demo', 'paper', 'demo3d', 'paper3d'])
     p.add_argument('--timestamps', type=int, default=None)
+    p.add_argument('--jobs', type=int, default=1, help='runs at a time on a local Ray (default 1: one after the other, no Ray)')
+    p.add_argument('--address', default=None, help="an existing Ray cluster, HEAD_IP:6379 (started with `ray start --head`); the runs folder and albums must be on storage every node sees at the same path")
     _add_protocol(p)
     p = sub.add_parser('demo', help='the offline demo: synthetic albums, continual runs, figures',
                        description='Make the default synthetic albums if needed, run lower bound, ER-Rand, ER-Hull and upper bound at two buffer sizes, '
@@ -134,8 +127,6 @@ def main(argv=None) -> int:
         rc = _dispatch(a)
     except KeyboardInterrupt:
         print('facecl: interrupted', file=sys.stderr); return 130
-    except NotBuiltError as e:
-        print(f'facecl: error: {e}', file=sys.stderr); return 2
     except Exception as e:
         if a.debug: raise
         msg = str(e) or type(e).__name__

@@ -4,36 +4,147 @@
 
 # %% ../nbs/06_continual.ipynb #7b1ce562
 from __future__ import annotations
-import json, math, os, sys, time, shutil, traceback
-from dataclasses import dataclass, field, asdict
+import json, os, shutil, sys, time, traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig, HullConfig, FreeConfig, PROFILES,
-                            atomic_write_json, atomic_write_bytes, seed_everything, code_version, load_manifest, resolve_weight, get_device)
-
+from .inversion import Items
+from .rundir import RunDir, RunState, module_digest
+from .rundir import StateError, RunLocked, RunLock   # re-exported: what callers of a run catch or hold
+from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig, PROFILES,
+                            atomic_write_json, code_version, load_manifest, resolve_weight, get_device)
 
 # %% auto #0
-__all__ = ['NO_BUFFER', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'known_strategies',
-           'RunConfig', 'run_name', 'Memory', 'own_spread', 'load_profile_prior', 'weight_versions', 'check_cameras',
-           'load_profile_encoder', 'StateError', 'state_bytes', 'write_state', 'read_state', 'last_state', 'read_recon',
-           'read_pools', 'load_state_model', 'read_memory', 'module_digest', 'RunLocked', 'RunLock', 'resume_point',
-           'make_anchors', 'new_items', 'update_buffer', 'tune_model', 'evaluate_model', 'continual_run', 'grid_specs',
-           'run_is_complete', 'run_grid', 'collect_results', 'summary_table', 'format_table', 'experiments_dir',
+__all__ = ['STRATEGIES', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'Strategy',
+           'LowerBound', 'Replay', 'Cumulative', 'Joint', 'own_spread', 'register', 'known_strategies', 'get_strategy',
+           'strategy_label', 'strategy_order', 'RunConfig', 'run_name', 'load_profile_prior', 'weight_versions',
+           'check_cameras', 'load_profile_encoder', 'make_anchors', 'new_items', 'update_buffer', 'tune_model',
+           'evaluate_model', 'record', 'continual_run', 'grid_specs', 'run_is_complete', 'GridError', 'check_address',
+           'ray_env', 'run_grid', 'collect_results', 'summary_table', 'format_table', 'experiments_dir',
            'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'albums_3d', 'demo3d', 'cli_demo',
            'compare_protocols', 'paper_tier_missing', 'reproduce']
 
-# %% ../nbs/06_continual.ipynb #e3941c93
-NO_BUFFER = ('none', 'joint', 'cumulative')     # strategies whose runs do not depend on a buffer size k
+# %% ../nbs/06_continual.ipynb #00c520dd
+class Strategy:
+    """How a run uses its past. The loop asks a strategy four questions and never tests its name: at step i, which
+    timestamps' photos are new (`train_indices`); which buffer to keep from the pool (`select`); which rows of R the
+    model fills (`rows`); how R sums up (`summarize`). The defaults describe sequential tuning on one timestamp at a time."""
+    name: str = ''
+    label: str = ''            # how figures and tables name it
+    order: int = 50            # its place in tables and legends
+    replays: bool = False      # keeps and replays a buffer
+    k_matters: bool = False    # its runs depend on the buffer size k (one run per k in a grid)
+    measures: tuple = ('AIP', 'AF', 'BWT')   # what its results report
+
+    def steps(self, T: int, start: int) -> list[int]:
+        "Timestamp indices still to run, from `start` (a resumed run starts later)."
+        return list(range(start, T))
+    def train_indices(self, i: int) -> list[int]:
+        "Indices of the timestamps whose training photos are new at step i."
+        return [i]
+    def rows(self, i: int, T: int) -> list[int]:
+        "Rows of R filled by the model of step i."
+        return [i]
+    def eval_indices(self, i: int, T: int) -> list[int]:
+        "Timestamps (indices) the model of step i is evaluated on."
+        return list(range(i + 1))
+    def select(self, pool: Items, k: int, seed: int, own_spread: torch.Tensor, cfg: 'RunConfig') -> list[int] | None:
+        "Pool indices of the buffer (None: no buffer)."
+        return None
+    def summarize(self, R: np.ndarray, higher_is_better: bool) -> dict:
+        "{'AIP', 'AF', 'BWT'} of one metric over the rows of R finished so far (AF and BWT from two rows on)."
+        from facecl_nb import metrics as M
+        out = {'AIP': M.average_incremental_performance(R, higher_is_better)}
+        if len(R) >= 2: out.update(AF=M.average_forgetting(R, higher_is_better), BWT=M.backward_transfer(R, higher_is_better))
+        return out
+    def __repr__(self): return f"{type(self).__name__}({self.name!r})"
+
+class LowerBound(Strategy):
+    "Sequential tuning without replay: what forgetting looks like."
+    name, label, order = 'none', 'Lower bound', 0
+
+class Replay(Strategy):
+    """Experience replay with a buffer of k items chosen by one of the replay module's selectors (`replay.select_buffer`):
+    the pool is the previous timestamp's items plus the previous buffer, so the buffer carries history forward."""
+    replays, k_matters = True, True
+    def __init__(self, name: str, # the selector's name in `facecl_nb.replay.strategies()`
+                 label: str = '', order: int = 50,
+                 options: dict | None = None, # selector option -> RunConfig field, e.g. {'C': 'hull_candidates'}
+                ):
+        self.name, self.label, self.order, self.options = name, label or name, order, dict(options or {})
+    def size(self, k: int, pool: Items) -> int: return min(k, len(pool))
+    def select(self, pool, k, seed, own_spread, cfg):
+        from facecl_nb import replay
+        k = self.size(k, pool)
+        if k == 0: return None
+        opts = {o: getattr(cfg, f) for o, f in self.options.items()}
+        return replay.select_buffer(self.name, pool.anchors, pool.timestamps, k, seed=seed, own_spread=own_spread, **opts)
+
+class Cumulative(Replay):
+    "Replay everything seen so far (the buffer is the whole pool; k does not matter)."
+    k_matters = False
+    def __init__(self): super().__init__('cumulative', 'Cumulative', 80)
+    def size(self, k, pool): return len(pool)
+
+class Joint(Strategy):
+    """The upper bound: one model tuned on every timestamp's photos together (for the same epochs), evaluated on every
+    timestamp; it fills every row of R, so it has an AIP (of its one row) but no forgetting."""
+    name, label, order, measures = 'joint', 'Upper bound', 90, ('AIP',)
+    def steps(self, T, start): return [T - 1] if start < T else []
+    def train_indices(self, i): return list(range(i + 1))
+    def rows(self, i, T): return list(range(T))
+    def eval_indices(self, i, T): return list(range(T))
+    def summarize(self, R, higher_is_better):
+        from facecl_nb import metrics as M
+        return {'AIP': M.average_incremental_performance(R[-1], higher_is_better)}
+
+def own_spread(anchors: torch.Tensor) -> torch.Tensor:
+    "Per item: mean latent distance to the other items of the same set (ER-Hull's fallback when a whole timestamp is in the buffer)."
+    x = anchors.reshape(len(anchors), -1).double()
+    if len(x) < 2: return torch.zeros(len(x), dtype=torch.float64)
+    d = torch.cdist(x, x)
+    return d.sum(1) / (len(x) - 1)
+
+STRATEGIES: dict[str, Strategy] = {}
+
+def register(s: Strategy, # a Strategy; its `name` is what a run's config names
+             overwrite: bool = False, # replace a registered strategy of that name
+            ) -> Strategy:
+    "Make a strategy available to runs, grids, the CLI and the figures."
+    if not isinstance(s, Strategy) or not s.name: raise ValueError(f"register: expected a named Strategy, got {s!r}")
+    if s.name in STRATEGIES and not overwrite: raise ValueError(f"register: strategy {s.name!r} exists already (pass overwrite=True to replace it)")
+    STRATEGIES[s.name] = s
+    return s
+
+for s in (LowerBound(), Replay('random', 'ER-Rand', 10), Replay('hull', 'ER-Hull', 20, options={'C': 'hull_candidates'}),
+          Replay('hull-greedy', 'ER-Hull (greedy)', 30), Replay('reservoir', 'Reservoir', 40), Replay('kmeans', 'k-means', 50),
+          Replay('herding', 'Herding', 60), Cumulative(), Joint()):
+    register(s)
 
 def known_strategies() -> list[str]:
-    "Every strategy a run can name: the replay module's buffers (with `none` and `cumulative`) and the upper bound `joint`."
-    from facecl_nb.replay import strategies
-    return sorted(set(strategies()) | {'joint'})
+    "Names of the registered strategies, in display order."
+    return sorted(STRATEGIES, key=lambda n: (STRATEGIES[n].order, n))
 
+def get_strategy(name: str) -> Strategy:
+    "The registered strategy of that name (a `ConfigError` listing the known ones otherwise)."
+    if name not in STRATEGIES: raise ConfigError(f"unknown strategy {name!r}; known: {known_strategies()}")
+    return STRATEGIES[name]
+
+def strategy_label(r: dict) -> str:
+    "A run's name in figures: the strategy's label, with k where it matters ('ER-Hull k=5')."
+    s = STRATEGIES.get(r['strategy'])
+    if s is None: return r['strategy']
+    return f"{s.label} k={r['buffer']}" if s.k_matters else s.label
+
+def strategy_order(name: str) -> int:
+    "Display position of a strategy (unknown names last)."
+    return STRATEGIES[name].order if name in STRATEGIES else 99
+
+# %% ../nbs/06_continual.ipynb #e3941c93
 @dataclass(frozen=True)
 class RunConfig(Config):
     "Everything that determines a run's results (written beside them). Stage settings not given here come from the profile."
@@ -72,54 +183,8 @@ class RunConfig(Config):
 
 def run_name(strategy: str, buffer: int, seed: int, person: str) -> str:
     "Folder name of a run in a grid."
-    return f"{person}/{strategy}" + ('' if strategy in NO_BUFFER else f"-k{buffer}") + f"-s{seed}"
-
-
-# %% ../nbs/06_continual.ipynb #110b87b1
-@dataclass
-class Memory:
-    "Items known to a run: images (kept only where needed), anchors, timestamps, names."
-    images: torch.Tensor      # [N,3,H,W]
-    anchors: torch.Tensor     # [N,num_ws,w_dim]
-    timestamps: list          # [N] ints
-    names: list               # [N] str
-    cameras: torch.Tensor | None = None
-
-    def __len__(self): return len(self.timestamps)
-
-    def subset(self, idx) -> 'Memory':
-        idx = list(map(int, idx))
-        ix = torch.tensor(idx, dtype=torch.long)
-        return Memory(self.images[ix], self.anchors[ix], [self.timestamps[i] for i in idx], [self.names[i] for i in idx],
-                      None if self.cameras is None else self.cameras[ix])
-
-    @staticmethod
-    def cat(ms: Sequence['Memory']) -> 'Memory':
-        ms = [m for m in ms if m is not None and len(m)]
-        if not ms: return None
-        cams = None if any(m.cameras is None for m in ms) else torch.cat([m.cameras for m in ms])
-        return Memory(torch.cat([m.images for m in ms]), torch.cat([m.anchors for m in ms]),
-                      sum([m.timestamps for m in ms], []), sum([m.names for m in ms], []), cams)
-
-    def to_parts(self, prefix: str) -> tuple[dict, dict]:
-        "(tensors, JSON-able meta) for a run-state file, names prefixed."
-        t = {f'{prefix}images': self.images, f'{prefix}anchors': self.anchors}
-        if self.cameras is not None: t[f'{prefix}cameras'] = self.cameras
-        return t, {'timestamps': [int(x) for x in self.timestamps], 'names': list(self.names)}
-
-    @staticmethod
-    def from_parts(tensors: dict, meta: dict | None, prefix: str) -> 'Memory | None':
-        "The inverse of `to_parts` (None when the memory was empty)."
-        if meta is None: return None
-        return Memory(tensors[f'{prefix}images'], tensors[f'{prefix}anchors'], list(meta['timestamps']), list(meta['names']),
-                      tensors.get(f'{prefix}cameras'))
-
-def own_spread(anchors: torch.Tensor) -> torch.Tensor:
-    "Per item: mean latent distance to the other items of the same set (ER-Hull's fallback when a whole timestamp is in the buffer)."
-    x = anchors.reshape(len(anchors), -1).double()
-    if len(x) < 2: return torch.zeros(len(x), dtype=torch.float64)
-    d = torch.cdist(x, x)
-    return d.sum(1) / (len(x) - 1)
+    k_matters = STRATEGIES[strategy].k_matters if strategy in STRATEGIES else True
+    return f"{person}/{strategy}" + (f"-k{buffer}" if k_matters else '') + f"-s{seed}"
 
 # %% ../nbs/06_continual.ipynb #6594ac68
 PROFILES_3D = ('demo3d', 'paper3d')
@@ -167,153 +232,20 @@ def load_profile_encoder(protocol: Protocol, G, device=None):
     return load_encoder(protocol.encoder, G=G, device=device or get_device())
 
 
-# %% ../nbs/06_continual.ipynb #c5332b1f
-class StateError(RuntimeError):
-    "A run-state file that cannot be trusted: unreadable, truncated, tampered with, or in an old format."
-
-def _hash_tensors(h, tensors: dict, dtype: bool = True):
-    "Feed names, (dtypes,) shapes and bytes of `tensors`, in name order, into the hash `h`; returns its hex digest."
-    for k in sorted(tensors):
-        v = tensors[k].detach().cpu().contiguous()
-        h.update(k.encode())
-        if dtype: h.update(str(v.dtype).encode())
-        h.update(str(list(v.shape)).encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b'')
-    return h.hexdigest()
-
-def _digest(tensors: dict, meta_json: str) -> str:
-    import hashlib
-    return _hash_tensors(hashlib.sha256(meta_json.encode()), tensors)
-
-def state_bytes(tensors: dict, # name -> tensor
-                meta: dict # JSON-able data
-               ) -> bytes:
-    "A run-state file's contents: safetensors with the JSON metadata and the sha256 of both in its header."
-    from safetensors.torch import save as st_save
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}   # own storage each (safetensors refuses shared memory)
-    mj = json.dumps(meta)
-    return st_save(tensors, metadata={'facecl_state': mj, 'sha256': _digest(tensors, mj)})
-
-def write_state(path, # a .safetensors file
-                tensors: dict, meta: dict) -> Path:
-    "Write tensors + JSON metadata with their sha256, atomically."
-    return atomic_write_bytes(path, state_bytes(tensors, meta))
-
-def read_state(path) -> tuple[dict, dict]:
-    "(tensors, meta) of a file written by `write_state`; `StateError` naming the file when it is unreadable or altered."
-    from safetensors.torch import load as st_load
-    from safetensors import safe_open
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-        with safe_open(str(path), framework='pt') as f: md = f.metadata() or {}
-        tensors = st_load(data)
-    except Exception as e:
-        raise StateError(f"{path}: unreadable run-state file ({type(e).__name__}: {str(e)[:160]})") from None
-    if 'facecl_state' not in md or 'sha256' not in md: raise StateError(f"{path}: not a facecl run-state file (no facecl_state/sha256 metadata)")
-    if _digest(tensors, md['facecl_state']) != md['sha256']: raise StateError(f"{path}: checksum mismatch — the file was altered or damaged")
-    return tensors, json.loads(md['facecl_state'])
-
-def _prefixed(d: dict, prefix: str) -> dict: return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
-
-def last_state(out) -> int:
-    "The last timestamp index whose state is on disk (-1 when none)."
-    ts = [int(p.name[1:].split('.')[0]) for p in (Path(out)/'state').glob('t*.safetensors') if p.name.count('.') == 1 and p.name[1:].split('.')[0].isdigit()]
-    return max(ts, default=-1)
-
-def read_recon(run_dir, t: int) -> dict | None:
-    "{'recon': {k: uint8 [n,3,H,W]}, 'synth': {k: uint8 [n,3,H,W]}} of the model after timestamp index t, or None."
-    p = Path(run_dir)/'state'/f't{t}.recon.safetensors'
-    if not p.exists(): return None
-    tens, _ = read_state(p)
-    return {'recon': {int(k): v for k, v in _prefixed(tens, 'recon/').items()}, 'synth': {int(k): v for k, v in _prefixed(tens, 'synth/').items()}}
-
-def read_pools(run_dir) -> list[tuple[int, dict]]:
-    "[(t, {'latents', 'timestamps', 'names', 'chosen'})] of every buffer selection of a run, in order of t."
-    out = []
-    for p in (Path(run_dir)/'state').glob('t*.pool.safetensors'):
-        tens, meta = read_state(p)
-        out.append((int(p.name[1:].split('.')[0]), {'latents': tens['latents'], **meta}))
-    return sorted(out, key=lambda x: x[0])
-
-def load_state_model(run_dir, t: int, G_prior):
-    "The generator after timestamp index t of a run: a copy of `G_prior` with the run's weights."
-    tens, _ = read_state(Path(run_dir)/'state'/f't{t}.safetensors')
-    G = G_prior.copy(); G.load_state_dict(_prefixed(tens, 'G/')); return G.eval().requires_grad_(False)
-
-def read_memory(run_dir, t: int, which: str = 'seen') -> 'Memory | None':
-    "The items a run knew after timestamp index t: 'seen' (every training item, anchors only), 'buffer' or 'prev_new'."
-    tens, meta = read_state(Path(run_dir)/'state'/f't{t}.safetensors')
-    return Memory.from_parts(tens, meta['memory'][which], which + '/')
-
-def module_digest(m) -> str:
-    "sha256 of a network's state dict (names, shapes, values): pins the exact prior or encoder a run started from."
-    import hashlib
-    return _hash_tensors(hashlib.sha256(), m.state_dict(), dtype=False)
-
-class RunLocked(RuntimeError):
-    "Another process is working in this run folder."
-
-class RunLock:
-    "An exclusive lock on a run folder (`<run>/.lock`, holding the owner's pid and start time); released on exit, and by the OS if the process dies."
-    def __init__(self, out): self.path = Path(out)/'.lock'; self.f = None
-    def __enter__(self):
-        import fcntl, socket
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.path, 'a+')
-        try: fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.f.seek(0); who = self.f.read().strip() or 'another process'; self.f.close(); self.f = None
-            raise RunLocked(f"{self.path.parent}: this run folder is in use by {who}; wait for it to finish or use another --out") from None
-        self.f.seek(0); self.f.truncate(); self.f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"); self.f.flush()
-        return self
-    def __exit__(self, *exc):
-        import fcntl
-        if self.f: fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close(); self.f = None
-
-def resume_point(out, log=print) -> tuple[int, dict | None, dict | None]:
-    """(index of the first timestamp to run, tensors, meta) from the newest readable state of a run folder. A corrupt or
-    altered state file is named, moved aside (`*.bad`), and the run falls back to the timestamp before it."""
-    old = sorted((Path(out)/'state').glob('t*.pt'))
-    if old: raise StateError(f"{old[0]}: an old-format (pickle) state file — refused, nothing in it was run; start afresh in another --out "
-                             f"or delete {Path(out)/'state'}")
-    t = last_state(out)
-    while t >= 0:
-        p = Path(out)/'state'/f't{t}.safetensors'
-        try:
-            tens, meta = read_state(p)
-            return t + 1, tens, meta
-        except StateError as e:
-            bad = p.with_name(p.name + '.bad'); os.replace(p, bad)
-            log(f"warning: {e}; moved to {bad.name}, resuming from the state before it")
-            t = last_state(out)
-    return 0, None, None
-
-
 # %% ../nbs/06_continual.ipynb #d0f4ac6e
 def _tseed(seed: int, t: int, salt: int = 0) -> int:
     "Seed of step `salt` of timestamp t: independent of any global stream, so a resumed run draws the same numbers."
     return (seed * 1_000_003 + t * 7919 + salt * 104_729) % (2**31 - 1)
 
-def _empty_R(T: int) -> np.ndarray: return np.full((T, T), np.nan)
-
-def _summary(R: dict, strategy: str) -> dict:
-    "AIP, AF, BWT per metric over the rows finished so far."
+def _summary(R: dict, strategy: Strategy) -> dict:
+    "AIP, AF, BWT per metric over the rows finished so far (the strategy says which exist)."
     from facecl_nb import metrics as M
-    out = {'AIP': {}, 'AF': {}, 'BWT': {}}
+    out = {k: {} for k in strategy.measures}
     for name, mat in R.items():
-        hib = M.higher_is_better(name)
         mat = np.asarray(mat, dtype=float)
         n = int(np.isfinite(mat[:, 0]).sum())        # rows done (column 0 is defined in every finished row)
         if n == 0: continue
-        mat = mat[:n, :n]
-        if strategy == 'joint':
-            out['AIP'][name] = M.average_incremental_performance(mat[-1], hib)
-        else:
-            out['AIP'][name] = M.average_incremental_performance(mat, hib)
-            if len(mat) >= 2:
-                out['AF'][name] = M.average_forgetting(mat, hib)
-                out['BWT'][name] = M.backward_transfer(mat, hib)
-    if strategy == 'joint': del out['AF'], out['BWT']
+        for key, v in strategy.summarize(mat[:n, :n], M.higher_is_better(name)).items(): out[key][name] = v
     return out
 
 def make_anchors(G, images, cameras, encoder, protocol: Protocol, P: ProjectionConfig, seed: int, device, progress: bool = False) -> torch.Tensor:
@@ -325,37 +257,38 @@ def make_anchors(G, images, cameras, encoder, protocol: Protocol, P: ProjectionC
                        init='nearest' if codes is None else codes, c=None if cameras is None else cameras.to(device),
                        seed=seed, batch_size=P.batch_size, progress=progress).cpu()
 
-def new_items(album, ts, G, encoder, protocol, P, seed, device, progress=False) -> Memory:
-    "Step 1: the training photos of timestamps `ts`, with their anchors."
+def new_items(album, # a `facecl_nb.data.Album`
+              ts: list, # the timestamps whose training photos are new
+              G, encoder, protocol: Protocol, P: ProjectionConfig, seed: int, device, progress: bool = False) -> Items:
+    "Step 1: the training photos of timestamps `ts`, with their anchors, timestamps and names."
     imgs = torch.cat([album.images(s, 'train') for s in ts])
     names = sum([[f"{s}/{n}" for n in album.names(s, 'train')] for s in ts], [])
     tstamps = sum([[s] * len(album.names(s, 'train')) for s in ts], [])
     cams = album.cameras(ts[0], 'train')
     cams = None if cams is None else torch.cat([album.cameras(s, 'train') for s in ts])
-    return Memory(imgs, make_anchors(G, imgs, cams, encoder, protocol, P, seed, device, progress), tstamps, names, cams)
+    return Items(imgs, make_anchors(G, imgs, cams, encoder, protocol, P, seed, device, progress), cams, tstamps, names)
 
-def update_buffer(cfg: RunConfig, prev_new: Memory | None, buffer: Memory | None, seen: Memory | None, seed: int):
-    """Step 2: the new buffer, chosen from the pool = previous timestamp's items + the previous buffer (so the buffer
-    carries history forward). `cumulative` keeps the whole pool. Returns (buffer, pool, chosen pool indices)."""
-    from facecl_nb import replay
-    if cfg.strategy in ('none', 'joint') or prev_new is None: return None, None, []
-    if cfg.strategy != 'cumulative' and cfg.buffer == 0: return None, None, []
-    pool = Memory.cat([prev_new, buffer])
-    k = len(pool) if cfg.strategy == 'cumulative' else min(cfg.buffer, len(pool))
-    opts = {'own_spread': _pool_spread(pool, seen)}
-    if cfg.strategy in ('hull',): opts['C'] = cfg.hull_candidates
-    chosen = replay.select_buffer(cfg.strategy, pool.anchors, pool.timestamps, k, seed=seed, **opts)
+def update_buffer(strategy: Strategy, k: int, # the strategy and the buffer size
+                  prev_new: Items | None, # the previous timestamp's items
+                  buffer: Items | None, # the buffer used at the previous timestamp
+                  seen: Items | None, # every training item so far (for ER-Hull's spread of a timestamp)
+                  seed: int, cfg: 'RunConfig') -> tuple[Items | None, Items | None, list[int]]:
+    """Step 2: the pool (the previous timestamp's items + the previous buffer, so the buffer carries history forward)
+    and the buffer the strategy keeps from it. Returns (buffer, pool, chosen pool indices)."""
+    if prev_new is None or not strategy.replays: return None, None, []
+    pool = Items.cat([prev_new, buffer])
+    chosen = strategy.select(pool, k, seed, _pool_spread(pool, seen), cfg)
+    if chosen is None: return None, None, []
     return pool.subset(chosen), pool, list(map(int, chosen))
 
-def tune_model(G, new: Memory, buffer: Memory | None, Tu: TuningConfig, seed: int, device, budget_factor: int = 1, progress=False):
+def tune_model(G, new: Items, buffer: Items | None, Tu: TuningConfig, seed: int, device, budget_factor: int = 1, progress=False):
     "Step 3: tune every weight of G on the new items, with the buffer replayed as the tuning config says."
     from facecl_nb import inversion as inv
-    items = lambda m: None if m is None else inv.Items(m.images, m.anchors, m.cameras)
-    G = inv.tune(G, items(new), items(buffer), epochs=None if Tu.steps else Tu.epochs, steps=Tu.steps * budget_factor if Tu.steps else None,
+    G = inv.tune(G, new, buffer, epochs=None if Tu.steps else Tu.epochs, steps=Tu.steps * budget_factor if Tu.steps else None,
                  lr=Tu.lr, batch_size=Tu.batch_size, mix=Tu.mix, seed=seed, lpips_weight=Tu.lpips_weight, progress=progress)
     return G.eval().requires_grad_(False)
 
-def evaluate_model(G, cfg: RunConfig, ev_ts, tests, test_cams, test_init, seen: Memory, train: Memory, seed: int, device, progress=False):
+def evaluate_model(G, cfg: 'RunConfig', ev_ts, tests, test_cams, test_init, seen: Items, train: Items, seed: int, device, progress=False):
     """Step 4: the row of R of every metric for model G on timestamps `ev_ts`: reconstruction under the run's protocol
     (both protocols with eval 'both'; the hull one's metrics suffixed '@hull') and synthesis from each timestamp's anchors.
     Returns (rows {metric: [value per ev_ts]}, recon {k: images}, synth {k: images}, unavailable {metric: reason})."""
@@ -370,16 +303,28 @@ def evaluate_model(G, cfg: RunConfig, ev_ts, tests, test_cams, test_init, seen: 
                         free=F_, hull=H, space=P.space, metrics=cfg.metrics, seed=seed, progress=progress)
         rows.update({m + suffix: v for m, v in ev.rows.items()}); unavailable.update({m + suffix: w for m, w in ev.unavailable.items()})
         recon = recon or ev.recon
-    by_t = {s: seen.anchors[[i for i, x in enumerate(seen.timestamps) if x == s]] for s in ev_ts}
+    by_t = {s: seen.of_timestamp(s).anchors for s in ev_ts}
     srows, synth, sun = E.synthesis_scores(G, by_t, tests_, n_synth=cfg.n_synth or proto.n_synth, seed=seed, cameras=cams_, metrics=cfg.synth_metrics)
     rows.update(srows); unavailable.update(sun)
     return rows, recon, synth, unavailable
 
-def _u8(x): return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+def record(state: RunState, rows: dict, ev_ts: list, Ts: list, fill: list[int]) -> None:
+    "Step 5 (in memory): write the evaluated values into the rows `fill` of each metric's R (entries k ≤ row only)."
+    T = len(Ts)
+    for r in fill:
+        for name, vals in rows.items():
+            state.R.setdefault(name, np.full((T, T), np.nan))
+            for kk, s in enumerate(ev_ts):
+                if Ts.index(s) <= r: state.R[name][r, Ts.index(s)] = vals[kk]
 
-def continual_run(album, cfg: RunConfig, out, G0=None, E0=None, progress: bool = True, log=print) -> dict:
-    """Run (or resume) one continual run on `album` (a `facecl_nb.data.Album`); writes and returns `results.json`.
-    Per timestamp: new items → buffer update → tuning → evaluation → record. `G0`/`E0` replace the profile's prior/encoder."""
+# %% ../nbs/06_continual.ipynb #83dd0812
+def continual_run(album, # a `facecl_nb.data.Album`
+                  cfg: RunConfig, # strategy, k, seed, profile and any stage overrides
+                  out, # the run folder (created; resumed when it holds an unfinished run of the same config and inputs)
+                  G0=None, E0=None, # a prior generator / inversion encoder replacing the profile's
+                  progress: bool = True, log=print) -> dict:
+    """Run (or resume) one continual run on `album`; writes and returns `results.json`.
+    Per timestamp: new items → buffer update → tuning → evaluation → record."""
     out = Path(out)
     Ts = album.timestamps[:cfg.T] if cfg.T else album.timestamps
     if len(Ts) < 1: raise ValueError(f"album {album.root}/{album.person} has no timestamps")
@@ -397,124 +342,94 @@ def continual_run(album, cfg: RunConfig, out, G0=None, E0=None, progress: bool =
     inputs = {'album_content_hash': content_hash(album.dir), 'prior_sha256': module_digest(G_prior),
               'encoder_sha256': None if encoder is None else module_digest(encoder)}
     threads = torch.get_num_threads()
+    rd = RunDir(out)
     try:
-        with RunLock(out): return _run_locked(album, cfg, out, Ts, G_prior, encoder, inputs, device, progress, log)
+        with rd.lock(): return _run_locked(album, cfg, rd, Ts, G_prior, encoder, inputs, device, progress, log)
     finally: torch.set_num_threads(threads)
 
-def _check_inputs(cfg_path: Path, old: dict, inputs: dict) -> None:
-    "Resuming over other inputs would mix two experiments in one R: refuse, naming what changed."
+def _check_config(rd: RunDir, cfg_d: dict, inputs: dict) -> None:
+    "A folder holding another configuration, or the same one started from other inputs, is refused (results would mix two experiments)."
+    old = rd.config()
+    if old is None: rd.write_config(cfg_d); return
+    strip = lambda d: {k: v for k, v in d.items() if k not in ('album', 'inputs')}
+    if strip(old) != json.loads(json.dumps(strip(cfg_d))):
+        raise ConfigError(f"{rd/'config.json'}: this run folder holds a run with another configuration; use another --out or delete it")
     what = {'album_content_hash': 'the album (its photos or cameras)', 'prior_sha256': 'the prior generator', 'encoder_sha256': 'the inversion encoder'}
     changed = [f"{what[k]} ({str(old.get('inputs', {}).get(k))[:12]}… → {str(v)[:12]}…)" for k, v in inputs.items() if old.get('inputs', {}).get(k) != v]
     if changed:
-        raise ConfigError(f"{cfg_path.parent}: this run started from other inputs — changed: {'; '.join(changed)}. "
-                          f"Results would mix both; start afresh in another --out, or delete {cfg_path.parent}")
+        raise ConfigError(f"{rd.path}: this run started from other inputs — changed: {'; '.join(changed)}. "
+                          f"Results would mix both; start afresh in another --out, or delete {rd.path}")
 
-def _run_locked(album, cfg, out, Ts, G_prior, encoder, inputs, device, progress, log) -> dict:
-    from facecl_nb import inversion as inv, metrics as M
-    T = len(Ts)
+def _run_locked(album, cfg, rd: RunDir, Ts, G_prior, encoder, inputs, device, progress, log) -> dict:
+    from facecl_nb import inversion as inv
+    T, st = len(Ts), get_strategy(cfg.strategy)
     proto, P, Tu = cfg.stage('protocol'), cfg.stage('projection'), cfg.stage('tuning')
     if cfg.threads: torch.set_num_threads(cfg.threads)
-    (out/'state').mkdir(parents=True, exist_ok=True)
-    for p in (out/'state').glob('.*.tmp'): p.unlink()          # temporary files of a killed write
-    cfg_path = out/'config.json'
-    cfg_d = {**cfg.to_dict(), 'album': str(album.root), 'person': album.person, 'inputs': inputs}
-    if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        strip = lambda d: {k: v for k, v in d.items() if k not in ('album', 'inputs')}
-        if strip(old) != json.loads(json.dumps(strip(cfg_d))):
-            raise ConfigError(f"{cfg_path}: this run folder holds a run with another configuration; use another --out or delete it")
-        _check_inputs(cfg_path, old, inputs)
-    else: atomic_write_json(cfg_path, cfg_d)
-
-    start, tens, st = resume_point(out, log)
-    if start > 0:
-        G = G_prior.copy(); G.load_state_dict(_prefixed(tens, 'G/')); G.eval().requires_grad_(False)
-        seen, buffer_mem, prev_new = (Memory.from_parts(tens, st['memory'][n], n + '/') for n in ('seen', 'buffer', 'prev_new'))
-        R = {k: M.r_from_json(m) for k, m in st['R'].items()}
-        timings, history, unavailable = st['timings'], st['history'], st['unavailable']
-        log(f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}] resuming after timestamp {Ts[start - 1]}")
-    else:
-        G, seen, buffer_mem, prev_new = G_prior, None, None, None
-        R, timings, history, unavailable = {}, [], [], {}
+    rd.prepare()
+    _check_config(rd, {**cfg.to_dict(), 'album': str(album.root), 'person': album.person, 'inputs': inputs}, inputs)
+    tag = f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}]"
+    state = rd.resume(log)
+    if state is not None: G = state.model(G_prior); log(f"{tag} resuming after timestamp {Ts[state.t]}")
+    else: G, state = G_prior, RunState(-1, {})
     loss_desc = inv.describe_loss(Tu.lpips_weight)
     tests = {t: album.images(t, 'test') for t in Ts}
     test_cams = {t: album.cameras(t, 'test') for t in Ts}
     test_init = None if encoder is None else {t: encoder.encode(tests[t].to(device)).cpu() for t in Ts}   # fixed: one code per test photo
 
-    joint = cfg.strategy == 'joint'
-    for ti in ([T - 1] if joint and start < T else range(start, T)):   # the upper bound: one model on everything
-        t = Ts[ti]; tim = {'t': t}; t0 = time.perf_counter()
-        ts_new = Ts[:ti + 1] if joint else [t]
-        new = new_items(album, ts_new, G, encoder, proto, P, _tseed(cfg.seed, t, 1), device, progress)
+    for i in st.steps(T, state.t + 1):
+        t = Ts[i]; tim = {'t': t}; t0 = time.perf_counter()
+        ts_new = [Ts[j] for j in st.train_indices(i)]
+        new = new_items(album, ts_new, G, encoder, proto, P, _tseed(cfg.seed, t, 1), device, progress)                      # 1. new items
         tim['anchors_s'] = time.perf_counter() - t0; t1 = time.perf_counter()
-        buffer_mem, pool, chosen = update_buffer(cfg, prev_new, buffer_mem, seen, _tseed(cfg.seed, t, 2))
-        if pool is not None:
-            write_state(out/'state'/f't{ti}.pool.safetensors', {'latents': pool.anchors.reshape(len(pool), -1).float()},
-                        {'timestamps': [int(x) for x in pool.timestamps], 'names': pool.names, 'chosen': chosen})
+        buffer, pool, chosen = update_buffer(st, cfg.buffer, state.prev_new, state.buffer, state.seen, _tseed(cfg.seed, t, 2), cfg)  # 2. buffer
+        if pool is not None: rd.write_pool(i, pool, chosen)
         tim['select_s'] = time.perf_counter() - t1; t2 = time.perf_counter()
-        G = tune_model(G, new, buffer_mem, Tu, _tseed(cfg.seed, t, 3), device, budget_factor=len(ts_new), progress=progress)
+        G = tune_model(G, new, buffer, Tu, _tseed(cfg.seed, t, 3), device, budget_factor=len(ts_new), progress=progress)        # 3. tuning
         tim['tune_s'] = time.perf_counter() - t2; t3 = time.perf_counter()
-        no_img = Memory(torch.zeros(len(new), 0), new.anchors, new.timestamps, new.names, new.cameras)   # what evaluation needs of them
-        seen = no_img if joint else Memory.cat([seen, no_img])
-        ev_ts = Ts if joint else Ts[:ti + 1]
-        rows, recon, synth, un = evaluate_model(G, cfg, ev_ts, tests, test_cams, test_init, seen, Memory.cat([new, buffer_mem]),
+        seen = Items.cat([state.seen, new.anchors_only()])
+        ev_ts = [Ts[j] for j in st.eval_indices(i, T)]
+        rows, recon, synth, un = evaluate_model(G, cfg, ev_ts, tests, test_cams, test_init, seen, Items.cat([new, buffer]),   # 4. evaluation
                                                 _tseed(cfg.seed, t, 4), device, progress)
-        unavailable.update(un)
-        for r in (range(T) if joint else [ti]):
-            for name, vals in rows.items():
-                R.setdefault(name, _empty_R(T))
-                for kk, s in enumerate(ev_ts):
-                    if Ts.index(s) <= r: R[name][r, Ts.index(s)] = vals[kk]
         tim['eval_s'] = time.perf_counter() - t3; tim['total_s'] = time.perf_counter() - t0
-        timings.append(tim)
-        history.append({'t': t, 'buffer': [] if buffer_mem is None else list(buffer_mem.names),
-                        'buffer_timestamps': [] if buffer_mem is None else list(map(int, buffer_mem.timestamps)), 'n_new': len(new),
-                        'n_replay': 0 if buffer_mem is None else len(buffer_mem)})
-        write_state(out/'state'/f't{ti}.recon.safetensors', {**{f'recon/{s}': _u8(x) for s, x in recon.items()}, **{f'synth/{s}': _u8(x) for s, x in synth.items()}}, {})
-        tens, mem = {f'G/{k}': v for k, v in G.state_dict().items()}, {}
-        for n, m in (('seen', seen), ('buffer', buffer_mem), ('prev_new', new)):
-            if m is None: mem[n] = None; continue
-            tt, mm = m.to_parts(n + '/'); tens.update(tt); mem[n] = mm
-        meta = {'memory': mem, 'R': {k: M.r_to_json(v) for k, v in R.items()}, 'timings': timings, 'history': history, 'unavailable': unavailable}
-        data = state_bytes(tens, meta)                   # serialized once: the upper bound writes the same model for every row
-        for r in (range(T) if joint else [ti]): atomic_write_bytes(out/'state'/f't{r}.safetensors', data)
-        prev_new = new
-        res = _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complete=(ti == T - 1), inputs=inputs)
-        atomic_write_json(out/'results.json', res)
+        state = RunState(i, G.state_dict(), seen, buffer, new, state.R, state.timings + [tim],                                   # 5. record
+                         state.history + [{'t': t, 'buffer': [] if buffer is None else list(buffer.names),
+                                           'buffer_timestamps': [] if buffer is None else list(map(int, buffer.timestamps)),
+                                           'n_new': len(new), 'n_replay': 0 if buffer is None else len(buffer)}],
+                         {**state.unavailable, **un})
+        record(state, rows, ev_ts, Ts, st.rows(i, T))
+        rd.write_recon(i, recon, synth)
+        rd.write_state(state, st.rows(i, T))
+        rd.write_results(_results(cfg, album, T, state, loss_desc, complete=(i == T - 1), inputs=inputs))
         main = next((m for m in ('psnr', 'id_sim') if m in rows), next(iter(rows)))
-        log(f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}] t={t}: {main} on k<=t: "
-            + ' '.join(f"{v:.2f}" for v in rows[main]) + f" | buffer ts {history[-1]['buffer_timestamps']} | {tim['total_s']:.1f}s")
-    return json.loads((out/'results.json').read_text())
+        log(f"{tag} t={t}: {main} on k<=t: " + ' '.join(f"{v:.2f}" for v in rows[main])
+            + f" | buffer ts {state.history[-1]['buffer_timestamps']} | {tim['total_s']:.1f}s")
+    return rd.results()
 
-def _pool_spread(pool: Memory, seen: Memory | None) -> torch.Tensor:
+def _pool_spread(pool: Items, seen: Items | None) -> torch.Tensor:
     "Per pool item, its mean latent distance to the other training items of its own timestamp (all of them, from `seen`)."
     out = torch.zeros(len(pool), dtype=torch.float64)
     for s in sorted(set(pool.timestamps)):
-        ref_idx = [i for i, ts in enumerate(seen.timestamps) if ts == s] if seen is not None else []
-        ref = seen.anchors[ref_idx].reshape(len(ref_idx), -1).double() if ref_idx else None
+        ref = seen.of_timestamp(s).anchors if seen is not None else None
         pidx = [i for i, ts in enumerate(pool.timestamps) if ts == s]
-        x = pool.anchors[pidx].reshape(len(pidx), -1).double()
         if ref is None or len(ref) < 2: out[pidx] = own_spread(pool.anchors[pidx]); continue
-        d = torch.cdist(x, ref)
-        out[pidx] = d.sum(1) / (len(ref) - 1)   # the item itself is in ref at distance 0
+        x, ref = pool.anchors[pidx].reshape(len(pidx), -1).double(), ref.reshape(len(ref), -1).double()
+        out[pidx] = torch.cdist(x, ref).sum(1) / (len(ref) - 1)   # the item itself is in ref at distance 0
     return out
 
-def _results(cfg, album, T, R, timings, history, unavailable, loss_desc, complete, inputs=None) -> dict:
+def _results(cfg, album, T, state: RunState, loss_desc, complete, inputs=None) -> dict:
     from facecl_nb import metrics as M
-    R = {k: v for k, v in R.items() if k not in unavailable}   # a metric that could not be computed is listed under metrics_unavailable instead
-    summ = _summary(R, cfg.strategy)
+    R = {k: v for k, v in state.R.items() if k not in state.unavailable}   # a metric that could not be computed is listed under metrics_unavailable instead
+    summ = _summary(R, get_strategy(cfg.strategy))
     proto = cfg.stage('protocol')
-    res = {'strategy': cfg.strategy, 'buffer': cfg.buffer, 'seed': cfg.seed, 'person': album.person, 'T': T,
-           'R': {k: M.r_to_json(v) for k, v in R.items()},
-           **summ, 'timings': {'per_timestamp': timings, 'total_s': float(sum(x['total_s'] for x in timings))},
-           'protocol': {**proto.to_dict(), 'tuning': cfg.stage('tuning').to_dict(),
-                        'eval_settings': {'free': cfg.stage('free').to_dict(), 'hull': cfg.stage('hull').to_dict()}},
-           'buffers': history, 'loss': loss_desc, 'metrics_unavailable': unavailable,
-           'versions': {'code': code_version(), 'weights': weight_versions(cfg.profile), 'torch': torch.__version__,
-                        'inputs': inputs or {}},      # digests of the album and of the prior and encoder actually used
-           'config': cfg.to_dict(), 'complete': bool(complete)}
-    return res
-
+    return {'strategy': cfg.strategy, 'buffer': cfg.buffer, 'seed': cfg.seed, 'person': album.person, 'T': T,
+            'R': {k: M.r_to_json(v) for k, v in R.items()},
+            **summ, 'timings': {'per_timestamp': state.timings, 'total_s': float(sum(x['total_s'] for x in state.timings))},
+            'protocol': {**proto.to_dict(), 'tuning': cfg.stage('tuning').to_dict(),
+                         'eval_settings': {'free': cfg.stage('free').to_dict(), 'hull': cfg.stage('hull').to_dict()}},
+            'buffers': state.history, 'loss': loss_desc, 'metrics_unavailable': state.unavailable,
+            'versions': {'code': code_version(), 'weights': weight_versions(cfg.profile), 'torch': torch.__version__,
+                         'inputs': inputs or {}},      # digests of the album and of the prior and encoder actually used
+            'config': cfg.to_dict(), 'complete': bool(complete)}
 
 # %% ../nbs/06_continual.ipynb #74c59b33
 def grid_specs(persons, strategies, buffers, seeds) -> list[tuple]:
@@ -525,52 +440,121 @@ def grid_specs(persons, strategies, buffers, seeds) -> list[tuple]:
     for p in persons:
         for s in seeds:
             for st in strategies:
-                for k in ([0] if st in NO_BUFFER else buffers):
+                for k in (buffers if get_strategy(st).k_matters else [0]):
                     out.append((p, st, k, s))
     return out
 
 def run_is_complete(out) -> bool:
     "True when `<out>/results.json` exists and is marked complete."
-    p = Path(out)/'results.json'
-    try: return bool(json.loads(p.read_text()).get('complete'))
-    except (OSError, ValueError): return False
+    return RunDir(out).complete()
 
-def _grid_worker(args):
+def _run_task(args) -> str:
+    "One run of a grid (what a Ray task or the in-process loop executes); raises on failure, so Ray can retry it — it resumes."
     album_root, person, strategy, k, seed, out, profile, T, overrides, threads = args
     from facecl_nb.data import Album
     if threads: torch.set_num_threads(threads)
-    try:
-        cfg = RunConfig.from_dict(overrides, strategy=strategy, buffer=k, seed=seed, person=person, profile=profile, T=T)
-        continual_run(Album(album_root, person), cfg, out, progress=False)
-        return (str(out), 'ok', None)
+    cfg = RunConfig.from_dict(overrides, strategy=strategy, buffer=k, seed=seed, person=person, profile=profile, T=T)
+    continual_run(Album(album_root, person), cfg, out, progress=False, log=lambda *a: None)
+    return str(out)
+
+def _grid_worker(args):
+    "The in-process path: run, and turn a failure into a report (its traceback in `<run>/error.txt`)."
+    try: return (_run_task(args), 'ok', None)
     except Exception as e:
         from facecl_nb.core import atomic_write_text
-        atomic_write_text(Path(out)/'error.txt', traceback.format_exc())
-        return (str(out), 'failed', f"{type(e).__name__}: {e}")
+        atomic_write_text(Path(args[5])/'error.txt', traceback.format_exc())
+        return (str(args[5]), 'failed', f"{type(e).__name__}: {e}")
 
-def run_grid(album_root, persons, strategies, buffers, seeds, out, profile='demo', T=None, overrides=None, jobs: int = 1, log=print) -> dict:
+class GridError(RuntimeError):
+    "A grid that cannot start: a Ray cluster that does not answer, or Ray missing."
+
+def check_address(address: str, # a Ray cluster's address, 'host:port' (the head's GCS port, 6379 by default) or 'ray://host:port'
+                  timeout: float = 5.0) -> None:
+    "Refuse, within `timeout` seconds and before any run starts, an address where nothing answers."
+    import socket
+    hp = address.split('://', 1)[-1]
+    host, _, port = hp.rpartition(':')
+    if not host or not port.isdigit(): raise GridError(f"--address {address!r}: expected host:port (e.g. 10.0.0.1:6379)")
+    try: socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e: raise GridError(f"--address {address}: no Ray cluster answers there ({type(e).__name__}: {e}); start one with `ray start --head` "
+                                         f"on that machine, or leave --address out for a local Ray") from None
+
+def ray_env() -> dict:
+    "Environment for Ray in this project: no usage statistics, and a single-node Ray kept on the loopback interface."
+    return {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0'}
+
+def _ray_init(address, jobs: int, log):
+    "Connect to a cluster (`address`), or start a local Ray of `jobs` CPUs on 127.0.0.1; returns the ray module."
+    os.environ.update(ray_env())
+    try: import ray
+    except ImportError: raise GridError("a grid with --jobs > 1 or --address runs on Ray: pip install ray (a dependency of facecl)") from None
+    if address:
+        check_address(address)
+        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+        log(f"grid: on the Ray cluster at {address}: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs")
+    else:
+        ray.init(num_cpus=jobs, num_gpus=0, include_dashboard=False, log_to_driver=False, _node_ip_address='127.0.0.1',
+                 object_store_memory=256 * 2**20, ignore_reinit_error=True)
+    return ray
+
+def _run_on_ray(todo: list, profile: str, address, jobs: int, retries: int, status: dict, log) -> None:
+    "Each run one Ray task with the profile's resources; failures retried (`retries` times; a run resumes), then reported."
+    from tqdm.auto import tqdm
+    ray = _ray_init(address, jobs, log)
+    try:
+        res = PROFILES[profile]['resources']
+        task = ray.remote(_run_task).options(num_cpus=res['num_cpus'], num_gpus=res['num_gpus'], max_retries=retries, retry_exceptions=True)
+        refs = {task.remote(a[:-1] + (res['num_cpus'],)): a for a in todo}
+        pending, n = list(refs), 0
+        with tqdm(total=len(refs), desc='grid') as bar:
+            try:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    for r in done:
+                        d = refs[r][5]; n += 1
+                        try:
+                            ray.get(r); status[d] = {'status': 'ok'}; bar.write(f"grid: [{n}/{len(refs)}] finished {d}")
+                        except Exception as e:          # the task's own exception (after its retries) or a lost worker/node
+                            msg = str(e); Path(d).mkdir(parents=True, exist_ok=True)
+                            from facecl_nb.core import atomic_write_text
+                            atomic_write_text(Path(d)/'error.txt', msg)
+                            status[d] = {'status': 'failed', 'error': msg.strip().splitlines()[-1][:300] if msg.strip() else type(e).__name__}
+                            bar.write(f"grid: [{n}/{len(refs)}] FAILED {d} (traceback in {d}/error.txt)")
+                        bar.update()
+            except KeyboardInterrupt:
+                for r in pending: ray.cancel(r, force=True)
+                log(f"grid: interrupted — {len(pending)} runs stopped; every finished run is kept, and the same command finishes the rest")
+                raise
+    finally: ray.shutdown()
+
+def run_grid(album_root, persons, strategies, buffers, seeds, out, profile='demo', T=None, overrides=None,
+             jobs: int = 1, # runs at a time on a local Ray (1 and no address: one after the other in this process)
+             address: str | None = None, # an existing Ray cluster ('host:port'); its nodes must see `out` and the albums at the same paths
+             retries: int = 2, # Ray retries of a failed run (each resumes after its last finished timestamp)
+             log=print) -> dict:
     "Run a grid (skipping finished runs, reporting failures); writes `<out>/grid.json` and returns it."
     from tqdm.auto import tqdm
     specs = grid_specs(persons, strategies, buffers, seeds)
     RunConfig.from_dict(overrides or {}, profile=profile, T=T)        # bad overrides fail here, before any run
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    if address: check_address(address)                               # and an address where nothing answers
+    out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
     todo, status = [], {}
     for (p, st, k, s) in specs:
         d = out/run_name(st, k, s, p)
         if run_is_complete(d): status[str(d)] = {'status': 'skipped (finished)'}; continue
-        todo.append((str(album_root), p, st, k, s, str(d), profile, T, overrides or {}, max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None))
-    todo.sort(key=lambda a: a[2] != 'joint')   # the longest run first, so parallel workers finish together
-    log(f"grid: {len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run" + (f" on {jobs} processes" if jobs > 1 else ''))
+        todo.append((str(Path(album_root).resolve()), p, st, k, s, str(d), profile, T, overrides or {}, None))
+    todo.sort(key=lambda a: -len(get_strategy(a[2]).train_indices(99)))   # runs whose steps tune on most timestamps (the upper bound) first, so parallel workers finish together
+    on_ray = bool(address) or (jobs > 1 and len(todo) > 1)
+    log(f"grid: {len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run"
+        + (f" on Ray ({address or f'local, {jobs} at a time'})" if on_ray else ''))
     t0 = time.perf_counter()
-    if jobs > 1 and len(todo) > 1:
-        import multiprocessing as mp
-        with mp.get_context('spawn').Pool(jobs) as pool:
-            results = list(tqdm(pool.imap_unordered(_grid_worker, todo), total=len(todo), desc='grid'))
+    if on_ray: _run_on_ray(todo, profile, address, jobs, retries, status, log)
     else:
-        results = [_grid_worker(a) for a in tqdm(todo, desc='grid', disable=len(todo) < 2)]
-    for d, st, err in results:
-        status[d] = {'status': st} if err is None else {'status': st, 'error': err}
-        if err: print(f"grid: FAILED {d}: {err} (traceback in {d}/error.txt)", file=sys.stderr)
+        for a in tqdm(todo, desc='grid', disable=len(todo) < 2):
+            d, st, err = _grid_worker(a)
+            status[d] = {'status': st} if err is None else {'status': st, 'error': err}
+    for d, v in status.items():
+        if v['status'] == 'failed': print(f"grid: FAILED {d}: {v['error']} (traceback in {d}/error.txt)", file=sys.stderr)
     summary = {'runs': status, 'failed': sorted(d for d, v in status.items() if v['status'] == 'failed'), 'seconds': time.perf_counter() - t0}
     atomic_write_json(out/'grid.json', summary)
     return summary
@@ -586,15 +570,14 @@ def collect_results(runs_dir) -> list[dict]:
 def summary_table(results: Sequence[dict], metric: str = 'psnr') -> 'pd.DataFrame':
     "AIP and AF of `metric` per strategy × buffer size: mean ± std over persons and seeds."
     import pandas as pd
-    rows = [{'strategy': r['strategy'], 'buffer': 0 if r['strategy'] in NO_BUFFER else r['buffer'],
+    rows = [{'strategy': r['strategy'], 'buffer': r['buffer'] if STRATEGIES.get(r['strategy'], Replay('?')).k_matters else 0,
              'person': r['person'], 'seed': r['seed'], 'AIP': r['AIP'].get(metric, np.nan), 'AF': r.get('AF', {}).get(metric, np.nan)}
             for r in results]
     if not rows: return pd.DataFrame(columns=['strategy', 'buffer', 'n', 'AIP_mean', 'AIP_std', 'AF_mean', 'AF_std'])
     df = pd.DataFrame(rows)
     g = df.groupby(['strategy', 'buffer'])
     t = g.agg(n=('AIP', 'size'), AIP_mean=('AIP', 'mean'), AIP_std=('AIP', 'std'), AF_mean=('AF', 'mean'), AF_std=('AF', 'std')).reset_index()
-    order = {'none': 0, 'random': 1, 'hull': 2, 'hull-greedy': 3, 'reservoir': 4, 'kmeans': 5, 'herding': 6, 'cumulative': 7, 'joint': 8}
-    t['o'] = t.strategy.map(lambda s: order.get(s, 9)); t = t.sort_values(['o', 'buffer']).drop(columns='o').reset_index(drop=True)
+    t['o'] = t.strategy.map(strategy_order); t = t.sort_values(['o', 'buffer']).drop(columns='o').reset_index(drop=True)
     return t
 
 def format_table(t, metric='psnr') -> str:
@@ -622,7 +605,8 @@ def run_experiment_notebook(name: str, parameters: dict, reports='reports', cwd=
     if not src.is_file(): raise FileNotFoundError(f"{src}: experiment notebook not found")
     dst = Path(reports)/f'{name}.ipynb'; dst.parent.mkdir(parents=True, exist_ok=True)
     log(f"papermill: {src} -> {dst}")
-    pm.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd or Path.cwd()), progress_bar=False, kernel_name='python3')
+    pm.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd or Path.cwd()), progress_bar=False, kernel_name='python3',
+                       execution_timeout=3600)   # a cell that hangs (a lost kernel message) fails after an hour instead of never
     return dst
 
 def cli_run(album, person, strategy, buffer, seed, out, profile='demo', timestamps=None, overrides=None) -> int:
@@ -634,9 +618,9 @@ def cli_run(album, person, strategy, buffer, seed, out, profile='demo', timestam
     print(json.dumps({'AIP': res['AIP'], 'AF': res.get('AF'), 'BWT': res.get('BWT')}, indent=1))
     return 0
 
-def cli_grid(album, persons, strategies, buffers, seeds, out, profile='demo', timestamps=None, overrides=None) -> int:
+def cli_grid(album, persons, strategies, buffers, seeds, out, profile='demo', timestamps=None, overrides=None, jobs=1, address=None) -> int:
     "`facecl grid`: a grid of runs; exit code 1 when any failed (the others still run)."
-    s = run_grid(album, persons, strategies, buffers, seeds, out, profile=profile, T=timestamps, overrides=overrides)
+    s = run_grid(album, persons, strategies, buffers, seeds, out, profile=profile, T=timestamps, overrides=overrides, jobs=jobs, address=address)
     print(format_table(summary_table(collect_results(out))))
     return 1 if s['failed'] else 0
 
@@ -670,7 +654,6 @@ DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=
 def albums_3d(root=None, persons=None, log=print) -> list:
     """The default demo albums copied under `<albums>/demo3d` with a cameras.json for every split (estimated by
     `facecl_nb.cameras.album_cameras`); redone only when the 2D album changed."""
-    import shutil
     from facecl_nb import data, cameras
     from facecl_nb.core import albums_dir
     out = []
@@ -723,7 +706,7 @@ def compare_protocols(out='runs/protocols', # folder of the two grids (`paper/`,
         d = Path(paper_runs) if (name == 'paper' and paper_runs) else Path(out)/name
         run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], d, T=plan['T'], overrides=over, jobs=jobs, log=log)
         for r in collect_results(d):
-            rows.append({'protocol': name, 'strategy': r['strategy'], 'k': 0 if r['strategy'] in NO_BUFFER else r['buffer'], 'seed': r['seed'],
+            rows.append({'protocol': name, 'strategy': r['strategy'], 'k': r['buffer'] if get_strategy(r['strategy']).k_matters else 0, 'seed': r['seed'],
                          'AIP psnr': r['AIP'].get('psnr'), 'AF psnr': r.get('AF', {}).get('psnr'),
                          'AIP dlib': r['AIP'].get('dlib_dist'), 'AF dlib': r.get('AF', {}).get('dlib_dist'),
                          'minutes': r['timings']['total_s'] / 60})

@@ -410,9 +410,14 @@ def apply_style(x: torch.Tensor, styles: Sequence[dict], noise: torch.Tensor | N
     if noise is not None: y = y + noise.to(x.dtype) * col(g('grain'))
     return y.clamp(0, 1) * 2 - 1
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    "Images in [-1, 1] [N,3,H,W] -> uint8 [N,H,W,3] (rounded)."
-    return ((x.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(x: torch.Tensor, # images in [-1, 1], [N, 3, H, W]
+             channels_last: bool = True, # [N, H, W, 3] (what PIL and dlib take) or keep [N, 3, H, W]
+             numpy: bool = True, # an ndarray on the CPU, or a tensor where x is
+            ) -> np.ndarray | torch.Tensor:
+    "The one image conversion of the project: [-1, 1] floats -> uint8 pixel values, rounded (every metric and file uses it)."
+    u = ((x.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if channels_last: u = u.permute(0, 2, 3, 1)
+    return u.cpu().numpy() if numpy else u
 
 # %% ../nbs/01_data.ipynb #5d90ee93
 def _descriptor_chunk(chips: np.ndarray) -> np.ndarray:

@@ -4,7 +4,6 @@
 
 # %% ../nbs/92_eg3d.ipynb #c6ff941e
 from __future__ import annotations
-import math
 from typing import Callable
 
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 
 from .generators import Generator, GeneratorError, register_arch
-from .stylegan2 import (StyleGAN2Generator, SynthesisBlock, SynthesisLayer, FullyConnectedLayer, setup_filter,
+from .stylegan2 import (StyleGAN2Generator, SynthesisBlock, SynthesisLayer, FullyConnectedLayer, setup_filter, 
                                  _plain_kwargs, _check_noise_mode)
 
 # %% auto #0

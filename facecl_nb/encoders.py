@@ -4,7 +4,7 @@
 
 # %% ../nbs/02b_encoders.ipynb #eb007fa5
 from __future__ import annotations
-import argparse, io, json, math, pickle, time, zipfile
+import argparse, io, math, pickle, time
 from pathlib import Path
 from typing import Sequence
 

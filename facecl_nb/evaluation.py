@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import FreeConfig, HullConfig
-from .metrics import (HIGHER_IS_BETTER, MetricUnavailable, compute_metrics, default_identity_encoder, fid)
+from .metrics import (MetricUnavailable, compute_metrics, default_identity_encoder, fid)
 from .inversion import project_to_hull, reconstruct_free, synthesize
 
 # %% auto #0

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import json, copy
 from pathlib import Path
-from typing import Any
 from dataclasses import dataclass
 
 import torch

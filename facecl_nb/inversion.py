@@ -155,26 +155,53 @@ def reconstruct_free(G, images: Tensor, # test photos [N, 3, R, R] in [-1, 1]
 # %% ../nbs/03_inversion.ipynb #ee7d73ad
 @dataclass
 class Items:
-    "What tuning consumes — the same for new photos and replayed ones: images with their anchors (and cameras in 3D)."
-    images: Tensor
-    anchors: Tensor
-    cameras: Tensor | None = None
+    """The one container of photos a run handles — new photos, the replay buffer, everything seen: images with their
+    anchors (and cameras in 3D), and for bookkeeping each item's timestamp and name. Tuning reads images, anchors and
+    cameras; the replay buffer and the run's memory also use timestamps and names."""
+    images: Tensor                     # [N, 3, H, W] in [-1, 1] ([N, 0] where a memory keeps anchors only)
+    anchors: Tensor                    # [N, num_ws, w_dim] (or [N, D])
+    cameras: Tensor | None = None      # [N, 25] for 3D generators
+    timestamps: list | None = None     # [N] ints
+    names: list | None = None          # [N] str, e.g. '3/img_002'
     def __post_init__(self):
-        if len(self.images) != len(self.anchors):
-            raise InversionError(f"Items: {len(self.images)} images but {len(self.anchors)} anchors")
-        if self.cameras is not None and len(self.cameras) != len(self.images):
-            raise InversionError(f"Items: {len(self.images)} images but {len(self.cameras)} cameras")
+        n = len(self.images)
+        for what, v in (('anchors', self.anchors), ('cameras', self.cameras), ('timestamps', self.timestamps), ('names', self.names)):
+            if v is not None and len(v) != n: raise InversionError(f"Items: {n} images but {len(v)} {what}")
     def __len__(self): return len(self.images)
+    def _pick(self, v, idx): return None if v is None else (v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()])
     def subset(self, idx) -> 'Items':
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        return Items(self.images[idx], self.anchors[idx], None if self.cameras is None else self.cameras[idx])
+        "The items at positions `idx`, in that order."
+        idx = torch.as_tensor(list(map(int, idx)) if not torch.is_tensor(idx) else idx, dtype=torch.long)
+        return Items(*(self._pick(getattr(self, f), idx) for f in ('images', 'anchors', 'cameras', 'timestamps', 'names')))
     @classmethod
-    def cat(cls, items: Sequence['Items']) -> 'Items':
+    def cat(cls, items: Sequence['Items | None']) -> 'Items | None':
+        "The items of several containers in order (None and empty ones skipped; None when nothing is left)."
         items = [i for i in items if i is not None and len(i)]
-        cams = None if any(i.cameras is None for i in items) else torch.cat([i.cameras for i in items])
-        return cls(torch.cat([i.images for i in items]), torch.cat([i.anchors for i in items]), cams)
+        if not items: return None
+        def join(f):
+            vs = [getattr(i, f) for i in items]
+            if any(v is None for v in vs): return None
+            return torch.cat(vs) if torch.is_tensor(vs[0]) else sum(map(list, vs), [])
+        return cls(*(join(f) for f in ('images', 'anchors', 'cameras', 'timestamps', 'names')))
     def to(self, device) -> 'Items':
-        return Items(self.images.to(device), self.anchors.to(device), None if self.cameras is None else self.cameras.to(device))
+        return Items(self.images.to(device), self.anchors.to(device), None if self.cameras is None else self.cameras.to(device), self.timestamps, self.names)
+    def anchors_only(self) -> 'Items':
+        "The same items without their images (what a run's memory of everything seen keeps)."
+        return Items(torch.zeros(len(self), 0), self.anchors, self.cameras, self.timestamps, self.names)
+    def of_timestamp(self, t: int) -> 'Items':
+        "The items of timestamp t."
+        return self.subset([i for i, s in enumerate(self.timestamps) if s == t])
+    def to_parts(self, prefix: str) -> tuple[dict, dict]:
+        "(tensors, JSON-able meta) for a safetensors file, tensor names prefixed; `from_parts` reads them back."
+        t = {f'{prefix}images': self.images, f'{prefix}anchors': self.anchors}
+        if self.cameras is not None: t[f'{prefix}cameras'] = self.cameras
+        return t, {'timestamps': None if self.timestamps is None else [int(x) for x in self.timestamps],
+                   'names': None if self.names is None else list(self.names)}
+    @staticmethod
+    def from_parts(tensors: dict, meta: dict | None, prefix: str) -> 'Items | None':
+        "The inverse of `to_parts` (None where the container was empty)."
+        if meta is None: return None
+        return Items(tensors[f'{prefix}images'], tensors[f'{prefix}anchors'], tensors.get(f'{prefix}cameras'), meta.get('timestamps'), meta.get('names'))
 
 def _endless(n: int, gen: torch.Generator):
     "Indices 0..n-1 in a fresh random order after every pass, forever (the replay sampler)."

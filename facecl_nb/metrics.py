@@ -4,8 +4,7 @@
 
 # %% ../nbs/05_metrics.ipynb #9dff4a93
 from __future__ import annotations
-import math, os
-from dataclasses import dataclass
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -14,14 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import resolve_weight, weights_dir, MissingWeightError, ChecksumError, load_manifest, verify_file, hash_prefix_in_name
+from .core import resolve_weight, weights_dir, MissingWeightError, ChecksumError, verify_file, hash_prefix_in_name
+from .data import to_uint8
 
 # %% auto #0
-__all__ = ['BACKBONE_FILES', 'IRSE_WIDTHS', 'IRSE50_UNITS', 'HIGHER_IS_BETTER', 'MetricUnavailable', 'check_pair', 'to_uint8',
-           'psnr', 'ssim', 'find_backbone', 'LPIPSMetric', 'lpips_loss', 'dists_weights_path', 'DISTSMetric',
-           'dists_metric', 'IdentityEncoder', 'DlibEncoder', 'default_identity_encoder', 'identity_similarity',
-           'dlib_distance', 'irse_input_layer', 'irse_body', 'IRSE50', 'ArcFaceEncoder', 'frechet_distance',
-           'identity_fid', 'inception_fid_net', 'inception_features', 'fid', 'higher_is_better', 'compute_metrics',
+__all__ = ['BACKBONE_FILES', 'IRSE_WIDTHS', 'IRSE50_UNITS', 'HIGHER_IS_BETTER', 'MetricUnavailable', 'check_pair', 'psnr', 'ssim',
+           'find_backbone', 'LPIPSMetric', 'lpips_loss', 'dists_weights_path', 'DISTSMetric', 'dists_metric',
+           'IdentityEncoder', 'DlibEncoder', 'default_identity_encoder', 'identity_similarity', 'dlib_distance',
+           'irse_input_layer', 'irse_body', 'IRSE50', 'ArcFaceEncoder', 'frechet_distance', 'identity_fid',
+           'inception_fid_net', 'inception_features', 'fid', 'higher_is_better', 'compute_metrics',
            'average_incremental_performance', 'average_forgetting', 'backward_transfer', 'r_to_json', 'r_from_json']
 
 # %% ../nbs/05_metrics.ipynb #b7099e89
@@ -39,14 +39,10 @@ def check_pair(a: Tensor, b: Tensor) -> None:
             raise ValueError(f"{name} image batch: values must be in [-1, 1], found min {lo:.4g} max {hi:.4g}")
 
 # %% ../nbs/05_metrics.ipynb #07aea78c
-def to_uint8(x: Tensor) -> Tensor:
-    "[-1, 1] -> uint8 values (as float64), rounded like the reference."
-    return ((x.detach().double().clamp(-1, 1) + 1) * 127.5).round()
-
 def psnr(a: Tensor, b: Tensor) -> Tensor:
     "PSNR in dB per image [N], on uint8-quantized images (inf when identical)."
     check_pair(a, b)
-    mse = (to_uint8(a) - to_uint8(b)).square().mean((1, 2, 3))
+    mse = (to_uint8(a, False, False).double() - to_uint8(b, False, False).double()).square().mean((1, 2, 3))
     return 10 * torch.log10(255.0 ** 2 / mse)
 
 def _gauss_window(size=11, sigma=1.5, dtype=torch.float64):
@@ -159,13 +155,13 @@ class DlibEncoder(IdentityEncoder):
         self.model = dlib.face_recognition_model_v1(str(resolve_weight('dlib-face-descriptor')))
     def chips(self, images: Tensor) -> list:
         from PIL import Image
-        u8 = to_uint8(images).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        u8 = to_uint8(images)
         return [np.ascontiguousarray(np.asarray(Image.fromarray(x).resize((150, 150), Image.BICUBIC))) for x in u8]
     def embed(self, images: Tensor) -> Tensor:
         "Descriptors [N, 128]; images seen before (same uint8 pixels) come from a cache, the rest in one batched dlib call."
         if len(images) == 0: return torch.zeros(0, 128, dtype=torch.float64)
         import hashlib
-        u8 = to_uint8(images).to(torch.uint8).cpu().numpy()
+        u8 = to_uint8(images, channels_last=False)
         keys = [hashlib.sha1(x.tobytes()).digest() for x in u8]
         cache = self.__dict__.setdefault('_cache', {})
         todo = [i for i, k in enumerate(keys) if k not in cache]

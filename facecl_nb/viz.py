@@ -4,37 +4,32 @@
 
 # %% ../nbs/08_viz.ipynb #bcd65277
 from __future__ import annotations
-import json, shutil, os
+import shutil, os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from .continual import STRATEGIES, strategy_label, strategy_order
+from .rundir import RunDir
+from .core import chromium_path
+
 # %% auto #0
-__all__ = ['STRATEGY_ORDER', 'STRATEGY_LABEL', 'label', 'chromium_path', 'save_figure', 'r_heatmaps', 'aip_af_vs_buffer',
-           'teaser_grid', 'teaser_figure', 'buffer_composition', 'buffer_pca_over_time', 'buffer_pca_small_multiples',
-           'r_cell_figure', 'resolve_runs_dir', 'explorer']
+__all__ = ['label', 'sort_runs', 'save_figure', 'r_heatmaps', 'aip_af_vs_buffer', 'teaser_grid', 'teaser_figure',
+           'buffer_composition', 'buffer_pca_over_time', 'buffer_pca_small_multiples', 'r_cell_figure',
+           'resolve_runs_dir', 'explorer']
 
 # %% ../nbs/08_viz.ipynb #d1c5e7b5
-STRATEGY_ORDER = ['none', 'random', 'hull', 'hull-greedy', 'reservoir', 'kmeans', 'herding', 'cumulative', 'joint']
-STRATEGY_LABEL = {'none': 'Lower bound', 'random': 'ER-Rand', 'hull': 'ER-Hull', 'hull-greedy': 'ER-Hull (greedy)', 'joint': 'Upper bound',
-                  'cumulative': 'Cumulative', 'reservoir': 'Reservoir', 'kmeans': 'k-means', 'herding': 'Herding'}
-
 def label(r: dict) -> str:
-    "Display name of a run: strategy label and buffer size."
-    s = STRATEGY_LABEL.get(r['strategy'], r['strategy'])
-    return s if r['strategy'] in ('none', 'joint', 'cumulative') else f"{s} k={r['buffer']}"
+    "Display name of a run (from the strategy registry): its label, with k where the buffer size matters."
+    return strategy_label(r)
 
-def _sorted(results):
-    return sorted(results, key=lambda r: (STRATEGY_ORDER.index(r['strategy']) if r['strategy'] in STRATEGY_ORDER else 99, r['buffer'], r['person'], r['seed']))
+def _k_matters(name: str) -> bool: return STRATEGIES[name].k_matters if name in STRATEGIES else True
 
-def chromium_path() -> str | None:
-    "A Chromium/Chrome for kaleido's static export, if the machine has one."
-    for n in ('chromium', 'chromium-browser', 'google-chrome', 'chrome'):
-        p = shutil.which(n)
-        if p: return p
-    return None
+def sort_runs(results: Sequence[dict]) -> list[dict]:
+    "Runs in display order: strategy (the registry's order), buffer size, person, seed."
+    return sorted(results, key=lambda r: (strategy_order(r['strategy']), r['buffer'], r['person'], r['seed']))
 
 def save_figure(fig, stem, png: bool = True, width: int = 1000, height: int | None = None) -> dict:
     "Write `fig` to `<stem>.html` (plotly.js beside it) and, when possible, `<stem>.png`; returns what was written or why not."
@@ -57,7 +52,7 @@ def r_heatmaps(results: Sequence[dict], metric: str = 'psnr', cols: int = 4):
     "One heat map of R (model after t × evaluated timestamp k) per run, on a shared colour scale."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    results = _sorted([r for r in results if metric in r['R']])
+    results = sort_runs([r for r in results if metric in r['R']])
     if not results: raise ValueError(f"no run has metric '{metric}'")
     n = len(results); cols = min(cols, n); rows = (n + cols - 1) // cols
     from facecl_nb.metrics import r_from_json
@@ -84,28 +79,28 @@ def aip_af_vs_buffer(table, metric: str = 'psnr'):
     from plotly.subplots import make_subplots
     fig = make_subplots(rows=1, cols=2, subplot_titles=[f'AIP ({metric}, higher is better)' if metric != 'lpips' else 'AIP', f'AF ({metric}, lower is better)'])
     ks = sorted(int(k) for k in table.buffer.unique() if k > 0) or [0]
-    for st in [s for s in STRATEGY_ORDER if s in set(table.strategy)]:
+    for st in sorted(set(table.strategy), key=strategy_order):
         d = table[table.strategy == st]
         for c, (m, s) in enumerate([('AIP_mean', 'AIP_std'), ('AF_mean', 'AF_std')], 1):
-            if st in ('none', 'joint', 'cumulative'):
+            if not _k_matters(st):
                 if not np.isfinite(d[m].iloc[0]): continue
-                fig.add_trace(go.Scatter(x=ks, y=[d[m].iloc[0]] * len(ks), mode='lines', line=dict(dash='dash'), name=STRATEGY_LABEL[st],
+                fig.add_trace(go.Scatter(x=ks, y=[d[m].iloc[0]] * len(ks), mode='lines', line=dict(dash='dash'), name=label({'strategy': st, 'buffer': 0}),
                                          legendgroup=st, showlegend=(c == 1)), row=1, col=c)
             else:
                 fig.add_trace(go.Scatter(x=d.buffer, y=d[m], error_y=dict(type='data', array=d[s].fillna(0)), mode='lines+markers',
-                                         name=STRATEGY_LABEL.get(st, st), legendgroup=st, showlegend=(c == 1)), row=1, col=c)
+                                         name=label({'strategy': st, 'buffer': 0}).split(' k=')[0], legendgroup=st, showlegend=(c == 1)), row=1, col=c)
     fig.update_xaxes(title_text='buffer size k', tickvals=ks)
     fig.update_layout(height=420, width=1000)
     return fig
 
 # %% ../nbs/08_viz.ipynb #d120a50a
 def _recon(run_dir, t):
-    from facecl_nb.continual import read_recon
-    return read_recon(run_dir, t)
+    "Reconstructions of the model of row t of R (an upper bound's one model serves every row)."
+    return RunDir(run_dir).recon(t)
 
 def teaser_grid(results: Sequence[dict], album, k: int = 0, photo: int = 0, every: int = 1) -> np.ndarray:
     "An image (uint8 HWC): one row per run — the test photo of timestamp k, then its reconstruction by the model after each t ≥ k."
-    results = _sorted(results)
+    results = sort_runs(results)
     Ts = album.timestamps[:results[0]['T']]
     tk = Ts[k]
     target = ((album.images(tk, 'test')[photo].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -114,8 +109,7 @@ def teaser_grid(results: Sequence[dict], album, k: int = 0, photo: int = 0, ever
     for i, r in enumerate(results):
         canvas[i * (H + 4):i * (H + 4) + H, :H] = target.permute(1, 2, 0).numpy()
         for j, t in enumerate(cols):
-            rt = 0 if r['strategy'] == 'joint' else t
-            rec = _recon(r['run_dir'], len(Ts) - 1 if r['strategy'] == 'joint' else rt)
+            rec = _recon(r['run_dir'], t)
             if rec is None or tk not in rec['recon']: continue
             canvas[i * (H + 4):i * (H + 4) + H, (j + 1) * (H + 4):(j + 1) * (H + 4) + H] = rec['recon'][tk][photo].permute(1, 2, 0).numpy()
     return canvas
@@ -123,7 +117,7 @@ def teaser_grid(results: Sequence[dict], album, k: int = 0, photo: int = 0, ever
 def teaser_figure(results, album, k: int = 0, photo: int = 0):
     "The teaser grid as a plotly figure with row and column labels."
     import plotly.express as px
-    results = _sorted(results)
+    results = sort_runs(results)
     img = teaser_grid(results, album, k, photo)
     H = album.images(album.timestamps[k], 'test').shape[-1]
     fig = px.imshow(img)
@@ -138,7 +132,7 @@ def buffer_composition(results: Sequence[dict]):
     "Stacked bars: for each replay run and timestamp t, how many buffer items come from each earlier timestamp."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    runs = [r for r in _sorted(results) if r['strategy'] not in ('none', 'joint')]
+    runs = [r for r in sort_runs(results) if STRATEGIES.get(r['strategy'], STRATEGIES['random']).replays]
     if not runs: raise ValueError('no replay runs among the results')
     T = max(r['T'] for r in runs)
     fig = make_subplots(rows=1, cols=len(runs), subplot_titles=[label(r) for r in runs], shared_yaxes=True)
@@ -163,8 +157,7 @@ def buffer_pca_over_time(run_dir):
     "The pool (coloured by timestamp), the chosen buffer and its hull in a 2-D PCA shared over all t, with a slider over t."
     import plotly.graph_objects as go
     import plotly.express as px
-    from facecl_nb.continual import read_pools
-    pools = read_pools(run_dir)
+    pools = RunDir(run_dir).pools()
     if not pools: raise ValueError(f"{run_dir}: no pool files (runs without replay have none)")
     X = torch.cat([d['latents'] for _, d in pools]).double()
     mu = X.mean(0); _, _, V = torch.linalg.svd(X - mu, full_matrices=False); basis = V[:2].T
@@ -225,7 +218,7 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
     "An ipywidgets explorer over the finished runs in `runs_dir`."
     import ipywidgets as W
     import plotly.graph_objects as go
-    from facecl_nb.continual import collect_results, NO_BUFFER
+    from facecl_nb.continual import collect_results
     from facecl_nb.metrics import r_from_json
     from facecl_nb.data import Album
     runs_dir = resolve_runs_dir(runs_dir)
@@ -233,8 +226,8 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
     if not results: raise ValueError(f"no finished runs under {runs_dir} (run `make demo` first, or pass runs_dir)")
     persons = sorted({r['person'] for r in results})
     w_person = W.Dropdown(options=persons, description='person')
-    w_strategy = W.Dropdown(options=[s for s in STRATEGY_ORDER if any(r['strategy'] == s for r in results)], description='strategy')
-    def buffers_of(st): return sorted({r['buffer'] for r in results if r['strategy'] == st}) if st not in NO_BUFFER else ['-']
+    w_strategy = W.Dropdown(options=sorted({r['strategy'] for r in results}, key=strategy_order), description='strategy')
+    def buffers_of(st): return sorted({r['buffer'] for r in results if r['strategy'] == st}) if _k_matters(st) else ['-']
     w_buffer = W.Dropdown(options=buffers_of(w_strategy.value), description='buffer k')
     w_seed = W.Dropdown(options=sorted({r['seed'] for r in results}), description='seed')
     T = max(r['T'] for r in results)
@@ -245,7 +238,7 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
 
     def find():
         c = [r for r in results if r['person'] == w_person.value and r['strategy'] == w_strategy.value and r['seed'] == w_seed.value]
-        c = [r for r in c if r['strategy'] in NO_BUFFER or r['buffer'] == w_buffer.value] or c
+        c = [r for r in c if not _k_matters(r['strategy']) or r['buffer'] == w_buffer.value] or c
         return c[0] if c else None
 
     def draw(*_):
@@ -259,7 +252,7 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
             t, k = w_t.value, w_k.value
             photo = album.images(Ts[k], 'test'); w_photo.max = len(photo) - 1
             tgt = ((photo[w_photo.value].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            rec = _recon(r['run_dir'], (r['T'] - 1) if r['strategy'] == 'joint' else t)
+            rec = _recon(r['run_dir'], t)
             rimg = rec['recon'][Ts[k]][w_photo.value].permute(1, 2, 0).numpy() if (rec is not None and Ts[k] in rec['recon']) else np.full_like(tgt, 255)
             def png(a):
                 b = io.BytesIO(); PImage.fromarray(a).resize((192, 192), PImage.NEAREST).save(b, 'PNG'); return b.getvalue()
@@ -267,8 +260,7 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
             imgs = W.HBox([W.VBox([W.HTML('<b>test photo</b>'), W.Image(value=png(tgt))]),
                            W.VBox([W.HTML(f'<b>model after t={t}</b>' + (' (k > t: not yet seen)' if k > t else '')), W.Image(value=png(rimg))])])
             figs = [go.FigureWidget(r_cell_figure(R, t, k, metric, label(r)))]
-            pool = Path(r['run_dir'])/'state'/f't{t}.pool.safetensors'
-            if pool.exists():
+            if any(pt == t for pt, _ in RunDir(r['run_dir']).pools()):
                 f = buffer_pca_over_time(r['run_dir'])
                 fr = [x for x in f.frames if x.name == str(t)]
                 g = go.Figure(data=fr[0].data if fr else f.data); g.update_layout(width=460, height=400, title=f'pool and buffer chosen at t={t}')

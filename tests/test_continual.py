@@ -53,7 +53,7 @@ def test_resume_identical(album, tmp_path):
         raise Killed()
     with pytest.raises(Killed):
         C.continual_run(album, cfg, tmp_path / 'killed', progress=False, log=kill_after_first)
-    assert C.last_state(tmp_path / 'killed') == 0
+    assert C.RunDir(tmp_path / 'killed').last_state() == 0
     assert not list((tmp_path / 'killed' / 'state').glob('*.pt'))            # state in safetensors + JSON only
     first = json.loads((tmp_path / 'killed' / 'results.json').read_text())
     assert not first['complete']
@@ -136,7 +136,7 @@ def test_protocol_options_recorded_and_paired_replay(album, tmp_path):
     res = C.continual_run(album, cfg, tmp_path / 'b', progress=False, log=lambda *a: None)
     assert res['protocol']['anchors'] == 'encoder' and res['protocol']['eval'] == 'both' and res['protocol']['tuning']['mix'] == 'paired'
     assert {'psnr', 'psnr@hull', 'synth_id_sim'} <= set(res['R']) and 'psnr@hull' in res['AF']
-    seen = C.read_memory(tmp_path / 'b', 1, 'seen')
+    seen = C.RunDir(tmp_path / 'b').memory(1, 'seen')
     from facecl_nb.encoders import load_encoder
     E = load_encoder('dcgan-encoder-demo')
     torch.testing.assert_close(seen.anchors[:len(album.names(0, 'train'))], E.encode(album.images(0, 'train')))

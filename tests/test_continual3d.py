@@ -41,10 +41,10 @@ def test_one_continual_run_3d(album3d, tmp_path):
     R = np.array([[np.nan if v is None else v for v in row] for row in res['R']['psnr']])
     assert np.isnan(R[0, 1]) and np.isfinite(R[[0, 1, 1], [0, 0, 1]]).all()
     assert res['buffers'][1]['buffer_timestamps'] == [0, 0]
-    tens, meta = C.read_state(tmp_path / 'run' / 'state' / 't1.safetensors')
-    assert any(not torch.equal(tens['G/' + k], before[k]) for k in before if not k.startswith('backbone.mapping'))   # tuned
+    st = C.RunDir(tmp_path / 'run').state(1)
+    assert any(not torch.equal(st.weights[k], before[k]) for k in before if not k.startswith('backbone.mapping'))   # tuned
     assert all(torch.equal(G0.state_dict()[k], before[k]) for k in before)                                       # input untouched
-    assert len(tens['seen/cameras']) == 6
+    assert len(st.seen.cameras) == 6
 
 
 def test_3d_run_needs_cameras(tmp_path):

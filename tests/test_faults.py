@@ -52,7 +52,7 @@ def test_planted_pickle_in_state_never_runs(album, finished, tmp_path):
     with pytest.raises(C.StateError, match=r't1.pt: an old-format \(pickle\) state file — refused'):
         C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='random', buffer=2, T=3), run, progress=False, log=quiet)
     # the figures' readers do not unpickle either
-    C.read_recon(run, 0); C.read_pools(run)
+    C.RunDir(run).recon(0); C.RunDir(run).pools()
     assert not marker.exists()
 
 

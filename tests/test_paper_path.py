@@ -126,7 +126,7 @@ def test_paper_profile_end_to_end(album, paper_files, tmp_path):
     assert res['buffers'][1]['buffer_timestamps'] == [0, 0] and res['buffers'][1]['n_replay'] == 2
 
     # anchors: W+ codes of the fixed encoder, one w repeated over the layers plus the per-layer latent_avg
-    seen = C.read_memory(out, 1, 'seen')
+    seen = C.RunDir(out).memory(1, 'seen')
     assert seen.anchors.shape == (6, G.num_ws, 512) and seen.timestamps == [0, 0, 0, 1, 1, 1]
     for t in (0, 1):
         codes = E.encode(album.images(t, 'train'))
@@ -136,23 +136,23 @@ def test_paper_profile_end_to_end(album, paper_files, tmp_path):
         w = codes - latent_avg                                      # the encoder's single w per photo
         torch.testing.assert_close(w, w[:, :1].expand_as(w), rtol=0, atol=1e-5)
         assert not torch.allclose(codes[:, 0], codes[:, 1])          # ... but the anchors themselves differ per layer (W+)
-    assert torch.equal(C.read_memory(out, 0, 'seen').anchors, seen.anchors[:3])
+    assert torch.equal(C.RunDir(out).memory(0, 'seen').anchors, seen.anchors[:3])
     # the buffer at t = 1 holds two of timestamp 0's anchors, chosen from a pool of its three (flattened W+ latents)
-    buf = C.read_memory(out, 1, 'buffer')
+    buf = C.RunDir(out).memory(1, 'buffer')
     assert buf.anchors.shape == (2, 8, 512) and buf.timestamps == [0, 0]
     assert all(any(torch.equal(a, b) for b in seen.anchors[:3]) for a in buf.anchors)
-    (tp, pool), = C.read_pools(out)
+    (tp, pool), = C.RunDir(out).pools()
     assert tp == 1 and pool['latents'].shape == (3, 8 * 512) and len(pool['chosen']) == 2
 
     # the tuned generator differs from the prior; the prior passed in is left untouched
     assert all(torch.equal(v, prior[k]) for k, v in G.state_dict().items())
     for t in (0, 1):
-        Gt = C.load_state_model(out, t, G)
+        Gt = C.RunDir(out).model(t, G)
         changed = [k for k, v in Gt.state_dict().items() if not torch.equal(v, prior[k])]
         assert any(k.startswith('synthesis.') for k in changed), t
-    assert not all(torch.equal(a, b) for a, b in zip(C.load_state_model(out, 0, G).state_dict().values(),
-                                                      C.load_state_model(out, 1, G).state_dict().values()))
-    rec = C.read_recon(out, 1)
+    assert not all(torch.equal(a, b) for a, b in zip(C.RunDir(out).model(0, G).state_dict().values(),
+                                                      C.RunDir(out).model(1, G).state_dict().values()))
+    rec = C.RunDir(out).recon(1)
     assert sorted(rec['recon']) == [0, 1] and rec['recon'][0].shape == (2, 3, RES, RES)
     assert rec['synth'][1].shape == (2, 3, RES, RES)
 
