@@ -23,10 +23,10 @@ __all__ = ['STRATEGIES', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'D
            'LowerBound', 'Replay', 'Cumulative', 'Joint', 'own_spread', 'register', 'known_strategies', 'get_strategy',
            'strategy_label', 'strategy_order', 'RunConfig', 'run_name', 'load_profile_prior', 'weight_versions',
            'check_cameras', 'load_profile_encoder', 'make_anchors', 'new_items', 'update_buffer', 'tune_model',
-           'evaluate_model', 'record', 'continual_run', 'grid_specs', 'run_is_complete', 'GridError', 'check_address',
-           'ray_env', 'run_grid', 'collect_results', 'summary_table', 'format_table', 'experiments_dir',
-           'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'albums_3d', 'demo3d', 'cli_demo',
-           'compare_protocols', 'paper_tier_missing', 'reproduce']
+           'evaluate_model', 'record', 'continual_run', 'grid_specs', 'run_is_complete', 'GridError', 'RayStartError',
+           'check_address', 'ray_env', 'run_grid', 'collect_results', 'summary_table', 'format_table',
+           'experiments_dir', 'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'albums_3d', 'demo3d',
+           'cli_demo', 'compare_protocols', 'paper_tier_missing', 'reproduce']
 
 # %% ../nbs/06_continual.ipynb #00c520dd
 class Strategy:
@@ -468,6 +468,9 @@ def _grid_worker(args):
 class GridError(RuntimeError):
     "A grid that cannot start: a Ray cluster that does not answer, or Ray missing."
 
+class RayStartError(GridError):
+    "Ray itself did not start here (or did not connect), before any run."
+
 def check_address(address: str, # a Ray cluster's address, 'host:port' (the head's GCS port, 6379 by default) or 'ray://host:port'
                   timeout: float = 5.0) -> None:
     "Refuse, within `timeout` seconds and before any run starts, an address where nothing answers."
@@ -479,22 +482,25 @@ def check_address(address: str, # a Ray cluster's address, 'host:port' (the head
     except OSError as e: raise GridError(f"--address {address}: no Ray cluster answers there ({type(e).__name__}: {e}); start one with `ray start --head` "
                                          f"on that machine, or leave --address out for a local Ray") from None
 
-def ray_env() -> dict:
+def ray_env(local: bool = True) -> dict:
     "Environment for Ray in this project: no usage statistics, and a single-node Ray kept on the loopback interface."
-    return {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER': '0'}
+    env = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_agent_register_timeout_ms': '180000'}   # a busy machine starts Ray's agents slowly; the default (15 s) kills the node
+    if local: env['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'                           # single node: bind 127.0.0.1, not the interface's address
+    return env
 
 def _ray_init(address, jobs: int, log):
     "Connect to a cluster (`address`), or start a local Ray of `jobs` CPUs on 127.0.0.1; returns the ray module."
-    os.environ.update(ray_env())
+    os.environ.update(ray_env(local=not address))
     try: import ray
     except ImportError: raise GridError("a grid with --jobs > 1 or --address runs on Ray: pip install ray (a dependency of facecl)") from None
     if address:
         check_address(address)
-        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+        try: ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+        except Exception as e: raise RayStartError(f"--address {address}: could not join the Ray cluster ({type(e).__name__}: {str(e)[:300]})") from None
         log(f"grid: on the Ray cluster at {address}: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs")
     else:
-        ray.init(num_cpus=jobs, num_gpus=0, include_dashboard=False, log_to_driver=False, _node_ip_address='127.0.0.1',
-                 object_store_memory=256 * 2**20, ignore_reinit_error=True)
+        try: ray.init(num_cpus=jobs, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20, ignore_reinit_error=True)
+        except Exception as e: ray.shutdown(); raise RayStartError(f"{type(e).__name__}: {str(e)[:300]}") from None
     return ray
 
 def _run_on_ray(todo: list, profile: str, address, jobs: int, retries: int, status: dict, log) -> None:
@@ -548,8 +554,13 @@ def run_grid(album_root, persons, strategies, buffers, seeds, out, profile='demo
     log(f"grid: {len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run"
         + (f" on Ray ({address or f'local, {jobs} at a time'})" if on_ray else ''))
     t0 = time.perf_counter()
-    if on_ray: _run_on_ray(todo, profile, address, jobs, retries, status, log)
-    else:
+    if on_ray:
+        try: _run_on_ray(todo, profile, address, jobs, retries, status, log)
+        except RayStartError as e:
+            if address: raise
+            log(f"grid: warning: a local Ray did not start ({type(e).__name__}: {str(e)[:200]}); running the runs here, one after the other")
+            on_ray = False
+    if not on_ray:
         for a in tqdm(todo, desc='grid', disable=len(todo) < 2):
             d, st, err = _grid_worker(a)
             status[d] = {'status': st} if err is None else {'status': st, 'error': err}
@@ -590,7 +601,8 @@ def format_table(t, metric='psnr') -> str:
 
 # %% ../nbs/06_continual.ipynb #99ba3ecb
 DEMO = dict(persons=['alice'], strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5], seeds=[0], T=None)
-FIGURES = dict(persons=None, strategies=['none', 'random', 'hull', 'hull-greedy', 'joint'], buffers=[3, 5, 10], seeds=[0, 1, 2], T=None)
+FIGURES = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5, 10], seeds=[0, 1, 2], T=None,
+               others=dict(strategies=['hull-greedy', 'reservoir', 'kmeans', 'herding'], buffers=[5]))   # `make figures`: + the other buffers at k = 5
 QUICK_OVERRIDES = dict(projection={'steps': 10}, tuning={'steps': 10}, free={'steps': 5}, hull={'steps': 10}, n_synth=4, hull_candidates=50)
 
 def experiments_dir() -> Path:
@@ -636,6 +648,9 @@ def demo(out='runs/demo', quick: bool = False, figures='figures', reports='repor
     T = 2 if quick else plan['T']
     jobs = jobs or (1 if quick else min(2, os.cpu_count() or 1))
     s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, T=T, overrides=overrides, jobs=jobs, log=log)
+    if plan.get('others'):                     # more strategies at other buffer sizes, into the same runs folder
+        o = run_grid(root, plan['persons'], plan['others']['strategies'], plan['others']['buffers'], plan['seeds'], out, T=T, overrides=overrides, jobs=jobs, log=log)
+        s = {'runs': {**s['runs'], **o['runs']}, 'failed': s['failed'] + o['failed'], 'seconds': s['seconds'] + o['seconds']}
     return _figures_and_table('demo', 'continual_2d', s, out, root, figures, reports, t0, log)
 
 def _figures_and_table(what, notebook, grid, out, root, figures, reports, t0, log) -> dict:

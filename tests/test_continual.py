@@ -141,3 +141,26 @@ def test_protocol_options_recorded_and_paired_replay(album, tmp_path):
     E = load_encoder('dcgan-encoder-demo')
     torch.testing.assert_close(seen.anchors[:len(album.names(0, 'train'))], E.encode(album.images(0, 'train')))
     assert res['buffers'][1]['n_replay'] == 2
+
+
+def test_grid_address_that_does_not_answer(album, tmp_path):
+    import time
+    t0 = time.time()
+    with pytest.raises(C.GridError, match='no Ray cluster answers there'):
+        C.run_grid(album.root, ['pat'], ['none'], [2], [0], tmp_path / 'g', T=2, overrides=MICRO, address='127.0.0.1:9', log=lambda *a: None)
+    assert time.time() - t0 < 15 and not (tmp_path / 'g').exists()          # refused within seconds, before any run
+    with pytest.raises(C.GridError, match='expected host:port'):
+        C.run_grid(album.root, ['pat'], ['none'], [2], [0], tmp_path / 'g', T=2, overrides=MICRO, address='nohost', log=lambda *a: None)
+
+
+def test_grid_on_local_ray_equals_in_process(album, tmp_path):
+    "`make demo`'s path: two runs at a time on a local Ray give the results of the same runs one after the other in this process."
+    torch.set_num_threads(1)
+    msgs = []
+    s = C.run_grid(album.root, ['pat'], ['none', 'hull'], [2], [0], tmp_path / 'ray', T=2, overrides=MICRO, jobs=2, log=msgs.append)
+    assert s['failed'] == [] and len(s['runs']) == 2
+    assert any('on Ray (local, 2 at a time)' in m for m in msgs)
+    C.run_grid(album.root, ['pat'], ['none', 'hull'], [2], [0], tmp_path / 'seq', T=2, overrides=MICRO, jobs=1, log=lambda *a: None)
+    for name in ('pat/none-s0', 'pat/hull-k2-s0'):
+        a, b = (json.loads((tmp_path / d / name / 'results.json').read_text()) for d in ('ray', 'seq'))
+        assert _strip(a) == _strip(b), name
