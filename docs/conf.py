@@ -53,6 +53,7 @@ project = "facecl"
 author = "facecl developers"
 copyright = "2026 onwards, facecl developers"
 root_doc = "index"
+smartquotes = False          # titles stay as written in the notebooks
 
 extensions = ["myst_nb"]
 

@@ -58,11 +58,19 @@ class Cluster:
             _sh('ip', 'netns', 'exec', ns, 'ip', 'addr', 'add', f'{ip}/24', 'dev', dev)
             _sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', dev, 'up')
         common = ['--num-cpus', '1', '--disable-usage-stats', '--block']
-        self.head = self._start(h, ['ray', 'start', '--head', '--port', '6379', '--node-ip-address', self.ip[0], '--temp-dir', str(self.tmp[0]),
-                                    '--include-dashboard=false'] + common)
-        self._wait_port(h, self.ip[0], 6379, 150)
-        self.node = self._start(n, ['ray', 'start', '--address', f'{self.ip[0]}:6379', '--node-ip-address', self.ip[1], '--temp-dir', str(self.tmp[1])] + common)
-        self._wait_nodes(2, 180)
+        for attempt in range(3):
+            self.head = self._start(h, ['ray', 'start', '--head', '--port', '6379', '--node-ip-address', self.ip[0], '--temp-dir', str(self.tmp[0]),
+                                        '--include-dashboard=false'] + common)
+            self._wait_port(h, self.ip[0], 6379, 150)
+            if self._wait_nodes(1, 120, self.head): break
+            self._kill(self.head); shutil.rmtree(self.tmp[0], ignore_errors=True)
+        else: raise TimeoutError(f"the Ray head did not come up in 3 attempts; see {self.log}")
+        for attempt in range(3):            # a node whose agents start too slowly dies at once (ray-project/ray#65983): start it again
+            self.node = self._start(n, ['ray', 'start', '--address', f'{self.ip[0]}:6379', '--node-ip-address', self.ip[1],
+                                        '--temp-dir', str(self.tmp[1])] + common)
+            if self._wait_nodes(2, 120, self.node): return
+            self._kill(self.node); shutil.rmtree(self.tmp[1], ignore_errors=True)
+        raise TimeoutError(f"the second Ray node did not come up in 3 attempts; see {self.log}")
 
     def _start(self, ns, cmd) -> subprocess.Popen:
         f = open(self.log, 'a')
@@ -85,12 +93,24 @@ class Cluster:
             time.sleep(1)
         raise TimeoutError(f"the Ray head did not open {ip}:{port} in {timeout} s; see {self.log}")
 
-    def _wait_nodes(self, n, timeout):
-        code = (f"import ray, time; ray.init(address='{self.ip[0]}:6379', log_to_driver=False); t = time.time()\n"
-                f"while len([x for x in ray.nodes() if x['Alive']]) < {n} and time.time() - t < {timeout}: time.sleep(1)\n"
-                f"print(len([x for x in ray.nodes() if x['Alive']]))")
-        r = subprocess.run(['ip', 'netns', 'exec', self.ns[0], sys.executable, '-c', code], capture_output=True, text=True, env=self.env, timeout=timeout + 60)
-        if r.stdout.strip().splitlines()[-1:] != [str(n)]: raise TimeoutError(f"{n} Ray nodes did not come up: {r.stdout[-500:]} {r.stderr[-1500:]}")
+    def _wait_nodes(self, n, timeout, proc) -> bool:
+        "True once n nodes are alive; False as soon as `proc` (the node's `ray start`) exits, or after `timeout` s."
+        code = (f"import ray; ray.init(address='{self.ip[0]}:6379', log_to_driver=False); print(len([x for x in ray.nodes() if x['Alive']]))")
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if proc.poll() is not None: return False
+            r = subprocess.run(['ip', 'netns', 'exec', self.ns[0], sys.executable, '-c', code], capture_output=True, text=True, env=self.env, timeout=120)
+            if r.stdout.strip().splitlines()[-1:] == [str(n)]: return True
+            time.sleep(2)
+        return False
+
+    @staticmethod
+    def _kill(p):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try: os.killpg(p.pid, sig)
+            except ProcessLookupError: return
+            try: p.wait(timeout=10); return
+            except subprocess.TimeoutExpired: pass
 
     def node_pids(self, which: str) -> list[int]:
         "pids of the second node's processes: `which` = '/raylet' (the executable's name) or a process title prefix ('ray::_run_task')."
@@ -110,12 +130,7 @@ class Cluster:
         except OSError: return False
 
     def close(self):
-        for p in self.procs:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try: os.killpg(p.pid, sig)
-                except ProcessLookupError: break
-                try: p.wait(timeout=10); break
-                except subprocess.TimeoutExpired: pass
+        for p in self.procs: self._kill(p)
         for ns in self.ns:                               # anything left in the namespaces (Ray's own daemons), by pid
             for d in Path('/proc').iterdir():
                 if d.name.isdigit() and self._in_ns(int(d.name), ns):
