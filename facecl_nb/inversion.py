@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# default settings come from the stage configs (the profiles override them): one place for each number
+from .core import ProjectionConfig as _P, FreeConfig as _F, TuningConfig as _T, HullConfig as _H
+
 # %% auto #0
 __all__ = ['InversionError', 'TuningDiverged', 'check_images', 'check_anchors', 'describe_loss', 'project', 'reconstruct_free',
            'Items', 'tuning_batches', 'tune', 'HullProjection', 'hull_alphas', 'project_to_hull', 'synthesize']
@@ -96,8 +99,8 @@ def _nearest_samples(G, images, c, n_samples, seed):
         idx = torch.cdist(F.avg_pool2d(images, 2).flatten(1), F.avg_pool2d(r, 2).flatten(1)).argmin(1)
     return cand[idx].clone()
 
-def project(G, images: Tensor, space: str = 'w', steps: int = 200, lr: float = 0.05, init='nearest', lpips_weight: float | None = 1.0,
-            c: Tensor | None = None, seed: int = 0, batch_size: int = 32, progress: bool = True, latent_reg: float = 1e-3) -> Tensor:
+def project(G, images: Tensor, space: str = _P.space, steps: int = _P.steps, lr: float = _P.lr, init='nearest', lpips_weight: float | None = _P.lpips_weight,
+            c: Tensor | None = None, seed: int = 0, batch_size: int = _P.batch_size, progress: bool = True, latent_reg: float = 1e-3) -> Tensor:
     '''Invert `images` into G's latent space: anchors [N, num_ws, w_dim] (one w broadcast over layers for 'w', one per layer for 'w+').
     `init`: 'mean' (G's mean latent), 'nearest' (the closest of 64 prior samples; the DCGAN's mean, z = 0,
     is a dead point where every ReLU is off) or a tensor of latents.'''
@@ -142,8 +145,8 @@ def project(G, images: Tensor, space: str = 'w', steps: int = 200, lr: float = 0
 
 def reconstruct_free(G, images: Tensor, # test photos [N, 3, R, R] in [-1, 1]
                      init, # start latents [N, num_ws, w_dim] (the photos' encoder codes), or 'nearest'
-                     steps: int = 800, lr: float = 5e-3, space: str = 'w+', c: Tensor | None = None, seed: int = 0,
-                     lpips_weight: float | None = 1.0, batch_size: int = 64, progress: bool = False) -> tuple[Tensor, Tensor]:
+                     steps: int = _F.steps, lr: float = _F.lr, space: str = 'w+', c: Tensor | None = None, seed: int = 0,
+                     lpips_weight: float | None = _F.lpips_weight, batch_size: int = 64, progress: bool = False) -> tuple[Tensor, Tensor]:
     "The paper's reconstruction of unseen photos: free latent optimization in `G` from `init`; returns (renders, latents)."
     ws = project(G, images, space=space, steps=steps, lr=lr, init=init, lpips_weight=lpips_weight, c=c, seed=seed,
                  batch_size=batch_size, progress=progress, latent_reg=0.0)
@@ -245,7 +248,7 @@ def tune(G, items: Items, # the new photos with their anchors
          replay: Items | None = None, # the replayed items (the buffer), or None
          epochs: int | None = None, # budget: passes over the new photos ...
          steps: int | None = None, # ... or a fixed number of batches
-         lr: float = 3e-4, batch_size: int = 2, mix: str = 'paired', seed: int = 0, lpips_weight: float | None = 1.0,
+         lr: float = _T.lr, batch_size: int = _T.batch_size, mix: str = _T.mix, seed: int = 0, lpips_weight: float | None = _T.lpips_weight,
          progress: bool = True):
     """Tune a copy of `G` so that each anchor renders its image (every weight, Adam); the input generator is left
     untouched. The loss of a batch is the mean loss of its new items plus, when paired, the mean loss of its replayed items."""
@@ -293,7 +296,7 @@ def hull_alphas(theta: Tensor, beta: float) -> Tensor:
     K = theta.shape[-1]
     return (1 + K * beta) * torch.softmax(theta, -1) - beta
 
-def project_to_hull(G, images: Tensor, anchors: Tensor, beta: float = 0.0, steps: int = 150, lr: float = 0.05, c: Tensor | None = None,
+def project_to_hull(G, images: Tensor, anchors: Tensor, beta: float = _H.beta, steps: int = _H.steps, lr: float = _H.lr, c: Tensor | None = None,
                     seed: int = 0, batch_size: int = 64, progress: bool = True, lpips_weight: float | None = 1.0) -> HullProjection:
     "Reconstruct `images` inside P_beta(anchors) of `G` by optimizing the mixing weights; batched over all images."
     check_images(G, images); A = check_anchors(G, anchors)

@@ -285,7 +285,7 @@ def inception_fid_net(path=None) -> nn.Module:
 
 def inception_features(x: Tensor, net: nn.Module, batch_size: int = 50) -> np.ndarray:
     "Pool features [N, 2048] of images in [-1, 1] (quantized to uint8 first, as FID tools read PNGs)."
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 255
+    x = to_uint8(x, channels_last=False, numpy=False).float() / 255
     with torch.no_grad(): return torch.cat([net(b.float())[0].flatten(1) for b in x.split(batch_size)]).double().numpy()
 
 def fid(a: Tensor, b: Tensor, path=None) -> float:

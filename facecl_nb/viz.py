@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_viz.ipynb #bcd65277
 from __future__ import annotations
-import shutil, os
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +14,7 @@ import torch
 from .continual import STRATEGIES, strategy_label, strategy_order
 from .rundir import RunDir
 from .core import chromium_path
+from .data import to_uint8
 
 # %% auto #0
 __all__ = ['label', 'sort_runs', 'save_figure', 'r_heatmaps', 'aip_af_vs_buffer', 'teaser_grid', 'teaser_figure',
@@ -103,7 +104,7 @@ def teaser_grid(results: Sequence[dict], album, k: int = 0, photo: int = 0, ever
     results = sort_runs(results)
     Ts = album.timestamps[:results[0]['T']]
     tk = Ts[k]
-    target = ((album.images(tk, 'test')[photo].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    target = to_uint8(album.images(tk, 'test')[photo:photo + 1], channels_last=False, numpy=False)[0]
     H = target.shape[-1]; cols = list(range(k, len(Ts), every))
     canvas = np.full((len(results) * (H + 4), (len(cols) + 1) * (H + 4), 3), 255, np.uint8)
     for i, r in enumerate(results):
@@ -241,9 +242,17 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
         c = [r for r in c if not _k_matters(r['strategy']) or r['buffer'] == w_buffer.value] or c
         return c[0] if c else None
 
+    state = {'quiet': False, 'shown': []}
+    def fig_box(fig):
+        "A plotly figure in its own Output widget (a FigureWidget would ship plotly.js, 5 MB, on every redraw, and sometimes stay blank)."
+        o = W.Output()
+        with o: fig.show(renderer='plotly_mimetype')
+        return o
     def draw(*_):
         from PIL import Image as PImage
         import io
+        if state['quiet']: return
+        for w in state['shown']: w.close()             # the previous redraw's widgets, so they do not pile up in the kernel
         out.clear_output(wait=True)
         with out:
             r = find()
@@ -251,7 +260,7 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
             album = Album(album_root, r['person']); Ts = album.timestamps[:r['T']]
             t, k = w_t.value, w_k.value
             photo = album.images(Ts[k], 'test'); w_photo.max = len(photo) - 1
-            tgt = ((photo[w_photo.value].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            tgt = to_uint8(photo[w_photo.value:w_photo.value + 1])[0]
             rec = _recon(r['run_dir'], t)
             rimg = rec['recon'][Ts[k]][w_photo.value].permute(1, 2, 0).numpy() if (rec is not None and Ts[k] in rec['recon']) else np.full_like(tgt, 255)
             def png(a):
@@ -259,17 +268,21 @@ def explorer(runs_dir, album_root, metric: str = 'psnr'):
             R = r_from_json(r['R'][metric])
             imgs = W.HBox([W.VBox([W.HTML('<b>test photo</b>'), W.Image(value=png(tgt))]),
                            W.VBox([W.HTML(f'<b>model after t={t}</b>' + (' (k > t: not yet seen)' if k > t else '')), W.Image(value=png(rimg))])])
-            figs = [go.FigureWidget(r_cell_figure(R, t, k, metric, label(r)))]
+            figs = [fig_box(r_cell_figure(R, t, k, metric, label(r)))]
             if any(pt == t for pt, _ in RunDir(r['run_dir']).pools()):
                 f = buffer_pca_over_time(r['run_dir'])
                 fr = [x for x in f.frames if x.name == str(t)]
                 g = go.Figure(data=fr[0].data if fr else f.data); g.update_layout(width=460, height=400, title=f'pool and buffer chosen at t={t}')
-                figs.append(go.FigureWidget(g))
+                figs.append(fig_box(g))
             from IPython.display import display
-            display(W.VBox([imgs, W.HBox(figs)]))
+            box = W.VBox([imgs, W.HBox(figs)]); state['shown'] = [box, imgs, *figs]
+            display(box)
     def strategy_changed(ch):
         opts = buffers_of(w_strategy.value)
-        if list(w_buffer.options) != opts: w_buffer.options = opts      # no k for the lower/upper bound; only the k's that ran
+        if list(w_buffer.options) != opts:                               # no k for the lower/upper bound; only the k's that ran
+            state['quiet'] = True                                         # one redraw per strategy change (the strategy's own)
+            try: w_buffer.options = opts
+            finally: state['quiet'] = False
     w_strategy.observe(strategy_changed, 'value')
     for w in (w_person, w_strategy, w_buffer, w_seed, w_t, w_k, w_photo): w.observe(draw, 'value')
     ui = W.VBox([W.HBox([w_person, w_strategy, w_buffer, w_seed]), W.HBox([w_t, w_k, w_photo]), out])
