@@ -1,0 +1,73 @@
+"""The demo tier's 3D prior (facecl_nb/assets/eg3d_demo.safetensors, issue 16): its numbers on latents it was not
+trained on, against the issue's targets, and the pieces that train it (surface supervision, a resumable state read back
+with weights_only=True). About a minute on one thread, most of it dlib."""
+import numpy as np
+import pytest
+import torch
+
+from facecl_nb import prior3d as P
+from facecl_nb.cameras import label_from_angles
+from facecl_nb.eg3d import rays_from_label
+
+# What the shipped file reaches (nbs/07a_prior3d.ipynb measures the same with `evaluate_prior3d`: 16 unseen latents).
+REACHED = dict(psnr=15.329, dlib_teacher=0.591, pairwise=0.281, yaw=0.386)
+TOL = dict(psnr=0.1, dlib_teacher=0.01, pairwise=0.01, yaw=0.01)       # other CPUs, other BLAS: tiny differences
+HIGHER_IS_BETTER = {'psnr', 'pairwise'}
+# issue 16's targets that the shipped prior does NOT reach on this project's CPU budget (2 h, 1 thread); see the notebook
+SHORT_OF_TARGET = {
+    'psnr': 'reached 15.33 dB of 22 (first prior 14.87): a 2-hour CPU distillation regresses the DCGAN too slowly (see nbs/07a_prior3d.ipynb)',
+    'dlib_teacher': 'reached 0.59, target <= 0.4 (first prior 0.60): a 2-hour CPU distillation regresses the DCGAN too slowly (see nbs/07a_prior3d.ipynb)',
+    'pairwise': 'reached 0.28, target >= 0.5 (teacher 0.58, first prior 0.33): a 2-hour CPU distillation regresses the DCGAN too slowly (see nbs/07a_prior3d.ipynb)',
+}
+
+
+@pytest.fixture(scope='module')
+def metrics():
+    return P.evaluate_prior3d(P.load_prior3d())
+
+
+@pytest.mark.parametrize('key', sorted(REACHED))
+def test_shipped_prior3d_keeps_what_it_reached(metrics, key):
+    """The shipped prior's numbers do not fall below what was measured when it was made (a retrained or altered file that
+    does worse fails here)."""
+    v = metrics[key]
+    if key in HIGHER_IS_BETTER: assert v >= REACHED[key] - TOL[key], (key, v, REACHED[key])
+    else: assert v <= REACHED[key] + TOL[key], (key, v, REACHED[key])
+
+
+def _meets(key, v): return v >= P.TARGETS[key] if key in HIGHER_IS_BETTER else v <= P.TARGETS[key]
+
+
+@pytest.mark.parametrize('key', [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=SHORT_OF_TARGET[k])) if k in SHORT_OF_TARGET
+                                 else k for k in sorted(P.TARGETS)])
+def test_shipped_prior3d_issue16_targets(metrics, key):
+    """Issue 16's targets. Those in SHORT_OF_TARGET are strict xfails carrying the shortfall: one that starts to pass turns
+    the suite red until it is moved out of the list."""
+    assert _meets(key, metrics[key]), (key, metrics[key], P.TARGETS[key])
+
+
+def test_views_differ_and_faces_differ(metrics):
+    v = metrics['views']
+    assert not torch.allclose(v[:, 0], v[:, 2], atol=0.05)          # a turned camera shows something else
+    assert (v[:, 0] - v[:, 0].mean(0)).abs().mean() > 0.05          # not one face for every latent
+
+
+def test_frontal_projector_and_occupancy():
+    p, hit = P.surface_points(label_from_angles(torch.zeros(1)), 8)
+    t = (torch.arange(8) + 0.5) / 8 * 2 - 1
+    v, u = torch.meshgrid(t, t, indexing='ij')
+    assert torch.allclose(P.frontal_uv(p)[0], torch.stack([u.reshape(-1), v.reshape(-1)], -1), atol=1e-5)
+    c = label_from_angles(torch.tensor([0.35]), torch.tensor([0.1]))
+    pg, hg = P.surface_points(c, 16); _, d = rays_from_label(c, 16)
+    assert not P.inside_head(pg - 0.01 * d)[hg].any() and P.inside_head(pg + 0.01 * d)[hg].all()
+
+
+def test_training_resumes_from_a_weights_only_state(tmp_path):
+    from facecl_nb.generators import load_prior
+    T = load_prior()
+    h = P.train_prior3d(tmp_path / 'p.safetensors', steps=2, batch_size=2, save_every=1, progress=False, log=lambda s: None, T=T)
+    assert len(h['hist']) == 2 and all(np.isfinite(v) for r in h['hist'] for v in r.values())
+    st = torch.load(tmp_path / 'p.train.pt', weights_only=True)
+    assert st['step'] == 2
+    h2 = P.train_prior3d(tmp_path / 'p.safetensors', steps=3, batch_size=2, save_every=1, progress=False, log=lambda s: None, T=T)
+    assert [r['step'] for r in h2['hist']] == [0, 1, 2]
