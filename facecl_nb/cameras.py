@@ -25,11 +25,15 @@ FFHQ_FOCAL, FFHQ_CENTER, FFHQ_RADIUS, FFHQ_PIVOT = 4.2647, 0.5, 2.7, (0.0, 0.0, 
 class CameraError(ValueError):
     "A camera label, cameras.json or pose fit that cannot be used; the message names the file or argument."
 
-def intrinsics(focal: float = FFHQ_FOCAL, center: float = FFHQ_CENTER) -> Tensor:
+def intrinsics(focal: float = FFHQ_FOCAL, # focal length in image widths
+               center: float = FFHQ_CENTER, # principal point (same for u and v), in image widths
+              ) -> Tensor:
     "Normalized intrinsics [3, 3] (image coordinates in [0, 1])."
     return torch.tensor([[focal, 0, center], [0, focal, center], [0, 0, 1]], dtype=torch.float32)
 
-def make_label(cam2world: Tensor, K: Tensor | None = None) -> Tensor:
+def make_label(cam2world: Tensor, # [N, 4, 4] camera-to-world matrices
+               K: Tensor | None = None, # [3, 3] or [N, 3, 3] intrinsics (None: FFHQ's)
+              ) -> Tensor:
     "Camera labels [N, 25] from cam2world [N, 4, 4] and intrinsics [3, 3] or [N, 3, 3] (FFHQ's by default)."
     cam2world = cam2world.reshape(-1, 4, 4).float()
     K = intrinsics() if K is None else K.float()
@@ -38,7 +42,8 @@ def make_label(cam2world: Tensor, K: Tensor | None = None) -> Tensor:
 
 def look_at(origin: Tensor, # [N, 3] camera centres
             target: Tensor, # [N, 3] or [3] points looked at
-            up=(0.0, 1.0, 0.0)) -> Tensor:
+            up=(0.0, 1.0, 0.0), # world up direction (x, y, z)
+           ) -> Tensor:
     "cam2world [N, 4, 4] of cameras at `origin` looking at `target` (OpenCV axes; world y is up)."
     origin = origin.reshape(-1, 3).float(); target = torch.as_tensor(target, dtype=torch.float32).expand_as(origin)
     fwd = torch.nn.functional.normalize(target - origin, dim=-1)
@@ -59,7 +64,10 @@ def _rot_axis(axis: int, ang: Tensor) -> Tensor:
 def label_from_angles(yaw, # radians; > 0 moves the camera to world +x (the subject's left)
                       pitch=0.0, # radians; > 0 moves the camera up
                       roll=0.0, # radians, about the viewing axis
-                      radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT, K: Tensor | None = None) -> Tensor:
+                      radius: float = FFHQ_RADIUS, # distance of the cameras from the pivot (world units)
+                      pivot=FFHQ_PIVOT, # (x, y, z) point looked at
+                      K: Tensor | None = None, # [3, 3] intrinsics (None: FFHQ's)
+                     ) -> Tensor:
     "Labels [N, 25] of cameras on a sphere around `pivot`, looking at it."
     yaw, pitch, roll = (torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in (yaw, pitch, roll))
     n = max(len(yaw), len(pitch), len(roll)); yaw, pitch, roll = yaw.expand(n), pitch.expand(n), roll.expand(n)
@@ -69,7 +77,9 @@ def label_from_angles(yaw, # radians; > 0 moves the camera to world +x (the subj
     m[:, :3, :3] = m[:, :3, :3] @ _rot_axis(2, roll)
     return make_label(m, K)
 
-def angles_from_label(c: Tensor, pivot=FFHQ_PIVOT) -> dict:
+def angles_from_label(c: Tensor, # [N, 25] camera labels
+                      pivot=FFHQ_PIVOT, # (x, y, z) point the cameras look at
+                     ) -> dict:
     "yaw, pitch, roll (radians) and radius of labels made as by `label_from_angles` (inverse of it)."
     m, _ = split_label(c)
     d = m[:, :3, 3] - torch.tensor(pivot)
@@ -102,7 +112,8 @@ MEAN_LANDMARKS_2D = np.array([
     [0.539, 0.8767], [0.5001, 0.8806], [0.4621, 0.877], [0.4148, 0.8564], [0.3897, 0.8124], [0.4639, 0.8069], [0.4995, 0.8107],
     [0.5356, 0.8065], [0.6144, 0.8112], [0.5362, 0.8316], [0.4999, 0.8362], [0.4638, 0.8317]], dtype=np.float32)
 
-def landmark_depths(xy: np.ndarray) -> np.ndarray:
+def landmark_depths(xy: np.ndarray, # [68, 2] 2D landmarks (normalized image coordinates)
+                   ) -> np.ndarray:
     "Anthropometric depth of each of the 68 landmarks (eye-corner widths; nose tip 0, larger is nearer the camera)."
     sym = (xy + xy[[16 - i for i in range(17)] + [26 - i for i in range(10)] + list(range(27, 31)) + [35, 34, 33, 32, 31]
                     + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40] + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]
@@ -122,8 +133,11 @@ def landmark_depths(xy: np.ndarray) -> np.ndarray:
     z[60:68] = -0.19 - 0.09 * (x[60:68] / xm) ** 2
     return z
 
-def landmark_template(mean_2d: np.ndarray = MEAN_LANDMARKS_2D, focal: float = FFHQ_FOCAL, radius: float = FFHQ_RADIUS,
-                      pivot=FFHQ_PIVOT) -> Tensor:
+def landmark_template(mean_2d: np.ndarray = MEAN_LANDMARKS_2D, # [68, 2] mean frontal landmarks (normalized image coordinates)
+                      focal: float = FFHQ_FOCAL, # focal length in image widths
+                      radius: float = FFHQ_RADIUS, # distance of the frontal camera from the pivot
+                      pivot=FFHQ_PIVOT, # (x, y, z) centre of the head
+                     ) -> Tensor:
     "World coordinates [68, 3] of the generic head: frontal-camera back-projection of `mean_2d` at the template depths."
     xy = np.asarray(mean_2d, np.float64)
     E_img = np.linalg.norm(xy[45] - xy[36])
@@ -156,7 +170,10 @@ def _reproject(p: Tensor, X: Tensor, K: Tensor) -> Tensor:
     return uvw[:, :2] / uvw[:, 2:3]
 
 def fit_pose(landmarks, # [N, 68, 2] in normalized image coordinates (x right, y down, in [0, 1])
-             template: Tensor | None = None, K: Tensor | None = None, iters: int = 30) -> dict:
+             template: Tensor | None = None, # [68, 3] world landmarks (None: `landmark_template()`)
+             K: Tensor | None = None, # [3, 3] intrinsics (None: FFHQ's)
+             iters: int = 30, # Levenberg-Marquardt iterations
+            ) -> dict:
     "Camera poses of photos from their landmarks: {'cam2world' [N, 4, 4] (fitted), 'rmse' [N] (image units)}."
     from torch.func import jacrev, vmap
     L = torch.as_tensor(np.asarray(landmarks), dtype=torch.float64)
@@ -188,13 +205,18 @@ def fit_pose(landmarks, # [N, 68, 2] in normalized image coordinates (x right, y
     m[:, :3, :3] = R.transpose(1, 2); m[:, :3, 3] = -(R.transpose(1, 2) @ t[..., None])[..., 0]
     return {'cam2world': m.float(), 'rmse': (cost / 68).sqrt().float()}
 
-def normalize_camera(cam2world: Tensor, radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT) -> Tensor:
+def normalize_camera(cam2world: Tensor, # [N, 4, 4] camera-to-world matrices
+                     radius: float = FFHQ_RADIUS, # distance from the pivot after the move
+                     pivot=FFHQ_PIVOT, # (x, y, z) point the cameras look at
+                    ) -> Tensor:
     "Keep each camera's rotation and move it onto the sphere of `radius` around `pivot`, its optical axis through the pivot."
     m = cam2world.clone().float()
     m[:, :3, 3] = torch.tensor(pivot) - radius * m[:, :3, 2]
     return m
 
-def labels_from_landmarks(landmarks, K: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def labels_from_landmarks(landmarks, # [N, 68, 2] in normalized image coordinates
+                          K: Tensor | None = None, # [3, 3] intrinsics (None: FFHQ's)
+                         ) -> tuple[Tensor, Tensor]:
     "EG3D labels [N, 25] (normalized to the FFHQ sphere) and fit RMSE [N] of photos from their 68 landmarks."
     f = fit_pose(landmarks, K=K)
     return make_label(normalize_camera(f['cam2world']), K), f['rmse']
@@ -203,7 +225,9 @@ def labels_from_landmarks(landmarks, K: Tensor | None = None) -> tuple[Tensor, T
 DEFAULT_BOX = (0.141, 0.255, 0.853, 0.964)    # mean HOG box on the DigiFace prior's crops (left, top, right, bottom; normalized)
 
 def crop_landmarks(images: np.ndarray, # [N, H, W, 3] uint8 aligned crops
-                   upscale: int = 256, box=DEFAULT_BOX) -> tuple[np.ndarray, list[str]]:
+                   upscale: int = 256, # crops are resized to this many pixels before detection
+                   box=DEFAULT_BOX, # face box (left, top, right, bottom; normalized) used when HOG finds none
+                  ) -> tuple[np.ndarray, list[str]]:
     "68 landmarks [N, 68, 2] in normalized image coordinates, and for each photo 'hog' or 'default' (which box was used)."
     import dlib
     from PIL import Image
@@ -221,7 +245,10 @@ def crop_landmarks(images: np.ndarray, # [N, H, W, 3] uint8 aligned crops
         out[i] = np.array([[p.x + 0.5, p.y + 0.5] for p in s.parts()], np.float32) / upscale
     return out, how
 
-def album_cameras(album, log=print, K: Tensor | None = None) -> dict:
+def album_cameras(album, # the `Album` whose photos get cameras
+                  log=print, # called with one line per split
+                  K: Tensor | None = None, # [3, 3] intrinsics (None: FFHQ's)
+                 ) -> dict:
     "Estimate a camera for every photo of an album and write `<t>/<split>/cameras.json`; returns a per-split report."
     from facecl_nb.data import to_uint8
     report = {}
@@ -243,7 +270,9 @@ def album_cameras(album, log=print, K: Tensor | None = None) -> dict:
     atomic_write_json(album.dir/'cameras_report.json', report)
     return report
 
-def cli_album_cameras(album, person) -> int:
+def cli_album_cameras(album, # root folder of the albums (one folder per person)
+                      person, # the person's folder name under it
+                     ) -> int:
     "`facecl album cameras`: write cameras.json for every split of an album."
     from facecl_nb.data import Album
     album_cameras(Album(album, person))

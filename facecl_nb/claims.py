@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .metrics import higher_is_better
-from .continual import get_strategy, STRATEGIES
+from .continual import STRATEGIES
 
 # %% auto #0
 __all__ = ['results_frame', 'paired', 'Verdict', 'verdict', 'claims', 'claims_markdown']
@@ -56,7 +56,12 @@ class Verdict:
     claim: str; metric: str; n: int; mean: float; lo: float; hi: float; holds_in: int; verdict: str
 
 def verdict(d: pd.Series, # paired differences that the claim says are positive
-            claim: str, metric: str, n_boot: int = 10_000, seed: int = 0, min_pairs: int = 3) -> Verdict:
+            claim: str, # the claim in words
+            metric: str, # the metric it is tested on
+            n_boot: int = 10_000, # bootstrap resamples
+            seed: int = 0, # seeds the bootstrap
+            min_pairs: int = 3, # fewer pairs than this: 'not resolved'
+           ) -> Verdict:
     "Mean, 95 % bootstrap interval of the mean, pairs where it holds, and the verdict words read off the interval."
     from scipy.stats import bootstrap
     v = np.asarray(d, dtype=float); n = len(v)
@@ -76,7 +81,9 @@ def verdict(d: pd.Series, # paired differences that the claim says are positive
 def claims(df: pd.DataFrame, # `results_frame` rows
            metrics: Sequence[str] | None = None, # default: every metric with AF values
            small: Sequence[int] = (3, 5), # the buffer sizes of claim (c)
-           n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
+           n_boot: int = 10_000, # bootstrap resamples per verdict
+           seed: int = 0, # seeds the bootstraps
+          ) -> pd.DataFrame:
     "Every testable claim × metric as a row: claim, metric, pairs, mean difference, 95 % interval, pairs where it holds, verdict."
     metrics = metrics or sorted(c[3:] for c in df.columns if c.startswith('AF ') and df[c].notna().any())
     ks = sorted(int(k) for k in df[df.strategy == 'random'].buffer.unique())

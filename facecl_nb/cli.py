@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 # %% ../nbs/09_cli.ipynb #897acd26
-def protocol_overrides(anchors=None, eval_=None, replay_mix=None, epochs=None) -> dict:
+def protocol_overrides(anchors=None, # --anchors: 'encoder', 'optimize' or 'encoder+optimize' (None: not given)
+                       eval_=None, # --eval: 'free', 'hull' or 'both' (None: not given)
+                       replay_mix=None, # --replay-mix: 'paired' or 'uniform' (None: not given)
+                       epochs=None, # --epochs of tuning (None: not given)
+                      ) -> dict:
     "RunConfig overrides from the protocol options (only those given)."
     o = {}
     if anchors or eval_: o['protocol'] = {k: v for k, v in (('anchors', anchors), ('eval', eval_)) if v}
@@ -119,7 +123,8 @@ def _dispatch(a) -> int | None:
     if a.cmd == 'grid': return _call('continual', 'cli_grid', **v)
     if a.cmd == 'demo': return _call('continual', 'cli_demo', **v)
 
-def main(argv=None) -> int:
+def main(argv=None, # command-line arguments (None: sys.argv[1:])
+        ) -> int:
     "Entry point of the `facecl` console script."
     ap = build_parser()
     a = ap.parse_args(argv)

@@ -40,22 +40,36 @@ class Strategy:
     k_matters: bool = False    # its runs depend on the buffer size k (one run per k in a grid)
     measures: tuple = ('AIP', 'AF', 'BWT')   # what its results report
 
-    def steps(self, T: int, start: int) -> list[int]:
+    def steps(self, T: int, # number of timestamps in the run
+              start: int, # first step index still to run (0 for a fresh run)
+             ) -> list[int]:
         "Timestamp indices still to run, from `start` (a resumed run starts later)."
         return list(range(start, T))
-    def train_indices(self, i: int) -> list[int]:
+    def train_indices(self, i: int, # step index (0-based timestamp index)
+                     ) -> list[int]:
         "Indices of the timestamps whose training photos are new at step i."
         return [i]
-    def rows(self, i: int, T: int) -> list[int]:
+    def rows(self, i: int, # step index
+             T: int, # number of timestamps (rows of R)
+            ) -> list[int]:
         "Rows of R filled by the model of step i."
         return [i]
-    def eval_indices(self, i: int, T: int) -> list[int]:
+    def eval_indices(self, i: int, # step index
+                     T: int, # number of timestamps in the run
+                    ) -> list[int]:
         "Timestamps (indices) the model of step i is evaluated on."
         return list(range(i + 1))
-    def select(self, pool: Items, k: int, seed: int, own_spread: torch.Tensor, cfg: 'RunConfig') -> list[int] | None:
+    def select(self, pool: Items, # the candidate items (previous items + previous buffer)
+               k: int, # buffer size
+               seed: int, # seeds the selection
+               own_spread: torch.Tensor, # [len(pool)] float64, each item's mean latent distance within its timestamp
+               cfg: 'RunConfig', # the run's config (selector options)
+              ) -> list[int] | None:
         "Pool indices of the buffer (None: no buffer)."
         return None
-    def summarize(self, R: np.ndarray, higher_is_better: bool) -> dict:
+    def summarize(self, R: np.ndarray, # [n, n] finished rows of one metric's R (row: model after step i, column: timestamp evaluated)
+                  higher_is_better: bool, # whether larger values of the metric are better
+                 ) -> dict:
         "{'AIP', 'AF', 'BWT'} of one metric over the rows of R finished so far (AF and BWT from two rows on)."
         from facecl_nb import metrics as M
         out = {'AIP': M.average_incremental_performance(R, higher_is_better)}
@@ -76,8 +90,15 @@ class Replay(Strategy):
                  options: dict | None = None, # selector option -> RunConfig field, e.g. {'C': 'hull_candidates'}
                 ):
         self.name, self.label, self.order, self.options = name, label or name, order, dict(options or {})
-    def size(self, k: int, pool: Items) -> int: return min(k, len(pool))
-    def select(self, pool, k, seed, own_spread, cfg):
+    def size(self, k: int, # buffer size asked for
+             pool: Items, # the candidate items
+            ) -> int: return min(k, len(pool))
+    def select(self, pool, # the candidate items (previous items + previous buffer)
+               k, # buffer size
+               seed, # seeds the selector
+               own_spread, # [len(pool)] float64, each item's mean latent distance within its timestamp
+               cfg, # the run's config; `options` map its fields to selector options
+              ):
         from facecl_nb import replay
         k = self.size(k, pool)
         if k == 0: return None
@@ -88,21 +109,33 @@ class Cumulative(Replay):
     "Replay everything seen so far (the buffer is the whole pool; k does not matter)."
     k_matters = False
     def __init__(self): super().__init__('cumulative', 'Cumulative', 80)
-    def size(self, k, pool): return len(pool)
+    def size(self, k, # ignored: the buffer is the whole pool
+             pool, # the candidate items
+            ): return len(pool)
 
 class Joint(Strategy):
     """The upper bound: one model tuned on every timestamp's photos together (for the same epochs), evaluated on every
     timestamp; it fills every row of R, so it has an AIP (of its one row) but no forgetting."""
     name, label, order, measures = 'joint', 'Upper bound', 90, ('AIP',)
-    def steps(self, T, start): return [T - 1] if start < T else []
-    def train_indices(self, i): return list(range(i + 1))
-    def rows(self, i, T): return list(range(T))
-    def eval_indices(self, i, T): return list(range(T))
-    def summarize(self, R, higher_is_better):
+    def steps(self, T, # number of timestamps
+              start, # first step index still to run
+             ): return [T - 1] if start < T else []
+    def train_indices(self, i, # step index (T-1 for the one joint step)
+                     ): return list(range(i + 1))
+    def rows(self, i, # step index
+             T, # number of timestamps (every row is filled)
+            ): return list(range(T))
+    def eval_indices(self, i, # step index
+                     T, # number of timestamps (all are evaluated)
+                    ): return list(range(T))
+    def summarize(self, R, # [n, n] finished rows of one metric's R
+                  higher_is_better, # whether larger values of the metric are better
+                 ):
         from facecl_nb import metrics as M
         return {'AIP': M.average_incremental_performance(R[-1], higher_is_better)}
 
-def own_spread(anchors: torch.Tensor) -> torch.Tensor:
+def own_spread(anchors: torch.Tensor, # [N, ...] latent codes of one set of items
+              ) -> torch.Tensor:
     "Per item: mean latent distance to the other items of the same set (ER-Hull's fallback when a whole timestamp is in the buffer)."
     x = anchors.reshape(len(anchors), -1).double()
     if len(x) < 2: return torch.zeros(len(x), dtype=torch.float64)
@@ -129,18 +162,21 @@ def known_strategies() -> list[str]:
     "Names of the registered strategies, in display order."
     return sorted(STRATEGIES, key=lambda n: (STRATEGIES[n].order, n))
 
-def get_strategy(name: str) -> Strategy:
+def get_strategy(name: str, # a registered strategy's name, e.g. 'hull'
+                ) -> Strategy:
     "The registered strategy of that name (a `ConfigError` listing the known ones otherwise)."
     if name not in STRATEGIES: raise ConfigError(f"unknown strategy {name!r}; known: {known_strategies()}")
     return STRATEGIES[name]
 
-def strategy_label(r: dict) -> str:
+def strategy_label(r: dict, # a run's results (needs 'strategy' and 'buffer')
+                  ) -> str:
     "A run's name in figures: the strategy's label, with k where it matters ('ER-Hull k=5')."
     s = STRATEGIES.get(r['strategy'])
     if s is None: return r['strategy']
     return f"{s.label} k={r['buffer']}" if s.k_matters else s.label
 
-def strategy_order(name: str) -> int:
+def strategy_order(name: str, # a strategy name
+                  ) -> int:
     "Display position of a strategy (unknown names last)."
     return STRATEGIES[name].order if name in STRATEGIES else 99
 
@@ -175,13 +211,18 @@ class RunConfig(Config):
         if self.T is not None and self.T < 1: raise ConfigError(f"RunConfig: T must be >= 1, got {self.T}")
         for name in ('protocol', 'projection', 'tuning', 'free', 'hull'): self.stage(name)   # unknown keys and bad values fail here
 
-    def stage(self, name: str):
+    def stage(self, name: str, # 'protocol', 'projection', 'tuning', 'free' or 'hull'
+             ):
         "The protocol/projection/tuning/free/hull config: the profile's, with this run's overrides."
         base = PROFILES[self.profile][name]
         over = getattr(self, name)
         return type(base).from_dict({**base.to_dict(), **over}) if over else base   # unknown keys: an error naming them
 
-def run_name(strategy: str, buffer: int, seed: int, person: str) -> str:
+def run_name(strategy: str, # a strategy name
+             buffer: int, # buffer size k (left out of the name when k does not matter)
+             seed: int, # the run's seed
+             person: str, # the album's person (the first folder level)
+            ) -> str:
     "Folder name of a run in a grid."
     k_matters = STRATEGIES[strategy].k_matters if strategy in STRATEGIES else True
     return f"{person}/{strategy}" + (f"-k{buffer}" if k_matters else '') + f"-s{seed}"
@@ -189,7 +230,9 @@ def run_name(strategy: str, buffer: int, seed: int, person: str) -> str:
 # %% ../nbs/06_continual.ipynb #6594ac68
 PROFILES_3D = ('demo3d', 'paper3d')
 
-def load_profile_prior(profile: str, device=None):
+def load_profile_prior(profile: str, # 'demo', 'paper', 'demo3d' or 'paper3d'
+                       device=None, # torch device (None: `get_device()`)
+                      ):
     """The pretrained prior of a profile: the DigiFace DCGAN (demo), the user's StyleGAN2-ADA FFHQ checkpoint (paper),
     the distilled tri-plane prior (demo3d) or the user's EG3D FFHQ checkpoint (paper3d)."""
     from facecl_nb import generators
@@ -204,7 +247,8 @@ def load_profile_prior(profile: str, device=None):
     path = resolve_weight('stylegan2-ffhq')
     return generators.load_generator(path).to(device).eval().requires_grad_(False)
 
-def weight_versions(profile: str) -> dict:
+def weight_versions(profile: str, # 'demo', 'demo3d', 'paper3d' or anything else for the paper profile
+                   ) -> dict:
     "sha256 of every weight file a profile uses (from the manifest, verified on load)."
     m = load_manifest()
     names = {'demo': ['digiface-dcgan', 'dcgan-encoder-demo', 'dlib-face-descriptor', 'dlib-landmarks-5'],
@@ -212,7 +256,9 @@ def weight_versions(profile: str) -> dict:
              'paper3d': ['eg3d-ffhq', 'arcface-ir-se50', 'alexnet-imagenet']}.get(profile, ['stylegan2-ffhq', 'psp-w-encoder', 'arcface-ir-se50', 'alexnet-imagenet'])
     return {n: m[n].get('sha256') for n in names if n in m}
 
-def check_cameras(album, timestamps) -> None:
+def check_cameras(album, # a `facecl_nb.data.Album`
+                  timestamps, # the album's timestamps the run uses
+                 ) -> None:
     "A 3D run needs cameras.json for every split it uses: one error listing every missing or malformed file."
     probs = []
     for t in timestamps:
@@ -225,7 +271,10 @@ def check_cameras(album, timestamps) -> None:
         raise ConfigError("a 3D run needs cameras for every photo; " + '; '.join(probs)
                           + f" (make them with: facecl album cameras --album {album.root} --person {album.person})")
 
-def load_profile_encoder(protocol: Protocol, G, device=None):
+def load_profile_encoder(protocol: Protocol, # the run's protocol (`anchors`, `encoder`)
+                         G, # the prior generator the encoder must fit
+                         device=None, # torch device (None: `get_device()`)
+                        ):
     "The inversion encoder a protocol names (None when anchors are optimized), checked against the prior G before any work."
     if protocol.anchors == 'optimize': return None
     from facecl_nb.encoders import load_encoder
@@ -248,7 +297,16 @@ def _summary(R: dict, strategy: Strategy) -> dict:
         for key, v in strategy.summarize(mat[:n, :n], M.higher_is_better(name)).items(): out[key][name] = v
     return out
 
-def make_anchors(G, images, cameras, encoder, protocol: Protocol, P: ProjectionConfig, seed: int, device, progress: bool = False) -> torch.Tensor:
+def make_anchors(G, # the current generator
+                 images, # [N, 3, H, W] in [-1, 1]
+                 cameras, # [N, 25] cameras for a 3D generator, or None
+                 encoder, # the inversion encoder, or None when anchors are optimized
+                 protocol: Protocol, # the run's protocol; `anchors` picks how
+                 P: ProjectionConfig, # projection settings (space, steps, lr, ...)
+                 seed: int, # seeds the projection
+                 device, # torch device the work runs on
+                 progress: bool = False, # show a progress bar
+                ) -> torch.Tensor:
     "Anchors of photos: the encoder's codes ('encoder'), projection into G ('optimize'), or projection started at the codes."
     from facecl_nb import inversion as inv
     codes = None if encoder is None else encoder.encode(images.to(device))
@@ -259,7 +317,14 @@ def make_anchors(G, images, cameras, encoder, protocol: Protocol, P: ProjectionC
 
 def new_items(album, # a `facecl_nb.data.Album`
               ts: list, # the timestamps whose training photos are new
-              G, encoder, protocol: Protocol, P: ProjectionConfig, seed: int, device, progress: bool = False) -> Items:
+              G, # the current generator (projection target)
+              encoder, # the inversion encoder, or None
+              protocol: Protocol, # the run's protocol
+              P: ProjectionConfig, # projection settings
+              seed: int, # seeds the projection
+              device, # torch device the work runs on
+              progress: bool = False, # show a progress bar
+             ) -> Items:
     "Step 1: the training photos of timestamps `ts`, with their anchors, timestamps and names."
     imgs = torch.cat([album.images(s, 'train') for s in ts])
     names = sum([[f"{s}/{n}" for n in album.names(s, 'train')] for s in ts], [])
@@ -268,11 +333,14 @@ def new_items(album, # a `facecl_nb.data.Album`
     cams = None if cams is None else torch.cat([album.cameras(s, 'train') for s in ts])
     return Items(imgs, make_anchors(G, imgs, cams, encoder, protocol, P, seed, device, progress), cams, tstamps, names)
 
-def update_buffer(strategy: Strategy, k: int, # the strategy and the buffer size
+def update_buffer(strategy: Strategy, # the run's strategy
+                  k: int, # buffer size
                   prev_new: Items | None, # the previous timestamp's items
                   buffer: Items | None, # the buffer used at the previous timestamp
                   seen: Items | None, # every training item so far (for ER-Hull's spread of a timestamp)
-                  seed: int, cfg: 'RunConfig') -> tuple[Items | None, Items | None, list[int]]:
+                  seed: int, # seeds the selection
+                  cfg: 'RunConfig', # the run's config (selector options)
+                 ) -> tuple[Items | None, Items | None, list[int]]:
     """Step 2: the pool (the previous timestamp's items + the previous buffer, so the buffer carries history forward)
     and the buffer the strategy keeps from it. Returns (buffer, pool, chosen pool indices)."""
     if prev_new is None or not strategy.replays: return None, None, []
@@ -281,14 +349,33 @@ def update_buffer(strategy: Strategy, k: int, # the strategy and the buffer size
     if chosen is None: return None, None, []
     return pool.subset(chosen), pool, list(map(int, chosen))
 
-def tune_model(G, new: Items, buffer: Items | None, Tu: TuningConfig, seed: int, device, budget_factor: int = 1, progress=False):
+def tune_model(G, # the generator to tune (G_{t-1})
+               new: Items, # this step's new items
+               buffer: Items | None, # items replayed beside them, or None
+               Tu: TuningConfig, # tuning settings (steps or epochs, lr, batch size, mix)
+               seed: int, # seeds batching
+               device, # torch device (unused: G and items carry theirs)
+               budget_factor: int = 1, # multiplies Tu.steps (the number of timestamps tuned on at once)
+               progress=False, # show a progress bar
+              ):
     "Step 3: tune every weight of G on the new items, with the buffer replayed as the tuning config says."
     from facecl_nb import inversion as inv
     G = inv.tune(G, new, buffer, epochs=None if Tu.steps else Tu.epochs, steps=Tu.steps * budget_factor if Tu.steps else None,
                  lr=Tu.lr, batch_size=Tu.batch_size, mix=Tu.mix, seed=seed, lpips_weight=Tu.lpips_weight, progress=progress)
     return G.eval().requires_grad_(False)
 
-def evaluate_model(G, cfg: 'RunConfig', ev_ts, tests, test_cams, test_init, seen: Items, train: Items, seed: int, device, progress=False):
+def evaluate_model(G, # the tuned generator G_t
+                   cfg: 'RunConfig', # the run's config
+                   ev_ts, # timestamps to evaluate on
+                   tests, # {timestamp: test photos [N, 3, H, W] in [-1, 1]}
+                   test_cams, # {timestamp: [N, 25] cameras or None}
+                   test_init, # {timestamp: the encoder's codes of the test photos}, or None (anchors optimized)
+                   seen: Items, # anchors of every training photo so far
+                   train: Items, # this step's tuning set (new items + buffer)
+                   seed: int, # seeds the inversions and the synthesis
+                   device, # torch device (unused: G carries its own)
+                   progress=False, # show a progress bar
+                  ):
     """Step 4: the row of R of every metric for model G on timestamps `ev_ts`: reconstruction under the run's protocol
     (both protocols with eval 'both'; the hull one's metrics suffixed '@hull') and synthesis from each timestamp's anchors.
     Returns (rows {metric: [value per ev_ts]}, recon {k: images}, synth {k: images}, unavailable {metric: reason})."""
@@ -308,7 +395,12 @@ def evaluate_model(G, cfg: 'RunConfig', ev_ts, tests, test_cams, test_init, seen
     rows.update(srows); unavailable.update(sun)
     return rows, recon, synth, unavailable
 
-def record(state: RunState, rows: dict, ev_ts: list, Ts: list, fill: list[int]) -> None:
+def record(state: RunState, # the run's state; its `R` is filled in place
+           rows: dict, # {metric: [value per ev_ts]}
+           ev_ts: list, # the timestamps the values belong to
+           Ts: list, # all the run's timestamps, in order
+           fill: list[int], # rows of R to write
+          ) -> None:
     "Step 5 (in memory): write the evaluated values into the rows `fill` of each metric's R (entries k ≤ row only)."
     T = len(Ts)
     for r in fill:
@@ -321,8 +413,11 @@ def record(state: RunState, rows: dict, ev_ts: list, Ts: list, fill: list[int]) 
 def continual_run(album, # a `facecl_nb.data.Album`
                   cfg: RunConfig, # strategy, k, seed, profile and any stage overrides
                   out, # the run folder (created; resumed when it holds an unfinished run of the same config and inputs)
-                  G0=None, E0=None, # a prior generator / inversion encoder replacing the profile's
-                  progress: bool = True, log=print) -> dict:
+                  G0=None, # a prior generator replacing the profile's (None: the profile's)
+                  E0=None, # an inversion encoder replacing the profile's (None: the profile's)
+                  progress: bool = True, # show progress bars
+                  log=print, # called with each progress line
+                 ) -> dict:
     """Run (or resume) one continual run on `album`; writes and returns `results.json`.
     Per timestamp: new items → buffer update → tuning → evaluation → record."""
     out = Path(out)
@@ -432,7 +527,11 @@ def _results(cfg, album, T, state: RunState, loss_desc, complete, inputs=None) -
             'config': cfg.to_dict(), 'complete': bool(complete)}
 
 # %% ../nbs/06_continual.ipynb #74c59b33
-def grid_specs(persons, strategies, buffers, seeds) -> list[tuple]:
+def grid_specs(persons, # person names
+               strategies, # strategy names
+               buffers, # buffer sizes k
+               seeds, # seeds
+              ) -> list[tuple]:
     "The (person, strategy, buffer, seed) combinations of a grid, buffer-free strategies once; unknown strategies are refused first."
     bad = [s for s in strategies if s not in known_strategies()]
     if bad: raise ConfigError(f"grid: unknown strategies {bad}; known: {known_strategies()}")
@@ -444,7 +543,8 @@ def grid_specs(persons, strategies, buffers, seeds) -> list[tuple]:
                     out.append((p, st, k, s))
     return out
 
-def run_is_complete(out) -> bool:
+def run_is_complete(out, # a run folder
+                   ) -> bool:
     "True when `<out>/results.json` exists and is marked complete."
     return RunDir(out).complete()
 
@@ -472,7 +572,8 @@ class RayStartError(GridError):
     "Ray itself did not start here (or did not connect), before any run."
 
 def check_address(address: str, # a Ray cluster's address, 'host:port' (the head's GCS port, 6379 by default) or 'ray://host:port'
-                  timeout: float = 5.0) -> None:
+                  timeout: float = 5.0, # seconds to wait for a TCP connection
+                 ) -> None:
     "Refuse, within `timeout` seconds and before any run starts, an address where nothing answers."
     import socket
     hp = address.split('://', 1)[-1]
@@ -482,7 +583,8 @@ def check_address(address: str, # a Ray cluster's address, 'host:port' (the head
     except OSError as e: raise GridError(f"--address {address}: no Ray cluster answers there ({type(e).__name__}: {e}); start one with `ray start --head` "
                                          f"on that machine, or leave --address out for a local Ray") from None
 
-def ray_env(local: bool = True) -> dict:
+def ray_env(local: bool = True, # a single-node Ray on this machine (False: joining a cluster)
+           ) -> dict:
     "Environment for Ray in this project: no usage statistics, and a single-node Ray kept on the loopback interface."
     env = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_agent_register_timeout_ms': '180000'}   # a busy machine starts Ray's agents slowly; the default (15 s) kills the node
     if local: env['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'                           # single node: bind 127.0.0.1, not the interface's address
@@ -533,11 +635,20 @@ def _run_on_ray(todo: list, profile: str, address, jobs: int, retries: int, stat
                 raise
     finally: ray.shutdown()
 
-def run_grid(album_root, persons, strategies, buffers, seeds, out, profile='demo', T=None, overrides=None,
+def run_grid(album_root, # folder holding one album per person
+             persons, # person names
+             strategies, # strategy names
+             buffers, # buffer sizes k
+             seeds, # seeds
+             out, # grid folder; each run in `<person>/<strategy>[-k<k>]-s<seed>`
+             profile='demo', # 'demo', 'paper', 'demo3d' or 'paper3d'
+             T=None, # first T timestamps of each album (None: all)
+             overrides=None, # RunConfig fields for every run (stage overrides, n_synth, ...)
              jobs: int = 1, # runs at a time on a local Ray (1 and no address: one after the other in this process)
              address: str | None = None, # an existing Ray cluster ('host:port'); its nodes must see `out` and the albums at the same paths
              retries: int = 2, # Ray retries of a failed run (each resumes after its last finished timestamp)
-             log=print) -> dict:
+             log=print, # called with each progress line
+            ) -> dict:
     "Run a grid (skipping finished runs, reporting failures); writes `<out>/grid.json` and returns it."
     from tqdm.auto import tqdm
     specs = grid_specs(persons, strategies, buffers, seeds)
@@ -570,7 +681,8 @@ def run_grid(album_root, persons, strategies, buffers, seeds, out, profile='demo
     atomic_write_json(out/'grid.json', summary)
     return summary
 
-def collect_results(runs_dir) -> list[dict]:
+def collect_results(runs_dir, # folder searched recursively
+                   ) -> list[dict]:
     "Every complete `results.json` under `runs_dir` (recursively), with its folder as `run_dir`."
     out = []
     for p in sorted(Path(runs_dir).rglob('results.json')):
@@ -578,7 +690,9 @@ def collect_results(runs_dir) -> list[dict]:
         if r.get('complete'): r['run_dir'] = str(p.parent); out.append(r)
     return out
 
-def summary_table(results: Sequence[dict], metric: str = 'psnr') -> 'pd.DataFrame':
+def summary_table(results: Sequence[dict], # results dicts, e.g. from `collect_results`
+                  metric: str = 'psnr', # metric name, e.g. 'psnr'
+                 ) -> 'pd.DataFrame':
     "AIP and AF of `metric` per strategy × buffer size: mean ± std over persons and seeds."
     import pandas as pd
     rows = [{'strategy': r['strategy'], 'buffer': r['buffer'] if STRATEGIES.get(r['strategy'], Replay('?')).k_matters else 0,
@@ -591,7 +705,9 @@ def summary_table(results: Sequence[dict], metric: str = 'psnr') -> 'pd.DataFram
     t['o'] = t.strategy.map(strategy_order); t = t.sort_values(['o', 'buffer']).drop(columns='o').reset_index(drop=True)
     return t
 
-def format_table(t, metric='psnr') -> str:
+def format_table(t, # a `summary_table` DataFrame
+                 metric='psnr', # the metric named in the header
+                ) -> str:
     "The summary table as text (mean ± std)."
     lines = [f"{'strategy':<12} {'k':>3} {'n':>3}  {'AIP ' + metric:>18}  {'AF ' + metric:>18}"]
     for _, r in t.iterrows():
@@ -610,7 +726,12 @@ def experiments_dir() -> Path:
     from facecl_nb.core import PROJECT_ROOT
     return PROJECT_ROOT/'nbs'/'experiments'
 
-def run_experiment_notebook(name: str, parameters: dict, reports='reports', cwd=None, log=print) -> Path:
+def run_experiment_notebook(name: str, # notebook name under nbs/experiments, without '.ipynb'
+                            parameters: dict, # papermill parameters
+                            reports='reports', # folder of the executed notebook
+                            cwd=None, # working directory of the kernel (None: the current one)
+                            log=print, # called with each progress line
+                           ) -> Path:
     "Execute `nbs/experiments/<name>.ipynb` with papermill into `reports/<name>.ipynb`."
     import papermill as pm
     src = experiments_dir()/f'{name}.ipynb'
@@ -621,7 +742,16 @@ def run_experiment_notebook(name: str, parameters: dict, reports='reports', cwd=
                        execution_timeout=3600)   # a cell that hangs (a lost kernel message) fails after an hour instead of never
     return dst
 
-def cli_run(album, person, strategy, buffer, seed, out, profile='demo', timestamps=None, overrides=None) -> int:
+def cli_run(album, # album root folder
+            person, # the album's person
+            strategy, # a strategy name
+            buffer, # buffer size k
+            seed, # the run's seed
+            out, # the run folder
+            profile='demo', # 'demo', 'paper', 'demo3d' or 'paper3d'
+            timestamps=None, # first T timestamps (None: all)
+            overrides=None, # further RunConfig fields
+           ) -> int:
     "`facecl run`: one run, resumable."
     from facecl_nb.data import Album
     cfg = RunConfig.from_dict(overrides or {}, strategy=strategy, buffer=buffer, seed=seed, person=person, profile=profile, T=timestamps)
@@ -630,13 +760,31 @@ def cli_run(album, person, strategy, buffer, seed, out, profile='demo', timestam
     print(json.dumps({'AIP': res['AIP'], 'AF': res.get('AF'), 'BWT': res.get('BWT')}, indent=1))
     return 0
 
-def cli_grid(album, persons, strategies, buffers, seeds, out, profile='demo', timestamps=None, overrides=None, jobs=1, address=None) -> int:
+def cli_grid(album, # album root folder
+             persons, # person names
+             strategies, # strategy names
+             buffers, # buffer sizes k
+             seeds, # seeds
+             out, # grid folder
+             profile='demo', # 'demo', 'paper', 'demo3d' or 'paper3d'
+             timestamps=None, # first T timestamps (None: all)
+             overrides=None, # further RunConfig fields for every run
+             jobs=1, # runs at a time on a local Ray
+             address=None, # an existing Ray cluster ('host:port'), or None
+            ) -> int:
     "`facecl grid`: a grid of runs; exit code 1 when any failed (the others still run)."
     s = run_grid(album, persons, strategies, buffers, seeds, out, profile=profile, T=timestamps, overrides=overrides, jobs=jobs, address=address)
     print(format_table(summary_table(collect_results(out))))
     return 1 if s['failed'] else 0
 
-def demo(out='runs/demo', quick: bool = False, figures='figures', reports='reports', plan: dict | None = None, jobs: int | None = None, log=print) -> dict:
+def demo(out='runs/demo', # grid folder
+         quick: bool = False, # a fast smoke run: 2 timestamps and few optimization steps
+         figures='figures', # folder of the figures
+         reports='reports', # folder of the executed notebooks
+         plan: dict | None = None, # overrides of `DEMO` (persons, strategies, buffers, seeds, T, others)
+         jobs: int | None = None, # runs at a time (None: 1 when quick, else up to 2)
+         log=print, # called with each progress line
+        ) -> dict:
     "The offline demo: default albums, a grid of runs, the experiment notebooks, the summary table."
     from facecl_nb import data
     t0 = time.perf_counter()
@@ -666,7 +814,10 @@ def _figures_and_table(what, notebook, grid, out, root, figures, reports, t0, lo
 
 DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=[3], seeds=[0], T=4)
 
-def albums_3d(root=None, persons=None, log=print) -> list:
+def albums_3d(root=None, # where the 3D albums go (None: `<albums>/demo3d`)
+              persons=None, # persons to copy (None: all)
+              log=print, # called with each progress line
+             ) -> list:
     """The default demo albums copied under `<albums>/demo3d` with a cameras.json for every split (estimated by
     `facecl_nb.cameras.album_cameras`); redone only when the 2D album changed."""
     from facecl_nb import data, cameras
@@ -686,7 +837,13 @@ def albums_3d(root=None, persons=None, log=print) -> list:
         out.append(data.Album(dst_root, a.person))
     return out
 
-def demo3d(out='runs/demo3d', quick: bool = False, figures='figures/3d', reports='reports', plan: dict | None = None, log=print) -> dict:
+def demo3d(out='runs/demo3d', # grid folder
+           quick: bool = False, # a fast smoke run: 2 timestamps and few optimization steps
+           figures='figures/3d', # folder of the figures
+           reports='reports', # folder of the executed notebooks
+           plan: dict | None = None, # overrides of `DEMO3D`
+           log=print, # called with each progress line
+          ) -> dict:
     "The 3D demo: the tri-plane prior personalized on an album with cameras (lower bound, ER-Rand, ER-Hull), then the 3D notebook."
     t0 = time.perf_counter()
     plan = {**DEMO3D, **(plan or {})}
@@ -698,7 +855,10 @@ def demo3d(out='runs/demo3d', quick: bool = False, figures='figures/3d', reports
                  overrides=overrides, jobs=1, log=log)
     return _figures_and_table('demo3d', 'continual_3d', s, out, root, figures, reports, t0, log)
 
-def cli_demo(out=None, quick=False, three_d=False) -> int:
+def cli_demo(out=None, # grid folder (None: runs/demo or runs/demo3d)
+             quick=False, # a fast smoke run
+             three_d=False, # run the 3D demo instead
+            ) -> int:
     "`facecl demo [--3d]`."
     r = demo3d(out or 'runs/demo3d', quick=quick) if three_d else demo(out or 'runs/demo', quick=quick)
     return 1 if r['grid']['failed'] else 0
@@ -707,9 +867,12 @@ def cli_demo(out=None, quick=False, three_d=False) -> int:
 BEFORE = dict(protocol={'anchors': 'optimize', 'eval': 'hull'}, tuning={'steps': 60, 'lr': 2e-3, 'batch_size': 8, 'mix': 'uniform'})
 
 def compare_protocols(out='runs/protocols', # folder of the two grids (`paper/`, `before/`)
-                      plan: dict | None = None, jobs: int | None = None, csv=None,
+                      plan: dict | None = None, # overrides of `DEMO`
+                      jobs: int | None = None, # runs at a time (None: up to 2)
+                      csv=None, # also write the table to this CSV file (None: no file)
                       paper_runs=None, # an existing folder of the demo grid under the paper protocol (`make demo`'s runs/demo) to reuse
-                      log=print) -> 'pd.DataFrame':
+                      log=print, # called with each progress line
+                     ) -> 'pd.DataFrame':
     "Run the demo grid under the paper's protocol and under `BEFORE`; a table of AIP/AF (PSNR, dlib identity) per strategy and protocol."
     import pandas as pd
     from facecl_nb import data
@@ -732,7 +895,8 @@ def compare_protocols(out='runs/protocols', # folder of the two grids (`paper/`,
 # %% ../nbs/06_continual.ipynb #de9b9f26
 PAPER = dict(strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5, 10], seeds=[0])
 
-def paper_tier_missing(album_root=None) -> list[str]:
+def paper_tier_missing(album_root=None, # folder of the paper albums (None: `<albums>/paper`)
+                      ) -> list[str]:
     "Everything the paper tier needs that this machine lacks, one line each with where to put it."
     from facecl_nb.core import MissingWeightError, ChecksumError, albums_dir
     missing = []
@@ -748,7 +912,12 @@ def paper_tier_missing(album_root=None) -> list[str]:
     if not torch.cuda.is_available(): missing.append("GPU: CUDA is not available (the paper profile takes hours per run on a CPU)")
     return missing
 
-def reproduce(album_root=None, out='runs/paper', figures='figures/paper', reports='reports/paper', log=print) -> int:
+def reproduce(album_root=None, # folder of the paper albums (None: `<albums>/paper`)
+              out='runs/paper', # grid folder
+              figures='figures/paper', # folder of the figures
+              reports='reports/paper', # folder of the executed notebooks
+              log=print, # called with each progress line
+             ) -> int:
     "The paper tier: check, then grid + experiment notebooks; returns an exit code."
     from facecl_nb.core import albums_dir
     miss = paper_tier_missing(album_root)

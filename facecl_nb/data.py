@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #4f292a43
 from __future__ import annotations
-import hashlib, io, json, math, os, re, shutil, sys
+import hashlib, io, json, math, os, re, shutil
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
@@ -105,13 +105,17 @@ class Album:
         if missing: raise AlbumError([(str(self.dir/str(t)), 'timestamp folder missing (listed in album.yaml)') for t in missing], self.dir)
         return ts
 
-    def files(self, t: int, split: str) -> list[Path]:
+    def files(self, t: int, # a timestamp of the album
+              split: str, # 'train' or 'test'
+             ) -> list[Path]:
         "Image files of timestamp `t`, split 'train' or 'test', sorted by name (hidden files ignored)."
         d = self.dir/str(int(t))/_check_split(split)
         if not d.is_dir(): return []
         return sorted((p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.') and p.is_file()), key=lambda p: p.name)
 
-    def names(self, t: int, split: str) -> list[str]:
+    def names(self, t: int, # a timestamp of the album
+              split: str, # 'train' or 'test'
+             ) -> list[str]:
         "File stems of timestamp `t`'s split, in file order (the keys of cameras.json)."
         return [p.stem for p in self.files(t, split)]
 
@@ -160,7 +164,9 @@ class Album:
         self._meta, self._valid = meta, True
         return self
 
-    def images(self, t: int, split: str) -> torch.Tensor:
+    def images(self, t: int, # a timestamp listed in album.yaml
+               split: str, # 'train' or 'test'
+              ) -> torch.Tensor:
         "Photos of timestamp `t` as float32 [N,3,H,W] in [-1, 1] (the album is validated once, then splits are cached)."
         _check_split(split)
         if not self._valid: self.validate()
@@ -174,7 +180,9 @@ class Album:
             self._cache[key] = x.float().div_(127.5).sub_(1.0)
         return self._cache[key]
 
-    def cameras(self, t: int, split: str) -> torch.Tensor | None:
+    def cameras(self, t: int, # a timestamp of the album
+                split: str, # 'train' or 'test'
+               ) -> torch.Tensor | None:
         "Camera labels [N,25] float32 in file order from cameras.json, or None when the split has none."
         p = self.dir/str(int(t))/_check_split(split)/'cameras.json'
         if not p.exists(): return None
@@ -185,7 +193,8 @@ class Album:
         return torch.tensor([d[n] for n in names], dtype=torch.float32)
 
 # %% ../nbs/01_data.ipynb #c08a7e01
-def ffhq_quad(landmarks: np.ndarray) -> np.ndarray:
+def ffhq_quad(landmarks: np.ndarray, # [68, 2] dlib's 68 landmarks (x, y) in pixels
+             ) -> np.ndarray:
     "The FFHQ crop quad [4, 2] (x, y): top-left, bottom-left, bottom-right, top-right, from 68 landmarks [68, 2]."
     lm = np.asarray(landmarks, dtype=np.float64)
     if lm.shape != (68, 2): raise ValueError(f"landmarks: expected shape (68, 2), got {lm.shape}")
@@ -214,7 +223,12 @@ def _fade_padding(a: np.ndarray, pad: np.ndarray, qsize: float) -> np.ndarray:
     a = a + (np.median(a, axis=(0, 1)) - a) * m
     return np.rint(a.clip(0, 255)).astype(np.uint8)
 
-def align_face(img: Image.Image, landmarks: np.ndarray, size: int = 1024, pad: str = 'ffhq', supersample: int = 2) -> Image.Image:
+def align_face(img: Image.Image, # the photo (converted to RGB)
+               landmarks: np.ndarray, # [68, 2] landmarks (x, y) in its pixels
+               size: int = 1024, # side of the output in pixels
+               pad: str = 'ffhq', # 'ffhq' (blurred, faded padding) or 'reflect'
+               supersample: int = 2, # render at this multiple of `size`, then downsample
+              ) -> Image.Image:
     "The FFHQ crop of `img` for 68 `landmarks` [68, 2], as a `size`×`size` RGB image."
     if pad not in ('ffhq', 'reflect'): raise ValueError(f"pad must be 'ffhq' or 'reflect', got {pad!r}")
     if size < 1: raise ValueError(f"size must be >= 1, got {size}")
@@ -260,9 +274,11 @@ DETECT_RELATIVE = 0.3    # a box scoring below this fraction of the photo's best
                          # pasted twice: 0.60 and 0.27; the astronaut mirrored beside itself: 1.29 and 1.12). An absolute
                          # threshold cannot do it: a synthetic face alone can score 0.05.
 
-def detect_faces(img: Image.Image, upsample: int = 1, max_side: int = 1024,
+def detect_faces(img: Image.Image, # the photo
+                 upsample: int = 1, # times dlib upsamples before detecting (finds smaller faces)
+                 max_side: int = 1024, # detect on a copy shrunk to at most this many pixels per side
                  threshold: float = DETECT_THRESHOLD, # minimum detector score of a face
-                 relative: float = DETECT_RELATIVE # minimum score as a fraction of the best box's
+                 relative: float = DETECT_RELATIVE, # minimum score as a fraction of the best box's
                 ) -> list[tuple[np.ndarray, float]]:
     "(68 landmarks [68, 2] in `img`'s pixels, detector score) for every face dlib's HOG detector finds, best first."
     import dlib
@@ -279,7 +295,10 @@ def detect_faces(img: Image.Image, upsample: int = 1, max_side: int = 1024,
         out.append((np.array([[p.x, p.y] for p in pred(full, r).parts()], dtype=np.float64), float(sc)))
     return out
 
-def detect_landmarks(img: Image.Image, upsample: int = 1, max_side: int = 1024) -> list[np.ndarray]:
+def detect_landmarks(img: Image.Image, # the photo
+                     upsample: int = 1, # times dlib upsamples before detecting
+                     max_side: int = 1024, # detect on a copy shrunk to at most this many pixels per side
+                    ) -> list[np.ndarray]:
     "68 landmarks [68, 2] (x, y) for every face dlib's HOG detector finds in `img`."
     return [lm for lm, _ in detect_faces(img, upsample, max_side)]
 
@@ -297,7 +316,14 @@ def _out_names(files: list[Path]) -> dict[Path, str]:
     c = Counter(f.stem.lower() for f in files)
     return {f: f.stem if c[f.stem.lower()] == 1 else f"{f.stem}_{f.suffix[1:].lower()}" for f in files}
 
-def import_photos(photos, album, person: str, timestamp: int, split: str, size: int = 1024, log: Callable = print) -> dict:
+def import_photos(photos, # a folder of photos (.jpg/.jpeg/.png) or one photo
+                  album, # album root folder
+                  person: str, # person folder name (no slashes)
+                  timestamp: int, # integer >= 0
+                  split: str, # 'train' or 'test'
+                  size: int = 1024, # side of the aligned crops in pixels (>= 16)
+                  log: Callable = print, # called with each progress line
+                 ) -> dict:
     "Detect, align (FFHQ) and save every photo of a folder into an album; skipped photos are listed in `import_report.json`."
     photos, album, person = Path(photos), Path(album), _check_person(person)
     if not photos.exists(): raise FileNotFoundError(f"{photos}: photos folder (or photo) not found")
@@ -356,7 +382,9 @@ SYNTH_RECIPE = dict(identity_psi=0.8, identity_min_score=1.0, identity_max_draws
 
 def _u(r: np.random.Generator, lo_hi) -> float: return float(r.uniform(*lo_hi))
 
-def draw_style(r: np.random.Generator, recipe: dict = SYNTH_RECIPE) -> dict:
+def draw_style(r: np.random.Generator, # numpy Generator the draws consume
+               recipe: dict = SYNTH_RECIPE, # ranges of the style parameters (`SYNTH_RECIPE`)
+              ) -> dict:
     "One timestamp's photographic style (plain floats, so album.yaml records it)."
     sh, lg = recipe['shift'], np.log(recipe['gamma'])
     return {'zoom': _u(r, recipe['zoom']), 'dx': _u(r, (-sh, sh)), 'dy': _u(r, (-sh, sh)),
@@ -366,7 +394,10 @@ def draw_style(r: np.random.Generator, recipe: dict = SYNTH_RECIPE) -> dict:
             'brightness': _u(r, recipe['brightness']), 'gamma': float(np.exp(r.uniform(*lg))),
             'blur': _u(r, recipe['blur']), 'grain': _u(r, recipe['grain'])}
 
-def jitter_style(style: dict, r: np.random.Generator, amount: float) -> dict:
+def jitter_style(style: dict, # the timestamp's style (`draw_style`)
+                 r: np.random.Generator, # numpy Generator the draws consume
+                 amount: float, # relative size of the changes, e.g. 0.15
+                ) -> dict:
     "A photo's small variation of its timestamp's style (`amount` ~ relative size of the changes)."
     s = {**style, 'cast': [float(c * (1 + r.uniform(-1, 1) * amount * 0.1)) for c in style['cast']]}
     s['zoom'] *= 1 + r.uniform(-1, 1) * amount * 0.1
@@ -377,7 +408,10 @@ def jitter_style(style: dict, r: np.random.Generator, amount: float) -> dict:
     s['blur'] = max(0.0, s['blur'] * (1 + r.uniform(-1, 1) * amount))
     return {k: (float(v) if not isinstance(v, list) else v) for k, v in s.items()}
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 4) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, # [N, C, H, W] images
+                  sigma: torch.Tensor, # [N] blur σ in pixels per image (< 0.05: unchanged)
+                  radius: int = 4, # kernel half-width in pixels
+                 ) -> torch.Tensor:
     "Blur each image of [N,C,H,W] with its own σ (sigma [N]; below 0.05 = unchanged): one grouped separable convolution."
     N, C, H, W = x.shape
     k = torch.arange(-radius, radius + 1, dtype=x.dtype)
@@ -387,7 +421,10 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 4) -> torc
     y = F.conv2d(F.conv2d(y, w[:, None, None, :], groups=N * C), w[:, None, :, None], groups=N * C)
     return y.reshape(N, C, H, W)
 
-def apply_style(x: torch.Tensor, styles: Sequence[dict], noise: torch.Tensor | None = None) -> torch.Tensor:
+def apply_style(x: torch.Tensor, # [N, 3, H, W] in [-1, 1]
+                styles: Sequence[dict], # one style dict per image
+                noise: torch.Tensor | None = None, # [N, 3, H, W] ~ N(0, 1) scaled by each style's grain, or None
+               ) -> torch.Tensor:
     "Photograph images [N,3,H,W] in [-1, 1] with per-image `styles`; `noise` [N,3,H,W] ~ N(0,1) is scaled by each style's grain."
     N, _, H, W = x.shape
     if len(styles) != N: raise ValueError(f"apply_style: {N} images but {len(styles)} styles")
@@ -423,7 +460,8 @@ def to_uint8(x: torch.Tensor, # images in [-1, 1], [N, 3, H, W]
 def _descriptor_chunk(chips: np.ndarray) -> np.ndarray:
     return np.asarray(_dlib('descriptor').compute_face_descriptor(list(chips)), dtype=np.float64).reshape(len(chips), 128)
 
-def dlib_descriptors(x_uint8: np.ndarray) -> np.ndarray:
+def dlib_descriptors(x_uint8: np.ndarray, # face crops, uint8 [N, H, W, 3]
+                    ) -> np.ndarray:
     """dlib ResNet descriptors [N,128] of face crops (uint8 [N,H,W,3]), each resized (bicubic) to dlib's 150×150 chip;
     one batched dlib call in this process (a forked worker pool deadlocked once torch's thread pool was running)."""
     x_uint8 = np.asarray(x_uint8)
@@ -433,7 +471,8 @@ def dlib_descriptors(x_uint8: np.ndarray) -> np.ndarray:
     return _descriptor_chunk(chips)
 
 # %% ../nbs/01_data.ipynb #cf9c2ac3
-def content_hash(person_dir) -> str:
+def content_hash(person_dir, # an album's person folder
+                ) -> str:
     "sha256 over (relative path, sha256) of every image and cameras.json of an album, in sorted path order."
     person_dir = Path(person_dir); h = hashlib.sha256()
     files = sorted((p for p in person_dir.rglob('*') if p.is_file() and (p.suffix.lower() in IMAGE_EXTS or p.name == 'cameras.json')),
@@ -474,8 +513,17 @@ def _clean_stale_tmp(root: Path, person: str) -> None:
         alive = pid.isdigit() and Path(f'/proc/{pid}').exists() and int(pid) != os.getpid()
         if not alive: shutil.rmtree(d, ignore_errors=True)
 
-def synth_album(root, person: str, timestamps: int = 10, n_train: int = 20, n_test: int = 5, size: int = 64, seed: int = 0,
-                force: bool = False, recipe: dict | None = None, log: Callable = print) -> Album:
+def synth_album(root, # album root folder
+                person: str, # person folder name (no slashes)
+                timestamps: int = 10, # number of timestamps (>= 1)
+                n_train: int = 20, # training photos per timestamp
+                n_test: int = 5, # test photos per timestamp
+                size: int = 64, # photo side in pixels (16 to 4096)
+                seed: int = 0, # integer >= 0; picks the identity and everything else
+                force: bool = False, # overwrite an existing album of `person`
+                recipe: dict | None = None, # overrides of `SYNTH_RECIPE`
+                log: Callable = print, # called with the summary line
+               ) -> Album:
     "Make an identity-verified synthetic album from the DigiFace prior; the same arguments give byte-identical files."
     from facecl_nb.generators import load_prior
     root, person = Path(root), _check_person(person)
@@ -580,7 +628,13 @@ def _demo_entry() -> dict:
     num = lambda flag, dflt: int(m.group(1)) if (m := re.search(rf"--{flag}\s+(\d+)", cmd)) else dflt
     return {'persons': dict(src['persons']), 'timestamps': num('timestamps', 10), 'n_train': num('train', 20), 'n_test': num('test', 5), 'size': num('size', 64)}
 
-def album_matches(album: Album, seed: int, timestamps: int, n_train: int, n_test: int, size: int) -> bool:
+def album_matches(album: Album, # the album to check
+                  seed: int, # synthesis seed
+                  timestamps: int, # number of timestamps
+                  n_train: int, # training photos per timestamp
+                  n_test: int, # test photos per timestamp
+                  size: int, # photo side in pixels
+                 ) -> bool:
     "True when `album` is the synthetic album of these arguments and the current recipe, with its files intact."
     try: r = album.meta.get('recipe') or {}
     except AlbumError: return False
@@ -588,8 +642,14 @@ def album_matches(album: Album, seed: int, timestamps: int, n_train: int, n_test
             'params': _round({k: (list(v) if isinstance(v, tuple) else v) for k, v in SYNTH_RECIPE.items()})}
     return all(r.get(k) == v for k, v in want.items()) and album.meta.get('content_hash') == content_hash(album.dir)
 
-def default_demo_albums(root=None, persons: dict | None = None, timestamps: int | None = None, n_train: int | None = None,
-                        n_test: int | None = None, size: int | None = None, log: Callable = print) -> list[Album]:
+def default_demo_albums(root=None, # album root folder (None: `<albums>/demo`)
+                        persons: dict | None = None, # {person: seed} (None: the manifest's)
+                        timestamps: int | None = None, # number of timestamps (None: the manifest's)
+                        n_train: int | None = None, # training photos per timestamp (None: the manifest's)
+                        n_test: int | None = None, # test photos per timestamp (None: the manifest's)
+                        size: int | None = None, # photo side in pixels (None: the manifest's)
+                        log: Callable = print, # called with each progress line
+                       ) -> list[Album]:
     "The demo tier's albums (manifest entry `demo-albums`; arguments override it): made when missing, reused when intact."
     e = _demo_entry()
     persons = persons if persons is not None else e['persons']
@@ -603,7 +663,11 @@ def default_demo_albums(root=None, persons: dict | None = None, timestamps: int 
         out.append(a)
     return out
 
-def contact_sheet(album: Album, split: str = 'train', n: int = 8, title: str | None = None):
+def contact_sheet(album: Album, # the album to show
+                  split: str = 'train', # 'train' or 'test'
+                  n: int = 8, # photos per timestamp (row) at most
+                  title: str | None = None, # figure title (None: person and split)
+                 ):
     "A matplotlib figure: one row per timestamp, its first `n` photos of `split`."
     import matplotlib.pyplot as plt
     ts = album.timestamps
@@ -623,17 +687,33 @@ def contact_sheet(album: Album, split: str = 'train', n: int = 8, title: str | N
     return fig
 
 # %% ../nbs/01_data.ipynb #5323fef7
-def cli_album_synth(album, person, timestamps=10, train=20, test=5, size=64, seed=0, force=False) -> int:
+def cli_album_synth(album, # album root folder
+                    person, # person folder name
+                    timestamps=10, # number of timestamps
+                    train=20, # training photos per timestamp
+                    test=5, # test photos per timestamp
+                    size=64, # photo side in pixels
+                    seed=0, # synthesis seed
+                    force=False, # overwrite an existing album
+                   ) -> int:
     "`facecl album synth`: make a synthetic album."
     synth_album(album, person, timestamps=timestamps, n_train=train, n_test=test, size=size, seed=seed, force=force)
     return 0
 
-def cli_album_import(photos, album, person, timestamp, split, size=1024) -> int:
+def cli_album_import(photos, # a folder of photos or one photo
+                     album, # album root folder
+                     person, # person folder name
+                     timestamp, # integer >= 0
+                     split, # 'train' or 'test'
+                     size=1024, # side of the aligned crops in pixels
+                    ) -> int:
     "`facecl album import`: align a folder of photos (exit code 0 even when some photos were skipped; they are in the report)."
     import_photos(photos, album, person, timestamp, split, size)
     return 0
 
-def cli_album_validate(album, person) -> int:
+def cli_album_validate(album, # album root folder
+                       person, # person folder name
+                      ) -> int:
     "`facecl album validate`: check an album; every problem is listed."
     a = Album(album, person).validate()
     counts = ', '.join(f"t={t}: {len(a.files(t, 'train'))}+{len(a.files(t, 'test'))}" for t in a.timestamps)

@@ -78,7 +78,8 @@ class OSGDecoder(nn.Module):
         self.net = nn.Sequential(FullyConnectedLayer(n_features, hidden_dim, lr_multiplier=lr_multiplier), nn.Softplus(),
                                  FullyConnectedLayer(hidden_dim, 1 + output_dim, lr_multiplier=lr_multiplier))
 
-    def forward(self, features: Tensor) -> dict:
+    def forward(self, features: Tensor, # [N, 3, M, C] features sampled from the three planes
+               ) -> dict:
         x = features.mean(1)                                   # [N, M, C]
         N, M, C = x.shape
         x = self.net(x.reshape(N * M, C)).reshape(N, M, -1)
@@ -87,8 +88,8 @@ class OSGDecoder(nn.Module):
 def ray_march(colors: Tensor, # [N, R, S, C] features at the samples
               densities: Tensor, # [N, R, S, 1] raw densities
               depths: Tensor, # [N, R, S, 1] sample depths, sorted along each ray
-              white_back: bool = False,
-              ) -> tuple[Tensor, Tensor, Tensor]:
+              white_back: bool = False, # add the leftover transmittance as white background
+             ) -> tuple[Tensor, Tensor, Tensor]:
     "Midpoint-rule volume rendering: features [N, R, C] in [−1, 1], depth [N, R, 1], weights [N, R, S−1, 1]."
     deltas = depths[:, :, 1:] - depths[:, :, :-1]
     mid = lambda t: (t[:, :, :-1] + t[:, :, 1:]) / 2
@@ -106,7 +107,9 @@ def ray_march(colors: Tensor, # [N, R, S, C] features at the samples
 def sample_pdf(bins: Tensor, # [B, S+1] bin edges
                weights: Tensor, # [B, S] non-negative bin weights
                n: int, # samples per row
-               deterministic: bool = True, eps: float = 1e-5) -> Tensor:
+               deterministic: bool = True, # evenly spaced quantiles (False: uniform random ones)
+               eps: float = 1e-5, # added to every weight (no empty bins)
+              ) -> Tensor:
     "Inverse-CDF samples [B, n] from piecewise-constant densities (evenly spaced quantiles when `deterministic`)."
     w = weights + eps
     cdf = torch.cumsum(w / w.sum(-1, keepdim=True), -1)
@@ -137,10 +140,11 @@ def _check_rendering(opts: dict) -> dict:
 
 def render_planes(planes: Tensor, # [N, 3, C, H, W]
                   decoder: Callable, # features [N, 3, M, C] -> {'rgb', 'sigma'}
-                  origins: Tensor, dirs: Tensor, # [N, R, 3] rays
+                  origins: Tensor, # [N, R, 3] ray origins
+                  dirs: Tensor, # [N, R, 3] rays
                   opts: dict, # rendering options (see `FFHQ_RENDERING`)
                   stochastic: bool = False, # jitter the samples as EG3D does (True) or place them deterministically
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     "Coarse + importance volume rendering of tri-planes: features [N, R, C'], depth [N, R, 1], opacity [N, R, 1]."
     N, R, _ = origins.shape
     S, S2 = int(opts['depth_resolution']), int(opts['depth_resolution_importance'])
@@ -185,8 +189,13 @@ class SynthesisBlockNoUp(SynthesisBlock):
         self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=1,
                                     resample_filter=resample_filter, conv_clamp=conv_clamp, **layer_kwargs)
 
-    def forward(self, x: Tensor, img: Tensor | None, ws: Tensor, noise_mode: str = 'const', fused_modconv: bool | None = None,
-                **_ignored) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, # [N, in_channels, r, r] features
+                img: Tensor | None, # [N, img_channels, r, r] image so far (None: none yet)
+                ws: Tensor, # [N, 3, w_dim] styles of conv0, conv1, torgb
+                noise_mode: str = 'const', # 'const', 'random' or 'none'
+                fused_modconv: bool | None = None, # see `modulated_conv2d` (None: when not training)
+                **_ignored, # other keyword arguments, ignored
+               ) -> tuple[Tensor, Tensor]:
         if ws.ndim != 3 or ws.shape[1] != 3: raise GeneratorError(f"block {self.resolution}: expected ws [N, 3, {self.w_dim}], got {list(ws.shape)}")
         if fused_modconv is None: fused_modconv = not self.training
         kw = dict(noise_mode=noise_mode, fused_modconv=fused_modconv)
@@ -210,7 +219,12 @@ class Superresolution(nn.Module):
                                      is_last=True, conv_clamp=conv_clamp, **layer_kwargs)
         if filter_buffer: self.register_buffer('resample_filter', setup_filter([1, 3, 3, 1]))   # unused; NVIDIA's classes carry it (but 8XDC)
 
-    def forward(self, rgb: Tensor, x: Tensor, ws: Tensor, noise_mode: str = 'none', fused_modconv: bool | None = None) -> Tensor:
+    def forward(self, rgb: Tensor, # [N, 3, r, r] raw rendered image
+                x: Tensor, # [N, channels, r, r] rendered feature image
+                ws: Tensor, # [N, num_ws, w_dim] styles (the last one is used)
+                noise_mode: str = 'none', # 'const', 'random' or 'none'
+                fused_modconv: bool | None = None, # see `modulated_conv2d` (None: when not training)
+               ) -> Tensor:
         ws = ws[:, -1:].repeat(1, 3, 1)
         if x.shape[-1] != self.input_resolution:
             size = (self.input_resolution, self.input_resolution)
@@ -226,8 +240,16 @@ SR_MODULES = {'SuperresolutionHybrid8XDC': (128, 512, (256, 128)), 'Superresolut
               'SuperresolutionHybrid4X': (128, 256, (128, 64)), 'SuperresolutionHybridDeepfp32': (128, 256, (128, 64)),
               'SuperresolutionHybrid2X': (64, 128, (128, 64))}
 
-def build_superresolution(module: str, channels: int, img_resolution: int, w_dim: int, sr_num_fp16_res: int = 0,
-                          sr_antialias: bool = True, input_resolution: int | None = None, block_channels=None, **sr_kwargs) -> Superresolution:
+def build_superresolution(module: str, # NVIDIA's class path or 'facecl.Superresolution' (only the last name counts)
+                          channels: int, # channels of the rendered feature image
+                          img_resolution: int, # output size in pixels
+                          w_dim: int, # style vector size
+                          sr_num_fp16_res: int = 0, # > 0: clamp the convolutions at 256 (trained in fp16)
+                          sr_antialias: bool = True, # antialias when resizing the input
+                          input_resolution: int | None = None, # input size in pixels (facecl.Superresolution only)
+                          block_channels=None, # channels of its two blocks (facecl.Superresolution only; None: (64, 32))
+                          **sr_kwargs, # further layer arguments (channel_base etc. dropped)
+                         ) -> Superresolution:
     "The super-resolution module named in `rendering_kwargs['superresolution_module']` (NVIDIA's, or 'facecl.Superresolution')."
     name = str(module).rsplit('.', 1)[-1]
     for k in ('channel_base', 'channel_max', 'fused_modconv_default', 'num_fp16_res'): sr_kwargs.pop(k, None)   # unused by EG3D too
@@ -283,19 +305,28 @@ class TriPlaneGenerator(Generator):
         cfg = super().config(); cfg['kwargs']['neural_rendering_resolution'] = int(self.neural_rendering_resolution)
         return cfg
 
-    def mapping(self, z: Tensor, c: Tensor | None = None, truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
-                update_emas: bool = False) -> Tensor:
+    def mapping(self, z: Tensor, # [N, z_dim] latents
+                c: Tensor | None = None, # [N or 1, 25] camera labels
+                truncation_psi: float = 1.0, # pull towards w_avg (1: none)
+                truncation_cutoff: int | None = None, # truncate only the first this many layers (None: all)
+                update_emas: bool = False, # update w_avg with this batch
+               ) -> Tensor:
         "z [N, z_dim], c [N, 25] → ws [N, num_ws, w_dim] (c scaled by `c_scale`, or zeroed with `c_gen_conditioning_zero`)."
         c = self.check_c(c, z.shape[0] if torch.is_tensor(z) and z.ndim == 2 else 1)
         c = torch.zeros_like(c) if self.rendering_kwargs['c_gen_conditioning_zero'] else c * self.rendering_kwargs.get('c_scale', 0)
         return self.backbone.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff, update_emas=update_emas)
 
-    def planes(self, ws: Tensor) -> Tensor:
+    def planes(self, ws: Tensor, # [N, num_ws, w_dim] (or [N, w_dim]) styles
+              ) -> Tensor:
         "The tri-planes [N, 3, plane_channels, P, P] of ws."
         p = self.backbone.synthesis(self.check_ws(ws))
         return p.reshape(len(p), 3, self.plane_channels, p.shape[-2], p.shape[-1])
 
-    def render(self, ws: Tensor, c: Tensor, neural_rendering_resolution: int | None = None, noise_mode: str | None = None) -> dict:
+    def render(self, ws: Tensor, # [N, num_ws, w_dim] (or [N, w_dim]) styles
+               c: Tensor, # [N or 1, 25] camera labels
+               neural_rendering_resolution: int | None = None, # rays per side r (None: the generator's)
+               noise_mode: str | None = None, # super-resolution noise (None: rendering_kwargs' superresolution_noise_mode)
+              ) -> dict:
         "{'image' [N, 3, R, R], 'image_raw' [N, 3, r, r], 'image_depth' [N, 1, r, r], 'image_opacity' [N, 1, r, r]}."
         ws = self.check_ws(ws); c = self.check_c(c, len(ws))
         r = int(neural_rendering_resolution or self.neural_rendering_resolution)
@@ -310,12 +341,16 @@ class TriPlaneGenerator(Generator):
         return {'image': img, 'image_raw': raw, 'image_depth': depth.permute(0, 2, 1).reshape(N, 1, r, r),
                 'image_opacity': opacity.permute(0, 2, 1).reshape(N, 1, r, r)}
 
-    def synthesis(self, ws: Tensor, c: Tensor | None = None, neural_rendering_resolution: int | None = None) -> Tensor:
+    def synthesis(self, ws: Tensor, # [N, num_ws, w_dim] (or [N, w_dim]) styles
+                  c: Tensor | None = None, # [N or 1, 25] camera labels (required)
+                  neural_rendering_resolution: int | None = None, # rays per side r (None: the generator's)
+                 ) -> Tensor:
         "ws [N, num_ws, w_dim] (or [N, w_dim]) seen from cameras c [N or 1, 25] → images [N, 3, R, R] in about [−1, 1]."
         if c is None: raise GeneratorError(f"eg3d needs a camera label c of shape [N, 25] (a 2D path gave none)")
         return self.render(ws, c, neural_rendering_resolution)['image']
 
-    def mean_ws(self, c: Tensor | None = None) -> Tensor:
+    def mean_ws(self, c: Tensor | None = None, # [1, 25] camera label passed to the backbone (None: none)
+               ) -> Tensor:
         "The backbone's w_avg at every layer, [1, num_ws, w_dim]."
         return self.backbone.mean_ws(None if c is None else self.check_c(c, 1)[:1])
 
@@ -324,7 +359,8 @@ class TriPlaneGenerator(Generator):
         return [p for n, p in self.named_parameters() if not n.startswith('backbone.mapping.') and p.requires_grad]
 
 # %% ../nbs/92_eg3d.ipynb #dc7f147a
-def small_config(**overrides) -> dict:
+def small_config(**overrides, # constructor arguments replacing the defaults (rendering_kwargs merged)
+                ) -> dict:
     "Constructor arguments of a small tri-plane generator (64 px output, 32 px rendering, 32² planes) for tests and the demo tier."
     rk = dict(FFHQ_RENDERING, depth_resolution=12, depth_resolution_importance=12,
               superresolution_module='facecl.Superresolution', superresolution_noise_mode='none')
@@ -338,7 +374,9 @@ def small_config(**overrides) -> dict:
     return cfg
 
 # %% ../nbs/92_eg3d.ipynb #80bd8931
-def load_eg3d(path, **overrides) -> TriPlaneGenerator:
+def load_eg3d(path, # a .safetensors or NVIDIA .pkl file
+              **overrides, # constructor kwargs (and pkl options) replacing the recorded ones
+             ) -> TriPlaneGenerator:
     "Load a tri-plane generator (our .safetensors or an NVIDIA .pkl); any other architecture is an error naming the file."
     from facecl_nb.generators import load_generator
     G = load_generator(path, **overrides)

@@ -31,11 +31,13 @@ class InversionEncoder(nn.Module):
     """A fixed network from photos to anchors. Subclasses set `num_ws`, `w_dim` and `arch` and implement `codes`;
     `encode` batches, checks and returns anchors [N, num_ws, w_dim] without gradients."""
     arch = '?'
-    def codes(self, images: Tensor) -> Tensor: raise NotImplementedError
+    def codes(self, images: Tensor, # [N, 3, R, R] photos in [-1, 1]
+             ) -> Tensor: raise NotImplementedError
 
     @torch.no_grad()
     def encode(self, images: Tensor, # [N, 3, R, R] in [-1, 1], at the generator's resolution
-               batch_size: int = 32) -> Tensor:
+               batch_size: int = 32, # photos per forward pass
+              ) -> Tensor:
         "Anchors [N, num_ws, w_dim] of `images` (the encoder is never trained here: the same photo always gets the same code)."
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
             raise EncoderError(f"{self.arch} encoder: expected images [N, 3, R, R], got {list(images.shape) if torch.is_tensor(images) else type(images).__name__}")
@@ -46,7 +48,9 @@ class InversionEncoder(nn.Module):
         if out.ndim == 2: out = out[:, None].expand(-1, self.num_ws, -1)
         return out.contiguous()
 
-    def fits(self, G, where: str = '') -> 'InversionEncoder':
+    def fits(self, G, # the generator the codes are for
+             where: str = '', # named in the error ('': the encoder's arch)
+            ) -> 'InversionEncoder':
         "Raise `EncoderError` unless this encoder's codes have G's shape [num_ws, w_dim]."
         if (self.num_ws, self.w_dim) != (G.num_ws, G.w_dim):
             raise EncoderError(f"{where or self.arch}: the encoder gives codes of shape [{self.num_ws}, {self.w_dim}], "
@@ -72,13 +76,15 @@ class PSPWEncoder(InversionEncoder):
         self.linear = FullyConnectedLayer(IRSE_WIDTHS[-1], self.w_dim)     # pSp's EqualLinear(512, 512, lr_mul=1): same keys, same scaling
         self.register_buffer('latent_avg', torch.zeros(n_styles, self.w_dim), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, # [N, 3, input_size, input_size] photos in [-1, 1]
+               ) -> Tensor:
         "[N, 3, input_size, input_size] -> the encoder's output, repeated over layers [N, n_styles, 512] (no latent_avg)."
         assert x.ndim == 4 and x.shape[1] == 3, f"expected [N, 3, H, W], got {list(x.shape)}"
         x = self.output_pool(self.body(self.input_layer(x))).flatten(1)
         return self.linear(x)[:, None].repeat(1, self.num_ws, 1)
 
-    def codes(self, images: Tensor) -> Tensor:
+    def codes(self, images: Tensor, # [N, 3, R, R] photos in [-1, 1] (resized to input_size)
+             ) -> Tensor:
         x = images
         if x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode='bicubic', align_corners=False).clamp(-1, 1)
@@ -104,7 +110,8 @@ def _units_of(sd: dict, where: str) -> list[int]:
         raise EncoderError(f"{where}: the encoder body is not an IR-SE network (stage widths {sorted(set(widths))}, expected {list(IRSE_WIDTHS)})")
     return units
 
-def read_torch_checkpoint(path) -> dict:
+def read_torch_checkpoint(path, # a `torch.save` file
+                         ) -> dict:
     """Read a `torch.save` file holding only tensors and plain data (an argparse Namespace becomes a dict); anything else —
     a class to build, a function to call — is refused before it runs (`UnsafeCheckpointError`)."""
     path = Path(path)
@@ -119,7 +126,8 @@ def read_torch_checkpoint(path) -> dict:
         raise EncoderError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
 def load_psp_w_encoder(path, # the pSp/e4e/HyperStyle checkpoint (`faces_w_encoder.pt`)
-                       strict: bool = True) -> PSPWEncoder:
+                       strict: bool = True, # raise on any missing, unexpected or mis-shaped key
+                      ) -> PSPWEncoder:
     "The W encoder of a pSp-format checkpoint: `state_dict` (keys `encoder.*`), `opts` and `latent_avg`; read without running anything."
     ck = read_torch_checkpoint(path)
     if not isinstance(ck, dict) or not isinstance(ck.get('state_dict'), dict):
@@ -167,17 +175,21 @@ class DemoEncoder(InversionEncoder):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(cin * (resolution >> len(widths)) ** 2, z_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, # [N, 3, 64, 64] photos in [-1, 1]
+               ) -> Tensor:
         "[N, 3, 64, 64] -> z [N, z_dim]."
         assert x.ndim == 4 and x.shape[1:] == (3, self.resolution, self.resolution), f"expected [N, 3, {self.resolution}, {self.resolution}], got {list(x.shape)}"
         return self.head(self.features(x).flatten(1))
 
-    def codes(self, images: Tensor) -> Tensor: return self(images)
+    def codes(self, images: Tensor, # [N, 3, 64, 64] photos in [-1, 1]
+             ) -> Tensor: return self(images)
     def config(self) -> dict: return {'arch': self.arch, 'kwargs': dict(self._kwargs)}
 
 _ENCODERS = {'dcgan-encoder': DemoEncoder, 'psp-w-encoder': PSPWEncoder}
 
-def save_encoder(E: InversionEncoder, path) -> Path:
+def save_encoder(E: InversionEncoder, # the encoder to save
+                 path, # destination .safetensors file
+                ) -> Path:
     "Save an encoder (architecture, constructor arguments, weights) as safetensors, atomically — the generators' format."
     return save_generator(E, path, extra={'latent_avg': E.latent_avg} if isinstance(E, PSPWEncoder) else None)
 
@@ -195,7 +207,8 @@ def _load_safetensors_encoder(path: Path) -> InversionEncoder:
 
 def load_encoder(path_or_name, # a file (.safetensors: facecl's format; .pt/.pth: a pSp checkpoint) or a manifest entry name
                  G=None, # when given, the encoder must give codes of G's shape
-                 device='cpu') -> InversionEncoder:
+                 device='cpu', # device the encoder is moved to
+                ) -> InversionEncoder:
     "An inversion encoder, frozen: the demo tier's (`dcgan-encoder-demo`) or a user's pSp W encoder (`psp-w-encoder`)."
     p = Path(path_or_name)
     if not p.suffix and not p.exists():
@@ -219,7 +232,11 @@ def _training_batch(G, n: int, seed: int, step: int) -> tuple[Tensor, Tensor, Te
     noise = torch.from_numpy(r.standard_normal((n, 3, G.img_resolution, G.img_resolution))).float()
     return z, x, apply_style(x, styles, noise)
 
-def encoder_quality(E: InversionEncoder, G, n: int = 256, seed: int = 10_000) -> dict:
+def encoder_quality(E: InversionEncoder, # the encoder under test
+                    G, # the DCGAN prior it inverts
+                    n: int = 256, # held-out samples
+                    seed: int = 10_000, # seeds the samples (apart from the training seeds)
+                   ) -> dict:
     "On `n` held-out prior samples (styled like album photos): relative latent error ‖E(x) − z‖/‖z‖ and PSNR of G(E(x)) against the unstyled render."
     from facecl_nb.metrics import psnr
     z, x, xs = _training_batch(G, n, seed, 0)
@@ -229,8 +246,16 @@ def encoder_quality(E: InversionEncoder, G, n: int = 256, seed: int = 10_000) ->
             'psnr_vs_styled': float(psnr(rec, xs).mean())}
 
 def train_demo_encoder(out, # .safetensors path of the result; `<out>.train.pt` beside it holds the resumable state
-                       steps: int = 3000, batch_size: int = 32, lr: float = 1e-3, w_image: float = 1.0, seed: int = 0,
-                       save_every: int = 100, eval_every: int = 500, progress: bool = True, log=print) -> dict:
+                       steps: int = 3000, # total optimizer steps (a resumed run continues to this)
+                       batch_size: int = 32, # prior samples per step
+                       lr: float = 1e-3, # Adam learning rate (cosine-decayed to 0)
+                       w_image: float = 1.0, # weight of the image loss next to the latent loss
+                       seed: int = 0, # seeds the batches and init
+                       save_every: int = 100, # steps between resumable-state saves
+                       eval_every: int = 500, # steps between held-out evaluations
+                       progress: bool = True, # show a progress bar
+                       log=print, # called with progress messages
+                      ) -> dict:
     """Train the demo tier's encoder on the DigiFace prior's own samples: loss ‖E(style(G(z))) − z‖² (per dimension) +
     `w_image`·‖G(E(·)) − G(z)‖². Adam with a cosine decay; resumes where it stopped. Returns the loss history."""
     from tqdm.auto import tqdm

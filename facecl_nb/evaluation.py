@@ -33,14 +33,20 @@ def _stack(d: dict, ts) -> tuple[Tensor, np.ndarray]:
     sizes = [len(d[t]) for t in ts]
     return torch.cat([d[t] for t in ts]), np.cumsum([0] + sizes)
 
-def evaluate(G, tests: dict, # timestamp -> test photos [n, 3, R, R] in [-1, 1]
+def evaluate(G, # the model to evaluate (left unchanged)
+             tests: dict, # timestamp -> test photos [n, 3, R, R] in [-1, 1]
              protocol: str = 'free', # 'free': free latent optimization from `init`; 'hull': projection into P_beta(`span`)
              init: dict | None = None, # timestamp -> start latents of the test photos (their encoder codes); None: the nearest prior sample
              span: Tensor | None = None, # anchors [K, num_ws, w_dim] spanning P_beta (the 'hull' protocol)
              cameras: dict | None = None, # timestamp -> camera labels [n, 25] (3D)
-             free: FreeConfig = FreeConfig(), hull: HullConfig = HullConfig(), space: str = 'w',
-             metrics: Sequence[str] = ('psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist'),
-             encoder=None, seed: int = 0, progress: bool = False) -> EvalResult:
+             free: FreeConfig = FreeConfig(), # settings of the 'free' protocol (steps, lr, lpips_weight)
+             hull: HullConfig = HullConfig(), # settings of the 'hull' protocol (beta, steps, lr)
+             space: str = 'w', # 'w' or 'w+' (the 'free' protocol's latent space)
+             metrics: Sequence[str] = ('psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist'), # metric names for `compute_metrics`
+             encoder=None, # identity encoder for 'id_sim' (None: the default)
+             seed: int = 0, # seeds the optimizations
+             progress: bool = False, # show a progress bar
+            ) -> EvalResult:
     "Reconstruct every test photo of `tests` with model `G` (one batched optimization over all timestamps) and score it."
     ts = list(tests)
     if not ts or min(len(tests[t]) for t in ts) == 0: raise ValueError(f"evaluate: every timestamp needs test photos (got { {t: len(tests[t]) for t in ts} })")
@@ -66,10 +72,15 @@ def evaluate(G, tests: dict, # timestamp -> test photos [n, 3, R, R] in [-1, 1]
     return EvalResult(rows, recon, per_image, unavailable, ts)
 
 # %% ../nbs/05a_evaluation.ipynb #b03baf6f
-def synthesis_scores(G, anchors: dict, # timestamp k -> k's training anchors [n_k, num_ws, w_dim]
+def synthesis_scores(G, # the model that synthesizes
+                     anchors: dict, # timestamp k -> k's training anchors [n_k, num_ws, w_dim]
                      tests: dict, # timestamp k -> k's test photos
-                     n_synth: int = 8, seed: int = 0, cameras: dict | None = None,
-                     metrics: Sequence[str] = ('id_sim', 'fid'), encoder=None) -> tuple[dict, dict, dict]:
+                     n_synth: int = 8, # samples per timestamp
+                     seed: int = 0, # seeds the samples (offset per timestamp)
+                     cameras: dict | None = None, # timestamp -> camera labels [n, 25] (3D; the first one is used for every sample)
+                     metrics: Sequence[str] = ('id_sim', 'fid'), # 'id_sim' and/or 'fid'
+                     encoder=None, # identity encoder (None: the default)
+                    ) -> tuple[dict, dict, dict]:
     """Synthesis by model `G` for every timestamp k of `tests`: `n_synth` random convex combinations of k's anchors (points
     of P_0), scored against k's test photos — `synth_id_sim`: mean over samples of the highest identity similarity to
     any test photo of k; `synth_fid`: FID between samples and test photos (when the Inception weights are present).

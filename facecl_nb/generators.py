@@ -26,7 +26,8 @@ class GeneratorError(ValueError):
 
 ARCHS: dict[str, type] = {}
 
-def register_arch(name: str):
+def register_arch(name: str, # architecture name stored in checkpoints
+                 ):
     "Class decorator: make an architecture loadable by name from the project's checkpoint format."
     def deco(cls):
         ARCHS[name] = cls; cls.arch = name
@@ -36,7 +37,8 @@ def register_arch(name: str):
 # architectures defined in other modules, imported on first use (they import this module: no import cycle at load time)
 ARCH_MODULES = {'stylegan2': 'facecl_nb.stylegan2', 'eg3d': 'facecl_nb.eg3d'}
 
-def get_arch(name: str) -> type:
+def get_arch(name: str, # architecture name (e.g. 'dcgan', 'stylegan2', 'eg3d')
+            ) -> type:
     "The generator class registered as `name`, importing its module (`ARCH_MODULES`) if needed."
     if name in ARCHS: return ARCHS[name]
     modname = ARCH_MODULES.get(name)
@@ -57,15 +59,25 @@ class Generator(nn.Module):
     arch = 'base'
     z_dim: int; w_dim: int; num_ws: int; c_dim: int = 0; img_resolution: int; img_channels: int = 3
 
-    def mapping(self, z: Tensor, c: Tensor | None = None, truncation_psi: float = 1.0) -> Tensor: raise NotImplementedError
-    def synthesis(self, ws: Tensor, c: Tensor | None = None) -> Tensor: raise NotImplementedError
-    def mean_ws(self, c: Tensor | None = None) -> Tensor: raise NotImplementedError
+    def mapping(self, z: Tensor, # [N, z_dim] latents
+                c: Tensor | None = None, # [N, c_dim] camera labels (None without conditioning)
+                truncation_psi: float = 1.0, # pull towards the mean latent (1: none)
+               ) -> Tensor: raise NotImplementedError
+    def synthesis(self, ws: Tensor, # [N, num_ws, w_dim] (or [N, w_dim]) styles
+                  c: Tensor | None = None, # [N, c_dim] camera labels (None without conditioning)
+                 ) -> Tensor: raise NotImplementedError
+    def mean_ws(self, c: Tensor | None = None, # [1, c_dim] camera label (None without conditioning)
+               ) -> Tensor: raise NotImplementedError
     def config(self) -> dict: return {'arch': self.arch, 'kwargs': dict(self._kwargs)}
 
-    def forward(self, z: Tensor, c: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, # [N, z_dim] latents
+                c: Tensor | None = None, # [N, c_dim] camera labels (None without conditioning)
+               ) -> Tensor:
         return self.synthesis(self.mapping(z, c), c)
 
-    def check_ws(self, ws: Tensor, what: str = 'ws') -> Tensor:
+    def check_ws(self, ws: Tensor, # the styles to check
+                 what: str = 'ws', # name used in the error message
+                ) -> Tensor:
         "Accept [N, w_dim] (broadcast to every layer) or [N, num_ws, w_dim]; anything else is an error."
         if not torch.is_tensor(ws): raise GeneratorError(f"{what}: expected a torch.Tensor, got {type(ws).__name__}")
         if ws.ndim == 2 and ws.shape[1] == self.w_dim: ws = ws[:, None].expand(-1, self.num_ws, -1)
@@ -73,7 +85,9 @@ class Generator(nn.Module):
             raise GeneratorError(f"{what}: expected shape [N, {self.num_ws}, {self.w_dim}] (or [N, {self.w_dim}]) for {self.arch}, got {list(ws.shape)}")
         return ws
 
-    def check_c(self, c: Tensor | None, n: int) -> Tensor | None:
+    def check_c(self, c: Tensor | None, # [N or 1, c_dim] camera labels
+                n: int, # batch size N they are expanded to
+               ) -> Tensor | None:
         if self.c_dim == 0: return None
         if c is None: raise GeneratorError(f"{self.arch} needs a camera label c of shape [N, {self.c_dim}]")
         if c.ndim != 2 or c.shape[1] != self.c_dim or c.shape[0] not in (1, n):
@@ -106,27 +120,36 @@ class DCGANGenerator(Generator):
         self.main = nn.Sequential(*layers)
         self.eval()
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True, # True: train mode, False: eval (BatchNorm stays eval)
+             ):
         "Switch train/eval, but keep BatchNorm layers on their running statistics."
         super().train(mode)
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d): m.eval()
         return self
 
-    def mapping(self, z, c=None, truncation_psi: float = 1.0):
+    def mapping(self, z, # [N, z_dim] latents
+                c=None, # ignored (no conditioning)
+                truncation_psi: float = 1.0, # scale of z (1: unchanged)
+               ):
         if z.ndim != 2 or z.shape[1] != self.z_dim: raise GeneratorError(f"z: expected shape [N, {self.z_dim}], got {list(z.shape)}")
         return (z * truncation_psi)[:, None, :]
 
-    def synthesis(self, ws, c=None):
+    def synthesis(self, ws, # [N, 1, z_dim] (or [N, z_dim]) latents
+                  c=None, # ignored (no conditioning)
+                 ):
         ws = self.check_ws(ws)
         return self.main(ws[:, 0, :, None, None])
 
-    def mean_ws(self, c=None):
+    def mean_ws(self, c=None, # ignored (no conditioning)
+               ):
         "The prior's mean latent: z ~ N(0, I), so the zero vector."
         p = next(self.parameters())
         return torch.zeros(1, 1, self.z_dim, device=p.device, dtype=p.dtype)
 
-def load_prior(name: str = 'digiface-dcgan', device: str | torch.device = 'cpu') -> Generator:
+def load_prior(name: str = 'digiface-dcgan', # weight name in the manifest
+               device: str | torch.device = 'cpu', # device the generator is moved to
+              ) -> Generator:
     "The demo tier's pretrained prior, read from the file the manifest names and verified by sha256."
     path = resolve_weight(name)
     sd = torch.load(path, map_location='cpu', weights_only=True)
@@ -140,7 +163,11 @@ def _few(keys, n: int = 8) -> str:
     keys = list(keys)
     return '[' + ', '.join(keys[:n]) + (f', … (+{len(keys) - n} more)' if len(keys) > n else '') + ']'
 
-def load_weights(G: nn.Module, sd: dict, where: str, strict: bool = True) -> dict:
+def load_weights(G: nn.Module, # the network loaded into
+                 sd: dict, # state dict: name -> tensor
+                 where: str, # file / source named in errors
+                 strict: bool = True, # raise on any missing, unexpected or mis-shaped key
+                ) -> dict:
     """Copy the tensors of `sd` into `G` by name. Returns {'missing', 'unexpected', 'mismatched'} key lists;
     with `strict`, any of them is a `GeneratorError` naming the keys (and `where`)."""
     own = G.state_dict()
@@ -154,8 +181,9 @@ def load_weights(G: nn.Module, sd: dict, where: str, strict: bool = True) -> dic
     G.load_state_dict({k: v for k, v in sd.items() if k in own and k not in mismatched}, strict=False)
     return {'missing': missing, 'unexpected': unexpected, 'mismatched': mismatched}
 
-def save_generator(G, path, # a facecl network: `arch` and `config()` (generators, and encoders alike)
-                   extra: dict | None = None # tensors to store beside the state dict (e.g. an encoder's latent_avg)
+def save_generator(G, # a facecl network: `arch` and `config()` (generators, and encoders alike)
+                   path, # destination .safetensors file
+                   extra: dict | None = None, # tensors to store beside the state dict (e.g. an encoder's latent_avg)
                   ) -> Path:
     "Save `G` (architecture, constructor kwargs, weights) as a safetensors file, atomically."
     from safetensors.torch import save as st_save
@@ -163,7 +191,8 @@ def save_generator(G, path, # a facecl network: `arch` and `config()` (generator
     meta = {'facecl_arch': G.arch, 'facecl_kwargs': json.dumps(G.config()['kwargs'])}
     return atomic_write_bytes(path, st_save(sd, metadata=meta))
 
-def read_facecl_file(path) -> tuple[str, dict, dict]:
+def read_facecl_file(path, # a .safetensors file of `save_generator`
+                    ) -> tuple[str, dict, dict]:
     "(architecture name, constructor kwargs, tensors) of a file `save_generator` wrote; `GeneratorError` naming the file otherwise."
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -188,7 +217,9 @@ def _load_facecl(path: Path, strict: bool = True, **overrides) -> Generator:
     G.load_report = load_weights(G, sd, str(path), strict)
     return G.eval()
 
-def load_generator(path, **overrides) -> Generator:
+def load_generator(path, # a .safetensors or NVIDIA .pkl file
+                   **overrides, # constructor kwargs (and pkl options) replacing the recorded ones
+                  ) -> Generator:
     """Load a generator: the project's `.safetensors` format, or an NVIDIA `.pkl` read without executing it
     (`which='G_ema'`, `strict=True` and constructor overrides such as `noise_mode` pass through)."""
     path = Path(path)
@@ -306,7 +337,9 @@ class SafeUnpickler(pickle.Unpickler):
             allow[('torch', n)] = getattr(torch, n)
         return allow
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, # module name from the pickle
+                   name: str, # global name in that module
+                  ):
         if (module, name) in _compat_pickle.NAME_MAPPING: module, name = _compat_pickle.NAME_MAPPING[(module, name)]  # protocol-2 names
         elif module in _compat_pickle.IMPORT_MAPPING: module = _compat_pickle.IMPORT_MAPPING[module]                   # (__builtin__, copy_reg)
         if (module, name) in self.allow: return self.allow[(module, name)]
@@ -316,10 +349,12 @@ class SafeUnpickler(pickle.Unpickler):
                                  "(stylegan2-ada-pytorch's legacy.py); nothing in the file was run")
         raise UnsafeCheckpointError(f"{self.path}: refused to load global '{module}.{name}' (not on the allow-list); nothing in the file was run")
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid, # persistent id from the pickle (always refused)
+                       ):
         raise UnsafeCheckpointError(f"{self.path}: refused a persistent id {str(pid)[:60]!r} (not a network pickle; torch.save files are not read here)")
 
-def read_nvidia_pkl(path) -> dict:
+def read_nvidia_pkl(path, # an NVIDIA network .pkl file
+                   ) -> dict:
     "The top-level dict of an NVIDIA network pickle, read safely (networks as `PersistentRecord`s)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -344,20 +379,24 @@ def _state_of(obj) -> dict:
     if isinstance(st, tuple) and len(st) == 2 and isinstance(st[1], dict): st = {**(st[0] or {}), **st[1]}  # (state, slotstate)
     return st if isinstance(st, dict) else {}
 
-def class_name_of(net) -> str:
+def class_name_of(net, # a pickled network (record, stand-in or module)
+                 ) -> str:
     "The class name a pickled network was saved under."
     if isinstance(net, PersistentRecord): return net.class_name
     if isinstance(net, _Opaque): return type(net).__name__
     return type(net).__name__
 
-def class_names_in(net) -> set:
+def class_names_in(net, # a pickled network (record, stand-in or module)
+                  ) -> set:
     "Class names of a pickled network and all its submodules."
     out = {class_name_of(net)}
     for m in (_state_of(net).get('_modules') or {}).values():
         if m is not None: out |= class_names_in(m)
     return out
 
-def collect_state_dict(net, prefix: str = '') -> dict:
+def collect_state_dict(net, # a pickled module tree
+                       prefix: str = '', # prepended to every key
+                      ) -> dict:
     "Tensors of a pickled module tree by name (`_parameters`, persistent `_buffers`, recursively through `_modules`)."
     st = _state_of(net); out = {}
     skip = set(st.get('_non_persistent_buffers_set') or ())
@@ -375,27 +414,34 @@ def _plain(v):
     if hasattr(v, 'item') and hasattr(v, 'dtype') and getattr(v, 'ndim', 1) == 0: return v.item()   # numpy / torch scalars
     return v
 
-def init_kwargs_of(net) -> dict:
+def init_kwargs_of(net, # a pickled persistent network
+                  ) -> dict:
     "The constructor keyword arguments a persistent network recorded (`_init_kwargs` / `init_kwargs`), as plain Python."
     st = _state_of(net)
     for k in ('_init_kwargs', 'init_kwargs'):
         if isinstance(st.get(k), dict): return _plain(st[k])
     return {}
 
-def init_args_of(net) -> list:
+def init_args_of(net, # a pickled persistent network
+                ) -> list:
     "The positional constructor arguments a persistent network recorded (`_init_args`)."
     a = _state_of(net).get('_init_args') or ()
     return _plain(list(a)) if isinstance(a, (list, tuple)) else []
 
 NVIDIA_CLASS_ARCH = {'Generator': 'stylegan2', 'TriPlaneGenerator': 'eg3d'}
 
-def nvidia_arch_of(net) -> str | None:
+def nvidia_arch_of(net, # a pickled network
+                  ) -> str | None:
     "facecl's architecture name for a pickled network (StyleGAN3's `Generator` is told apart by its `SynthesisInput`)."
     cname = class_name_of(net)
     if cname == 'Generator' and 'SynthesisInput' in class_names_in(net): return 'stylegan3'
     return NVIDIA_CLASS_ARCH.get(cname)
 
-def load_nvidia_pkl(path, which: str = 'G_ema', strict: bool = True, **overrides) -> Generator:
+def load_nvidia_pkl(path, # an NVIDIA network .pkl file
+                    which: str = 'G_ema', # network in the pickle ('G_ema', 'G', ...)
+                    strict: bool = True, # raise on any missing, unexpected or mis-shaped key
+                    **overrides, # constructor kwargs replacing the recorded ones
+                   ) -> Generator:
     """Load network `which` of an NVIDIA pickle into facecl's class for its architecture, without executing
     anything in the file. Constructor arguments come from the recorded `init_kwargs` (updated by `overrides`).
     `strict=False` loads what matches; `G.load_report` lists missing / unexpected / mis-shaped keys either way."""
@@ -422,9 +468,14 @@ def load_nvidia_pkl(path, which: str = 'G_ema', strict: bool = True, **overrides
     return G.eval()
 
 # %% ../nbs/02_generators.ipynb #d72006ef
-def persistent_pickle_bytes(networks: dict, init_kwargs: dict | None = None, class_names: dict | None = None,
-                            module_src: str = '# network source code (stored as text; facecl never executes it)\n',
-                            protocol: int = 3, extra: dict | None = None, persistent=None) -> bytes:
+def persistent_pickle_bytes(networks: dict, # name -> nn.Module to pickle
+                            init_kwargs: dict | None = None, # name -> recorded constructor kwargs (None: `config()`)
+                            class_names: dict | None = None, # type -> recorded class name (None: defaults)
+                            module_src: str = '# network source code (stored as text; facecl never executes it)\n', # source text recorded (never run)
+                            protocol: int = 3, # pickle protocol
+                            extra: dict | None = None, # more top-level entries of the dict
+                            persistent=None, # module -> bool: write it as a record (None: not torch.nn)
+                           ) -> bytes:
     """Pickle {name: nn.Module} with NVIDIA's persistence record structure. `init_kwargs[name]`: the recorded constructor
     kwargs of a top-level network (default: its `config()['kwargs']`); `class_names`: {type: name} (default: the class's
     `nvidia_class_name` or its name); `persistent(module) -> bool` picks record modules (default: not torch.nn's own)."""

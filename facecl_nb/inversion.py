@@ -28,7 +28,10 @@ class TuningDiverged(RuntimeError):
     def __init__(self, msg, step: int, last_good=None):
         super().__init__(msg); self.step, self.last_good = step, last_good
 
-def check_images(G, images: Tensor, what: str = 'images') -> Tensor:
+def check_images(G, # the generator (img_channels, img_resolution)
+                 images: Tensor, # should be [N, C, R, R] in [-1, 1]
+                 what: str = 'images', # name used in error messages
+                ) -> Tensor:
     "Images must be [N, C, R, R] with R = G.img_resolution and values in [-1, 1]."
     if not torch.is_tensor(images) or images.ndim != 4:
         raise InversionError(f"{what}: expected a tensor [N, {G.img_channels}, {G.img_resolution}, {G.img_resolution}], got "
@@ -40,7 +43,11 @@ def check_images(G, images: Tensor, what: str = 'images') -> Tensor:
         raise InversionError(f"{what}: values must be in [-1, 1], found min {lo:.4g} max {hi:.4g}")
     return images
 
-def check_anchors(G, anchors: Tensor, n: int | None = None, what: str = 'anchors') -> Tensor:
+def check_anchors(G, # the generator (num_ws, w_dim)
+                  anchors: Tensor, # [K, num_ws, w_dim], or [K, w_dim] broadcast over layers
+                  n: int | None = None, # required number of anchors (None: any)
+                  what: str = 'anchors', # name used in error messages
+                 ) -> Tensor:
     "Anchors must be [K, num_ws, w_dim] (or [K, w_dim], broadcast over layers)."
     if torch.is_tensor(anchors) and anchors.ndim == 2 and anchors.shape[1] == G.w_dim: anchors = anchors[:, None].expand(-1, G.num_ws, -1)
     if not torch.is_tensor(anchors) or anchors.ndim != 3 or tuple(anchors.shape[1:]) != (G.num_ws, G.w_dim):
@@ -60,7 +67,8 @@ def _lpips_fn(weight):
     except Exception as e:
         return None, str(e)
 
-def describe_loss(lpips_weight: float | None = 1.0) -> str:
+def describe_loss(lpips_weight: float | None = 1.0, # weight of the LPIPS term (0 or None: no LPIPS)
+                 ) -> str:
     "The loss terms in use, in words (recorded with every run)."
     fn, why = _lpips_fn(lpips_weight)
     if fn is not None: return f"L2 + LPIPS(alex)x{lpips_weight}"
@@ -99,8 +107,19 @@ def _nearest_samples(G, images, c, n_samples, seed):
         idx = torch.cdist(F.avg_pool2d(images, 2).flatten(1), F.avg_pool2d(r, 2).flatten(1)).argmin(1)
     return cand[idx].clone()
 
-def project(G, images: Tensor, space: str = _P.space, steps: int = _P.steps, lr: float = _P.lr, init='nearest', lpips_weight: float | None = _P.lpips_weight,
-            c: Tensor | None = None, seed: int = 0, batch_size: int = _P.batch_size, progress: bool = True, latent_reg: float = 1e-3) -> Tensor:
+def project(G, # the generator to invert into (left unchanged)
+            images: Tensor, # [N, 3, R, R] in [-1, 1]
+            space: str = _P.space, # 'w' (one w for all layers) or 'w+' (one per layer)
+            steps: int = _P.steps, # Adam steps per batch
+            lr: float = _P.lr, # Adam learning rate
+            init='nearest', # 'mean', 'nearest' or start latents [N, num_ws, w_dim]
+            lpips_weight: float | None = _P.lpips_weight, # weight of the LPIPS term (0 or None: multi-scale L1 instead)
+            c: Tensor | None = None, # [N, 25] cameras for a 3D generator, or None
+            seed: int = 0, # seeds the nearest-sample draw and the optimization
+            batch_size: int = _P.batch_size, # images optimized together
+            progress: bool = True, # show a progress bar
+            latent_reg: float = 1e-3, # weight of the pull towards G's mean latent
+           ) -> Tensor:
     '''Invert `images` into G's latent space: anchors [N, num_ws, w_dim] (one w broadcast over layers for 'w', one per layer for 'w+').
     `init`: 'mean' (G's mean latent), 'nearest' (the closest of 64 prior samples; the DCGAN's mean, z = 0,
     is a dead point where every ReLU is off) or a tensor of latents.'''
@@ -143,10 +162,18 @@ def project(G, images: Tensor, space: str = _P.space, steps: int = _P.steps, lr:
         for p, r in zip(G.parameters(), req): p.requires_grad_(r)
     return out.detach()
 
-def reconstruct_free(G, images: Tensor, # test photos [N, 3, R, R] in [-1, 1]
+def reconstruct_free(G, # the generator (left unchanged)
+                     images: Tensor, # test photos [N, 3, R, R] in [-1, 1]
                      init, # start latents [N, num_ws, w_dim] (the photos' encoder codes), or 'nearest'
-                     steps: int = _F.steps, lr: float = _F.lr, space: str = 'w+', c: Tensor | None = None, seed: int = 0,
-                     lpips_weight: float | None = _F.lpips_weight, batch_size: int = 64, progress: bool = False) -> tuple[Tensor, Tensor]:
+                     steps: int = _F.steps, # Adam steps per batch
+                     lr: float = _F.lr, # Adam learning rate
+                     space: str = 'w+', # 'w' or 'w+'
+                     c: Tensor | None = None, # [N, 25] cameras for a 3D generator, or None
+                     seed: int = 0, # seeds the optimization
+                     lpips_weight: float | None = _F.lpips_weight, # weight of the LPIPS term (0 or None: multi-scale L1 instead)
+                     batch_size: int = 64, # images optimized (and rendered) together
+                     progress: bool = False, # show a progress bar
+                    ) -> tuple[Tensor, Tensor]:
     "The paper's reconstruction of unseen photos: free latent optimization in `G` from `init`; returns (renders, latents)."
     ws = project(G, images, space=space, steps=steps, lr=lr, init=init, lpips_weight=lpips_weight, c=c, seed=seed,
                  batch_size=batch_size, progress=progress, latent_reg=0.0)
@@ -172,12 +199,14 @@ class Items:
             if v is not None and len(v) != n: raise InversionError(f"Items: {n} images but {len(v)} {what}")
     def __len__(self): return len(self.images)
     def _pick(self, v, idx): return None if v is None else (v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()])
-    def subset(self, idx) -> 'Items':
+    def subset(self, idx, # positions (ints or a long tensor), possibly repeated
+              ) -> 'Items':
         "The items at positions `idx`, in that order."
         idx = torch.as_tensor(list(map(int, idx)) if not torch.is_tensor(idx) else idx, dtype=torch.long)
         return Items(*(self._pick(getattr(self, f), idx) for f in ('images', 'anchors', 'cameras', 'timestamps', 'names')))
     @classmethod
-    def cat(cls, items: Sequence['Items | None']) -> 'Items | None':
+    def cat(cls, items: Sequence['Items | None'], # containers to join; None entries are skipped
+           ) -> 'Items | None':
         "The items of several containers in order (None and empty ones skipped; None when nothing is left)."
         items = [i for i in items if i is not None and len(i)]
         if not items: return None
@@ -186,22 +215,28 @@ class Items:
             if any(v is None for v in vs): return None
             return torch.cat(vs) if torch.is_tensor(vs[0]) else sum(map(list, vs), [])
         return cls(*(join(f) for f in ('images', 'anchors', 'cameras', 'timestamps', 'names')))
-    def to(self, device) -> 'Items':
+    def to(self, device, # torch device for images, anchors and cameras
+          ) -> 'Items':
         return Items(self.images.to(device), self.anchors.to(device), None if self.cameras is None else self.cameras.to(device), self.timestamps, self.names)
     def anchors_only(self) -> 'Items':
         "The same items without their images (what a run's memory of everything seen keeps)."
         return Items(torch.zeros(len(self), 0), self.anchors, self.cameras, self.timestamps, self.names)
-    def of_timestamp(self, t: int) -> 'Items':
+    def of_timestamp(self, t: int, # a timestamp
+                    ) -> 'Items':
         "The items of timestamp t."
         return self.subset([i for i, s in enumerate(self.timestamps) if s == t])
-    def to_parts(self, prefix: str) -> tuple[dict, dict]:
+    def to_parts(self, prefix: str, # prepended to the tensor names, e.g. 'buffer.'
+                ) -> tuple[dict, dict]:
         "(tensors, JSON-able meta) for a safetensors file, tensor names prefixed; `from_parts` reads them back."
         t = {f'{prefix}images': self.images, f'{prefix}anchors': self.anchors}
         if self.cameras is not None: t[f'{prefix}cameras'] = self.cameras
         return t, {'timestamps': None if self.timestamps is None else [int(x) for x in self.timestamps],
                    'names': None if self.names is None else list(self.names)}
     @staticmethod
-    def from_parts(tensors: dict, meta: dict | None, prefix: str) -> 'Items | None':
+    def from_parts(tensors: dict, # tensors read from a safetensors file
+                   meta: dict | None, # the meta written by `to_parts` (None: no container)
+                   prefix: str, # the prefix given to `to_parts`
+                  ) -> 'Items | None':
         "The inverse of `to_parts` (None where the container was empty)."
         if meta is None: return None
         return Items(tensors[f'{prefix}images'], tensors[f'{prefix}anchors'], tensors.get(f'{prefix}cameras'), meta.get('timestamps'), meta.get('names'))
@@ -216,7 +251,8 @@ def tuning_batches(n_new: int, # new photos
                    epochs: int | None = None, # passes over the new photos (or over new ∪ buffer, when uniform)
                    steps: int | None = None, # a fixed number of batches instead of epochs
                    mix: str = 'paired', # 'paired': b new + b replayed per batch; 'uniform': b drawn from new ∪ buffer
-                   seed: int = 0):
+                   seed: int = 0, # seeds the shuffles
+                  ):
     """The batches of one tuning run, as (new indices, replay indices) pairs. 'paired' is the authors' schedule: shuffled
     epochs over the new photos, every batch joined by as many items from an endless shuffled sampler over the buffer,
     so new and replayed items weigh 1 : 1 whatever the buffer size. 'uniform' draws from new ∪ buffer alike, so replay
@@ -244,12 +280,18 @@ def tuning_batches(n_new: int, # new photos
             for i in range(0, n_new, batch_size):
                 b = perm[i:i + batch_size]; yield b, take(rep, len(b))
 
-def tune(G, items: Items, # the new photos with their anchors
+def tune(G, # the generator to start from (copied, left unchanged)
+         items: Items, # the new photos with their anchors
          replay: Items | None = None, # the replayed items (the buffer), or None
          epochs: int | None = None, # budget: passes over the new photos ...
          steps: int | None = None, # ... or a fixed number of batches
-         lr: float = _T.lr, batch_size: int = _T.batch_size, mix: str = _T.mix, seed: int = 0, lpips_weight: float | None = _T.lpips_weight,
-         progress: bool = True):
+         lr: float = _T.lr, # Adam learning rate
+         batch_size: int = _T.batch_size, # b: new items per batch
+         mix: str = _T.mix, # 'paired' or 'uniform' (see `tuning_batches`)
+         seed: int = 0, # seeds the batch order
+         lpips_weight: float | None = _T.lpips_weight, # weight of the LPIPS term (0 or None: multi-scale L1 instead)
+         progress: bool = True, # show a progress bar
+        ):
     """Tune a copy of `G` so that each anchor renders its image (every weight, Adam); the input generator is left
     untouched. The loss of a batch is the mean loss of its new items plus, when paired, the mean loss of its replayed items."""
     if len(items) == 0: raise InversionError("tune: no items")
@@ -291,13 +333,25 @@ class HullProjection:
     ws: Tensor       # [N,num_ws,w_dim]
     alphas: Tensor   # [N,num_ws,K]
 
-def hull_alphas(theta: Tensor, beta: float) -> Tensor:
+def hull_alphas(theta: Tensor, # [..., K] free parameters
+                beta: float, # how far each weight may go below 0 (0: the convex hull)
+               ) -> Tensor:
     "Map free parameters θ [..., K] to mixing weights with Σα = 1, α ≥ −β."
     K = theta.shape[-1]
     return (1 + K * beta) * torch.softmax(theta, -1) - beta
 
-def project_to_hull(G, images: Tensor, anchors: Tensor, beta: float = _H.beta, steps: int = _H.steps, lr: float = _H.lr, c: Tensor | None = None,
-                    seed: int = 0, batch_size: int = 64, progress: bool = True, lpips_weight: float | None = 1.0) -> HullProjection:
+def project_to_hull(G, # the generator (left unchanged)
+                    images: Tensor, # [N, 3, R, R] in [-1, 1]
+                    anchors: Tensor, # [K, num_ws, w_dim] anchors spanning P_beta
+                    beta: float = _H.beta, # weights may go down to -beta (0: the convex hull)
+                    steps: int = _H.steps, # Adam steps per batch
+                    lr: float = _H.lr, # Adam learning rate
+                    c: Tensor | None = None, # [N, 25] cameras for a 3D generator, or None
+                    seed: int = 0, # unused (the start is deterministic)
+                    batch_size: int = 64, # images optimized (and anchors rendered) together
+                    progress: bool = True, # show a progress bar
+                    lpips_weight: float | None = 1.0, # weight of the LPIPS term (0 or None: multi-scale L1 instead)
+                   ) -> HullProjection:
     "Reconstruct `images` inside P_beta(anchors) of `G` by optimizing the mixing weights; batched over all images."
     check_images(G, images); A = check_anchors(G, anchors)
     if beta < 0: raise InversionError(f"beta must be >= 0, got {beta}")
@@ -334,7 +388,12 @@ def project_to_hull(G, images: Tensor, anchors: Tensor, beta: float = _H.beta, s
         for p, r in zip(G.parameters(), req): p.requires_grad_(r)
     return HullProjection(torch.cat(outs_img), torch.cat(outs_ws), torch.cat(outs_a))
 
-def synthesize(G, anchors: Tensor, n: int, seed: int = 0, c: Tensor | None = None):
+def synthesize(G, # the generator
+               anchors: Tensor, # [K, num_ws, w_dim] anchors to mix
+               n: int, # number of samples
+               seed: int = 0, # seeds the anchor choice and weights
+               c: Tensor | None = None, # [n, 25] cameras for a 3D generator, or None
+              ):
     "Render `n` random convex combinations of 3 random distinct anchors (weights uniform, normalized): (images, ws)."
     A = check_anchors(G, anchors); K = len(A); dev = next(G.parameters()).device
     g = torch.Generator().manual_seed(seed)

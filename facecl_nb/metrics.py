@@ -28,7 +28,9 @@ __all__ = ['BACKBONE_FILES', 'IRSE_WIDTHS', 'IRSE50_UNITS', 'HIGHER_IS_BETTER', 
 class MetricUnavailable(RuntimeError):
     "A metric's weights are not on this machine; the message names the file and the paths searched."
 
-def check_pair(a: Tensor, b: Tensor) -> None:
+def check_pair(a: Tensor, # [N, 3, H, W] in [-1, 1]
+               b: Tensor, # [N, 3, H, W] in [-1, 1], same shape as a
+              ) -> None:
     "Two image batches of the same shape [N,3,H,W] with values in [-1, 1]."
     if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.ndim != 4 or b.ndim != 4:
         raise ValueError("images must be tensors [N, 3, H, W]")
@@ -39,7 +41,9 @@ def check_pair(a: Tensor, b: Tensor) -> None:
             raise ValueError(f"{name} image batch: values must be in [-1, 1], found min {lo:.4g} max {hi:.4g}")
 
 # %% ../nbs/05_metrics.ipynb #07aea78c
-def psnr(a: Tensor, b: Tensor) -> Tensor:
+def psnr(a: Tensor, # [N, 3, H, W] in [-1, 1]
+         b: Tensor, # [N, 3, H, W] in [-1, 1], same shape as a
+        ) -> Tensor:
     "PSNR in dB per image [N], on uint8-quantized images (inf when identical)."
     check_pair(a, b)
     mse = (to_uint8(a, False, False).double() - to_uint8(b, False, False).double()).square().mean((1, 2, 3))
@@ -49,7 +53,9 @@ def _gauss_window(size=11, sigma=1.5, dtype=torch.float64):
     g = torch.exp(-(torch.arange(size, dtype=dtype) - size // 2) ** 2 / (2 * sigma ** 2)); g = g / g.sum()
     return g[:, None] * g[None, :]
 
-def ssim(a: Tensor, b: Tensor) -> Tensor:
+def ssim(a: Tensor, # [N, 3, H, W] in [-1, 1]
+         b: Tensor, # [N, 3, H, W] in [-1, 1], same shape as a
+        ) -> Tensor:
     "SSIM (Wang et al. 2004: Gaussian window 11, σ 1.5, K1 .01, K2 .03) on [0, 1] images, mean over pixels and channels, per image [N]."
     check_pair(a, b)
     x, y = (a.double() + 1) / 2, (b.double() + 1) / 2
@@ -66,7 +72,8 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
 # %% ../nbs/05_metrics.ipynb #e4e5b15d
 BACKBONE_FILES = {'alex': ('alexnet-imagenet', 'alexnet-owt-7be5be79.pth'), 'vgg': ('vgg16-imagenet', 'vgg16-397923af.pth')}
 
-def find_backbone(net: str) -> Path:
+def find_backbone(net: str, # 'alex' or 'vgg'
+                 ) -> Path:
     "The torchvision ImageNet weights of `net` ('alex' or 'vgg'); MetricUnavailable lists the paths searched."
     entry, fname = BACKBONE_FILES[net]
     paths = [Path(torch.hub.get_dir())/'checkpoints'/fname, weights_dir()/fname]
@@ -93,11 +100,14 @@ class LPIPSMetric(nn.Module):
             idx, what = key.split('.')
             getattr(layers[idx], what).data.copy_(v)
         self.model.eval().requires_grad_(False)
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+    def forward(self, a: Tensor, # [N, 3, H, W] in [-1, 1]
+                b: Tensor, # [N, 3, H, W] in [-1, 1], same shape as a
+               ) -> Tensor:
         return self.model(a, b, normalize=False).view(-1)
 
 _CACHE = {}
-def lpips_loss(net: str = 'vgg'):
+def lpips_loss(net: str = 'vgg', # backbone: 'alex' or 'vgg'
+              ):
     "A cached LPIPS module usable as a loss (raises MetricUnavailable without backbone weights)."
     if net not in _CACHE: _CACHE[net] = LPIPSMetric(net)
     return _CACHE[net]
@@ -132,7 +142,9 @@ class DISTSMetric(nn.Module):
         self.model.alpha.data.copy_(w['alpha']); self.model.beta.data.copy_(w['beta'])
         self.backbone_path, self.weights_path = path, wpath
         self.model.eval().requires_grad_(False)
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+    def forward(self, a: Tensor, # [N, 3, H, W] in [-1, 1]
+                b: Tensor, # [N, 3, H, W] in [-1, 1], same shape as a
+               ) -> Tensor:
         return self.model((a.float() + 1) / 2, (b.float() + 1) / 2, batch_average=False).reshape(-1).double()
 
 def dists_metric():
@@ -145,7 +157,8 @@ def dists_metric():
 class IdentityEncoder:
     "Interface: `embed(images [N,3,H,W] in [-1, 1]) -> [N, d]`, `name`."
     name = 'identity'
-    def embed(self, images: Tensor) -> Tensor: raise NotImplementedError
+    def embed(self, images: Tensor, # [N, 3, H, W] in [-1, 1]
+             ) -> Tensor: raise NotImplementedError
 
 class DlibEncoder(IdentityEncoder):
     "dlib's ResNet face descriptor (128-d) on aligned crops resized to 150×150."
@@ -153,11 +166,13 @@ class DlibEncoder(IdentityEncoder):
     def __init__(self):
         import dlib
         self.model = dlib.face_recognition_model_v1(str(resolve_weight('dlib-face-descriptor')))
-    def chips(self, images: Tensor) -> list:
+    def chips(self, images: Tensor, # [N, 3, H, W] in [-1, 1] (aligned face crops)
+             ) -> list:
         from PIL import Image
         u8 = to_uint8(images)
         return [np.ascontiguousarray(np.asarray(Image.fromarray(x).resize((150, 150), Image.BICUBIC))) for x in u8]
-    def embed(self, images: Tensor) -> Tensor:
+    def embed(self, images: Tensor, # [N, 3, H, W] in [-1, 1] (aligned face crops)
+             ) -> Tensor:
         "Descriptors [N, 128]; images seen before (same uint8 pixels) come from a cache, the rest in one batched dlib call."
         if len(images) == 0: return torch.zeros(0, 128, dtype=torch.float64)
         import hashlib
@@ -179,13 +194,19 @@ def default_identity_encoder() -> IdentityEncoder:
         except (MissingWeightError, ChecksumError, MetricUnavailable): _ENC['default'] = _dlib_enc()   # one dlib encoder and one descriptor cache
     return _ENC['default']
 
-def identity_similarity(a: Tensor, b: Tensor, encoder: IdentityEncoder | None = None) -> Tensor:
+def identity_similarity(a: Tensor, # [N, 3, H, W] in [-1, 1]
+                        b: Tensor, # [N, 3, H, W] in [-1, 1], same shape as a
+                        encoder: IdentityEncoder | None = None, # identity encoder (None: ArcFace if present, else dlib)
+                       ) -> Tensor:
     "Cosine similarity of identity embeddings, per image pair [N]."
     check_pair(a, b); enc = encoder or default_identity_encoder()
     ea, eb = enc.embed(a).double(), enc.embed(b).double()
     return F.cosine_similarity(ea, eb, dim=1)
 
-def dlib_distance(a: Tensor, b: Tensor, encoder: DlibEncoder | None = None) -> Tensor:
+def dlib_distance(a: Tensor, # [N, 3, H, W] in [-1, 1]
+                  b: Tensor, # [N, 3, H, W] in [-1, 1], same shape as a
+                  encoder: DlibEncoder | None = None, # a DlibEncoder to reuse (anything else: the shared one)
+                 ) -> Tensor:
     "dlib's Euclidean descriptor distance per image pair [N] (same person below 0.6)."
     check_pair(a, b); enc = encoder if isinstance(encoder, DlibEncoder) else _dlib_enc()
     return (enc.embed(a) - enc.embed(b)).norm(dim=1)
@@ -234,7 +255,8 @@ class IRSE50(nn.Module):
         self.input_layer = irse_input_layer()
         self.body = irse_body(IRSE50_UNITS)
         self.output_layer = nn.Sequential(nn.BatchNorm2d(512), nn.Dropout(0.4), nn.Flatten(), nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512, affine=True))
-    def forward(self, x):
+    def forward(self, x, # [N, 3, 112, 112] face crops
+               ):
         return F.normalize(self.output_layer(self.body(self.input_layer(x))), dim=1)
 
 class ArcFaceEncoder(IdentityEncoder):
@@ -244,14 +266,19 @@ class ArcFaceEncoder(IdentityEncoder):
         path = Path(path) if path else resolve_weight('arcface-ir-se50')
         self.net = IRSE50(); self.net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True)); self.net.eval()
     @torch.no_grad()
-    def embed(self, images: Tensor) -> Tensor:
+    def embed(self, images: Tensor, # [N, 3, H, W] in [-1, 1] (FFHQ-aligned crops)
+             ) -> Tensor:
         H = images.shape[-1]; m = int(round(H * 35 / 256)); x = images[..., m:H - m + 0, m:H - m + 0] if H >= 64 else images
         x = F.interpolate(x.float(), size=(112, 112), mode='bilinear', align_corners=False)
         return self.net.to(x.device)(x).double()
 
 
 # %% ../nbs/05_metrics.ipynb #478a993e
-def frechet_distance(mu1, s1, mu2, s2) -> float:
+def frechet_distance(mu1, # [d] mean of the first Gaussian
+                     s1, # [d, d] covariance of the first
+                     mu2, # [d] mean of the second
+                     s2, # [d, d] covariance of the second
+                    ) -> float:
     "Fréchet distance between N(mu1, s1) and N(mu2, s2)."
     from scipy import linalg
     mu1, mu2, s1, s2 = (np.asarray(v, dtype=np.float64) for v in (mu1, mu2, s1, s2))
@@ -261,14 +288,18 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
     covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
-def identity_fid(a: Tensor, b: Tensor, encoder: IdentityEncoder | None = None) -> float:
+def identity_fid(a: Tensor, # [N, 3, H, W] in [-1, 1], at least 2 images
+                 b: Tensor, # [N, 3, H, W] in [-1, 1], at least 2 images
+                 encoder: IdentityEncoder | None = None, # identity encoder (None: ArcFace if present, else dlib)
+                ) -> float:
     "Fréchet distance of identity embeddings of two image sets (needs a few images per set)."
     enc = encoder or default_identity_encoder()
     ea, eb = enc.embed(a).numpy(), enc.embed(b).numpy()
     if len(ea) < 2 or len(eb) < 2: raise ValueError("identity_fid: needs at least 2 images per set")
     return frechet_distance(ea.mean(0), np.cov(ea, rowvar=False), eb.mean(0), np.cov(eb, rowvar=False))
 
-def inception_fid_net(path=None) -> nn.Module:
+def inception_fid_net(path=None, # weights file (None: manifest entry 'inception-fid')
+                     ) -> nn.Module:
     """pytorch-fid's FID Inception-v3 (2048-d pool features), its weights read from the local file of manifest entry
     `inception-fid` (the package itself would download them); MetricUnavailable when the file is absent."""
     try: from pytorch_fid import inception as I
@@ -283,12 +314,18 @@ def inception_fid_net(path=None) -> nn.Module:
     finally: I.load_state_dict_from_url = orig
     return net.eval().requires_grad_(False)
 
-def inception_features(x: Tensor, net: nn.Module, batch_size: int = 50) -> np.ndarray:
+def inception_features(x: Tensor, # [N, 3, H, W] in [-1, 1]
+                       net: nn.Module, # the network of `inception_fid_net`
+                       batch_size: int = 50, # images per forward pass
+                      ) -> np.ndarray:
     "Pool features [N, 2048] of images in [-1, 1] (quantized to uint8 first, as FID tools read PNGs)."
     x = to_uint8(x, channels_last=False, numpy=False).float() / 255
     with torch.no_grad(): return torch.cat([net(b.float())[0].flatten(1) for b in x.split(batch_size)]).double().numpy()
 
-def fid(a: Tensor, b: Tensor, path=None) -> float:
+def fid(a: Tensor, # [N, 3, H, W] in [-1, 1], at least 2 images
+        b: Tensor, # [N, 3, H, W] in [-1, 1], at least 2 images
+        path=None, # Inception weights file (None: the manifest's; a path reloads the net)
+       ) -> float:
     "FID between two image sets with the FID Inception weights (manifest `inception-fid`); MetricUnavailable when they are absent."
     if len(a) < 2 or len(b) < 2: raise ValueError("fid: needs at least 2 images per set")
     if 'inception' not in _CACHE or path is not None: _CACHE['inception'] = inception_fid_net(path)
@@ -305,8 +342,11 @@ def higher_is_better(name: str # a metric name, possibly with a protocol suffix 
     "Whether larger values of metric `name` are better."
     return HIGHER_IS_BETTER.get(name.split('@')[0], True)
 
-def compute_metrics(recon: Tensor, target: Tensor, metrics: Sequence[str] = ('psnr', 'ssim', 'lpips', 'id_sim', 'dlib_dist'),
-                    encoder: IdentityEncoder | None = None) -> tuple[dict, dict]:
+def compute_metrics(recon: Tensor, # reconstructions [N, 3, H, W] in [-1, 1]
+                    target: Tensor, # the photos, same shape
+                    metrics: Sequence[str] = ('psnr', 'ssim', 'lpips', 'id_sim', 'dlib_dist'), # names among 'psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist'
+                    encoder: IdentityEncoder | None = None, # identity encoder for 'id_sim' (None: the default)
+                   ) -> tuple[dict, dict]:
     "Per-image values {name: Tensor[N]} of the metrics available here, and {name: reason} for the others."
     check_pair(recon, target)
     vals, unavailable = {}, {}
@@ -336,28 +376,36 @@ def _check_R(R, name='R', allow_1d=False) -> np.ndarray:
     if miss: raise ValueError(f"{name}: R[t, k] must be defined for k <= t; missing at {miss[:6]}")
     return R
 
-def average_incremental_performance(R, higher_is_better: bool = True) -> float:
+def average_incremental_performance(R, # [T, T] metric matrix (R[t, k]: model t on timestamp k), or [T] for the upper bound
+                                    higher_is_better: bool = True, # unused: AIP is a plain mean
+                                   ) -> float:
     "AIP: mean over t of the mean over k <= t of R[t, k]; a 1-D R (the upper bound's one model) gives the mean over k."
     R = _check_R(R, allow_1d=True)
     if R.ndim == 1: return float(R.mean())
     return float(np.mean([R[t, :t + 1].mean() for t in range(len(R))]))
 
-def average_forgetting(R, higher_is_better: bool = True) -> float:
+def average_forgetting(R, # [T, T] metric matrix, defined for k <= t
+                       higher_is_better: bool = True, # False flips the sign (lpips, fid, ...)
+                      ) -> float:
     "AF: mean over j < T-1 of max over l in [j, T-2] of (R[l, j] - R[T-1, j]); sign flipped for lower-is-better metrics."
     R = _check_R(R); T = len(R); s = 1.0 if higher_is_better else -1.0
     if T < 2: return float('nan')
     return float(np.mean([max(s * (R[l, j] - R[T - 1, j]) for l in range(j, T - 1)) for j in range(T - 1)]))
 
-def backward_transfer(R, higher_is_better: bool = True) -> float:
+def backward_transfer(R, # [T, T] metric matrix, defined for k <= t
+                      higher_is_better: bool = True, # False flips the sign (lpips, fid, ...)
+                     ) -> float:
     "BWT: mean over j < T-1 of (R[T-1, j] - R[j, j]); sign flipped for lower-is-better (negative = forgetting)."
     R = _check_R(R); T = len(R); s = 1.0 if higher_is_better else -1.0
     if T < 2: return float('nan')
     return float(np.mean([s * (R[T - 1, j] - R[j, j]) for j in range(T - 1)]))
 
-def r_to_json(R) -> list:
+def r_to_json(R, # [T, T] matrix, NaN where undefined
+             ) -> list:
     "R as nested lists with None for NaN."
     return [[None if not np.isfinite(v) else float(v) for v in row] for row in np.asarray(R, dtype=float)]
 
-def r_from_json(rows) -> np.ndarray:
+def r_from_json(rows, # nested lists, None where undefined
+               ) -> np.ndarray:
     "Nested lists with None -> float array with NaN."
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)

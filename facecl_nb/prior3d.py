@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import atomic_write_bytes, facecl_home, resolve_weight, seed_everything
-from .cameras import label_from_angles, labels_from_landmarks, crop_landmarks, FFHQ_PIVOT
+from .cameras import label_from_angles, labels_from_landmarks, crop_landmarks
 from .eg3d import TriPlaneGenerator, small_config, rays_from_label, render_planes, sample_planes, load_eg3d
 
 # %% auto #0
@@ -25,8 +25,12 @@ HEAD_MODEL = dict(ellipsoids=[((0.002, -0.116, -0.354), (0.328, 0.600, 0.600)), 
                               ((0.0, -0.075, 0.245), (0.030, 0.055, 0.045))],       # nose
                   backdrop_z=-0.33, box=0.5)
 
-def raycast_head(origins: Tensor, dirs: Tensor, # [N, R, 3]
-                 lo: float, hi: float, model: dict = HEAD_MODEL) -> tuple[Tensor, Tensor]:
+def raycast_head(origins: Tensor, # [N, R, 3] ray origins
+                 dirs: Tensor, # [N, R, 3]
+                 lo: float, # nearest depth counted
+                 hi: float, # farthest depth counted (the depth of a miss)
+                 model: dict = HEAD_MODEL, # ellipsoids, backdrop_z and box of the head (`HEAD_MODEL`)
+                ) -> tuple[Tensor, Tensor]:
     "Depth along each ray to the first surface of the head model in [lo, hi] ([N, R]; `hi` where none), and a hit mask."
     best = torch.full(origins.shape[:2], float('inf'))
     box = model['box']
@@ -48,7 +52,8 @@ def raycast_head(origins: Tensor, dirs: Tensor, # [N, R, 3]
 
 # %% ../nbs/07a_prior3d.ipynb #a3c1f0d2
 def inside_head(p: Tensor, # [..., 3] world points
-                model: dict = HEAD_MODEL) -> Tensor:
+                model: dict = HEAD_MODEL, # ellipsoids, backdrop_z and box of the head (`HEAD_MODEL`)
+               ) -> Tensor:
     "Occupancy of the head model (bool [...]): inside an ellipsoid or behind the backdrop, within the box."
     occ = p[..., 2] <= model['backdrop_z']
     for c, ax in model['ellipsoids']:
@@ -57,8 +62,9 @@ def inside_head(p: Tensor, # [..., 3] world points
 
 def surface_points(c: Tensor, # [N, 25] cameras
                    res: int, # rays per side
-                   lo: float = 2.25, hi: float = 3.3, # the renderer's ray_start, ray_end
-                   ) -> tuple[Tensor, Tensor]:
+                   lo: float = 2.25, # near end of the rays (the renderer's ray_start)
+                   hi: float = 3.3, # far end of the rays (the renderer's ray_end)
+                  ) -> tuple[Tensor, Tensor]:
     "Points [N, res², 3] where the camera's pixel rays first meet the head model, and the hit mask [N, res²]."
     o, d = rays_from_label(c, res)
     t, hit = raycast_head(o, d, lo, hi)
@@ -73,16 +79,18 @@ def frontal_uv(p: Tensor, # [N, M, 3] world points
     uv = (q[..., :2] / q[..., 2:3]) @ K[:2, :2].T + K[:2, 2]    # normalized image coordinates in [0, 1]
     return uv * 2 - 1
 
-def decode_at(G, planes: Tensor, # [N, 3, C, P, P]
+def decode_at(G, # a tri-plane generator (its decoder and box_warp)
+              planes: Tensor, # [N, 3, C, P, P]
               pts: Tensor, # [N, M, 3]
-              ) -> tuple[Tensor, Tensor]:
+             ) -> tuple[Tensor, Tensor]:
     "G's decoder at points: features [N, M, C'] in [−1, 1] (the first 3 are RGB), as the renderer sees them, and raw densities [N, M]."
     out = G.decoder(sample_planes(planes, pts, G.rendering_kwargs['box_warp']))
     return out['rgb'] * 2 - 1, out['sigma'][..., 0]
 
 
 # %% ../nbs/07a_prior3d.ipynb #2c676152
-def prior3d_config(**overrides) -> dict:
+def prior3d_config(**overrides, # constructor arguments replacing the defaults
+                  ) -> dict:
     "Constructor arguments of the demo tier's 3D prior."
     cfg = small_config(z_dim=100, w_dim=128, plane_resolution=32, channel_base=4096, channel_max=128,
                        mapping_kwargs=dict(num_layers=4, lr_multiplier=0.1),   # StyleGAN2's 0.01 all but freezes the mapping
@@ -97,7 +105,11 @@ def teacher_batch(T, # the DigiFace DCGAN (`load_prior()`)
     "The teacher's images [N, 3, 64, 64] in [−1, 1] of latents z: what G3(z) must show from the frontal camera."
     with torch.no_grad(): return T.synthesis(T.mapping(z))
 
-def distill_set(n: int = 2000, seed: int = 0, cache: bool = True, log=print) -> dict:
+def distill_set(n: int = 2000, # samples drawn
+                seed: int = 0, # seeds the latents
+                cache: bool = True, # read/write the set under facecl_home()/cache
+                log=print, # called with a progress message
+               ) -> dict:
     "{'z' [n, 100], 'images' [n, 3, 64, 64] in [-1, 1], 'c' [n, 25] (cameras from landmarks)} from the DigiFace prior (diagnostics)."
     path = facecl_home()/'cache'/f'prior3d_set_n{n}_s{seed}.pt'
     if cache and path.is_file(): return torch.load(path, weights_only=True)
@@ -123,9 +135,15 @@ def _occupancy_loss(sigma: Tensor, occ: Tensor, delta: float = 0.07) -> Tensor:
     a = -torch.expm1(-F.softplus(sigma - 1) * delta)
     return -torch.where(occ, a.clamp_min(1e-6).log(), (1 - a).clamp_min(1e-6).log()).mean()
 
-def prior3d_losses(G, T, z: Tensor, gen: torch.Generator, n_geo: int = 16, n_free: int = 512, depth_jitter: float = 0.07,
+def prior3d_losses(G, # the tri-plane generator being trained
+                   T, # the teacher (DigiFace DCGAN)
+                   z: Tensor, # [N, 100] latents
+                   gen: torch.Generator, # draws the cameras, depths and points
+                   n_geo: int = 16, # rays per side for the random cameras
+                   n_free: int = 512, # random box points per sample for the occupancy loss
+                   depth_jitter: float = 0.07, # max random depth past the surface (world units)
                    volume: bool = False, # render the frontal view as the renderer does (the polish phase), not at the surface
-                   ) -> dict:
+                  ) -> dict:
     "The losses of one step on latents z (see the notebook): image/raw at the frontal camera, projected colour from random cameras, occupancy."
     N, opts = len(z), G.rendering_kwargs
     lo, hi, R = float(opts['ray_start']), float(opts['ray_end']), G.neural_rendering_resolution
@@ -163,10 +181,19 @@ def _save_state(path: Path, G, opt, step: int, hist: list, gen: torch.Generator)
     atomic_write_bytes(path, buf.getvalue())
 
 def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside it holds the resumable state)
-                  steps: int = 1800, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
-                  w_proj: float = 1.0, w_occ: float = 0.5, save_every: int = 50, progress: bool = True, log=print, T=None,
+                  steps: int = 1800, # distillation steps (before polishing)
+                  batch_size: int = 8, # latents per step
+                  lr: float = 2e-3, # peak Adam learning rate (cosine to 5 %)
+                  seed: int = 0, # seeds init, latents and cameras
+                  w_proj: float = 1.0, # weight of the projected-colour loss
+                  w_occ: float = 0.5, # weight of the occupancy loss
+                  save_every: int = 50, # steps between resumable-state saves
+                  progress: bool = True, # show a progress bar
+                  log=print, # called with progress messages
+                  T=None, # the teacher (None: `load_prior()`)
                   polish_steps: int = 0, # then this many steps with the frontal view volume-rendered (closes the surface/renderer gap)
-                  polish_lr: float = 1e-4) -> dict:
+                  polish_lr: float = 1e-4, # learning rate of the polish steps
+                 ) -> dict:
     "Distil the demo tier's 3D prior (see the notebook); returns the loss history. Resumes from `<out>.train.pt`."
     from tqdm.auto import tqdm
     from facecl_nb.generators import save_generator, load_prior
@@ -203,7 +230,8 @@ def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside i
     log(f"prior3d: {steps} + {polish_steps} polish steps ({time.perf_counter() - t0:.0f}s this call) -> {out}")
     return {'hist': hist, 'path': str(out)}
 
-def load_prior3d(device='cpu') -> TriPlaneGenerator:
+def load_prior3d(device='cpu', # device the generator is moved to
+                ) -> TriPlaneGenerator:
     "The demo tier's 3D prior, from the file the manifest names (`eg3d-demo`), verified by sha256."
     return load_eg3d(resolve_weight('eg3d-demo')).to(device).eval().requires_grad_(False)
 
@@ -211,9 +239,10 @@ def load_prior3d(device='cpu') -> TriPlaneGenerator:
 # %% ../nbs/07a_prior3d.ipynb #e5b7c2a9
 def evaluate_prior3d(G, # a tri-plane generator (eval mode)
                      T=None, # the teacher (`load_prior()` if None)
-                     n: int = 16, seed: int = 9, # latents it was not trained on (training draws from seed + 1's stream)
+                     n: int = 16, # unseen latents evaluated
+                     seed: int = 9, # latents it was not trained on (training draws from seed + 1's stream)
                      yaws=(-20.0, 20.0), # degrees
-                     ) -> dict:
+                    ) -> dict:
     """The issue-16 numbers on n unseen latents: `psnr` (dB, mean) and `dlib_teacher` (mean dlib distance) of the frontal
     render vs the teacher's image; `pairwise`: mean dlib distance between different latents' frontal renders
     (`teacher_pairwise`: the same for the teacher's images); `yaw`: largest dlib distance of a yaw ±20° render to the

@@ -107,7 +107,7 @@ def simplex_qp(G: Tensor, # [B, K, K] Gram matrix of each vertex set (any common
                g: Tensor, # [B, N, K] vertex · point products
                c: Tensor, # [B, N] squared norms of the points
                rtol: float = 1e-10, # stop when the certified gap ≤ rtol·f + atol·scale
-               atol: float = 1e-13,
+               atol: float = 1e-13, # absolute part of that tolerance (scaled by the shift plus |c|)
                max_iter: int | None = None, # per row (default 10·K + 50)
                chunk: int = 4096, # rows per batch in the active-set phase (cache-sized)
               ) -> tuple[Tensor, Tensor]: # λ [B, N, K] and the certificate gap [B, N] ≥ f(λ) − min f
@@ -138,7 +138,11 @@ def simplex_qp(G: Tensor, # [B, K, K] Gram matrix of each vertex set (any common
     lam[bi, ni], gap[bi, ni] = out_l, out_g
     return lam, gap
 
-def qp_value(G: Tensor, g: Tensor, c: Tensor, lam: Tensor) -> Tensor:
+def qp_value(G: Tensor, # [B, K, K] Gram matrices
+             g: Tensor, # [B, N, K] vertex · point products
+             c: Tensor, # [B, N] squared norms of the points
+             lam: Tensor, # [B, N, K] weights on the simplex
+            ) -> Tensor:
     "f(λ) = λᵀGλ − 2gᵀλ + c for the layout of `simplex_qp`, clamped at 0 (it is a squared distance)."
     return ((torch.bmm(lam, G) * lam).sum(-1) - 2 * (lam * g).sum(-1) + c).clamp_min(0)
 
@@ -217,7 +221,11 @@ def _plan(sizes: np.ndarray, k: int) -> tuple[int, int]:
     while r < sizes.max() and np.minimum(sizes, r + 1).sum() <= k: r += 1
     return r, k - int(np.minimum(sizes, r).sum())
 
-def stratified_draws(timestamps: Sequence[int], k: int, n: int, rng: np.random.Generator) -> np.ndarray:
+def stratified_draws(timestamps: Sequence[int], # [P] timestamp of each pool item
+                     k: int, # buffer size
+                     n: int, # number of independent draws
+                     rng: np.random.Generator, # numpy Generator the draws consume
+                    ) -> np.ndarray:
     "`n` independent draws of ER-Rand's time-stratified sampler: [n, k] pool indices, each row sorted."
     _, tix, sizes = _groups(timestamps)
     P, (r, rem) = len(tix), _plan(sizes, k)
@@ -231,7 +239,9 @@ def stratified_draws(timestamps: Sequence[int], k: int, n: int, rng: np.random.G
     return np.nonzero(chosen)[1].reshape(n, k)
 
 # %% ../nbs/04_replay.ipynb #380be935
-def stratified_support_size(timestamps: Sequence[int], k: int) -> int:
+def stratified_support_size(timestamps: Sequence[int], # [P] timestamp of each pool item
+                            k: int, # buffer size
+                           ) -> int:
     "How many different buffers ER-Rand's sampler can return."
     _, _, sizes = _groups(timestamps); r, rem = _plan(sizes, k)
     ways = [1]                                                 # ways[e]: buffers so far using e extra items
@@ -239,7 +249,9 @@ def stratified_support_size(timestamps: Sequence[int], k: int) -> int:
         if n > r: ways = [(ways[e] if e < len(ways) else 0) * math.comb(n, r) + (ways[e - 1] * math.comb(n, r + 1) if e else 0) for e in range(len(ways) + 1)]
     return ways[rem] if rem < len(ways) else 0
 
-def all_stratified_subsets(timestamps: Sequence[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+def all_stratified_subsets(timestamps: Sequence[int], # [P] timestamp of each pool item
+                           k: int, # buffer size
+                          ) -> tuple[np.ndarray, np.ndarray]:
     "Every buffer the sampler can return ([n, k], rows sorted) and its log-probability up to a constant."
     _, tix, sizes = _groups(timestamps); r, rem = _plan(sizes, k)
     items = [np.nonzero(tix == t)[0] for t in range(len(sizes))]
@@ -253,7 +265,11 @@ def all_stratified_subsets(timestamps: Sequence[int], k: int) -> tuple[np.ndarra
         logp.append(np.full(len(out[-1]), -sum(math.log(math.comb(int(n), int(c))) for n, c in zip(sizes, cnt))))
     return np.concatenate(out), np.concatenate(logp)
 
-def hull_candidates(timestamps: Sequence[int], k: int, C: int = 5000, rng: np.random.Generator | int | None = 0) -> np.ndarray:
+def hull_candidates(timestamps: Sequence[int], # [P] timestamp of each pool item
+                    k: int, # buffer size
+                    C: int = 5000, # number of candidate buffers at most
+                    rng: np.random.Generator | int | None = 0, # numpy Generator, or a seed for one
+                   ) -> np.ndarray:
     "ER-Hull's candidate buffers: C distinct draws of the stratified sampler, or all it can return when that is ≤ C. [n, k], rows sorted."
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     n_all = stratified_support_size(timestamps, k)
@@ -379,7 +395,11 @@ def _candidates(chosen, P: int, name: str = 'chosen') -> Tensor:
     if (V.sort(1).values.diff(dim=1) == 0).any(): raise ValueError(f"{name}: indices within a buffer must be distinct")
     return V
 
-def hull_scores(latents, timestamps: Sequence[int], candidates, own_spread=None) -> Tensor:
+def hull_scores(latents, # [P, D] (or [P, num_ws, w_dim]) latents of the pool
+                timestamps: Sequence[int], # [P] timestamp of each pool item
+                candidates, # [B, k] pool indices, distinct within a row
+                own_spread=None, # [P] per-item spread within its timestamp (default: from the pool)
+               ) -> Tensor:
     "ER-Hull scores [B] of B candidate buffers ([B, k] pool indices) at once; lower is better."
     X, ts = _prep(latents, timestamps)
     return _Pool(X, ts, own_spread).scores(_candidates(candidates, len(X), 'candidates'))
@@ -556,7 +576,8 @@ def select_buffer(strategy: str, # one of `strategies()`
 def plot_buffers_pca(latents, # [P, D] (or [P, num_ws, w_dim]) pool latents
                      timestamps: Sequence[int], # [P] timestamps (colour)
                      buffers: dict, # {name: list of pool indices}
-                     title: str = 'Pool (PCA of latents) and the buffers chosen'):
+                     title: str = 'Pool (PCA of latents) and the buffers chosen', # figure title
+                    ):
     "2-D PCA of a pool coloured by timestamp, with each buffer's items and its hull in the PCA plane as a closed polygon. Returns a plotly Figure."
     import plotly.graph_objects as go
     from plotly.colors import sample_colorscale

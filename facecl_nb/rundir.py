@@ -31,7 +31,8 @@ def _hash_tensors(h, tensors: dict, dtype: bool = True) -> str:
         h.update(str(list(v.shape)).encode()); h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b'')
     return h.hexdigest()
 
-def module_digest(m: torch.nn.Module) -> str:
+def module_digest(m: torch.nn.Module, # the network (its state dict is hashed)
+                 ) -> str:
     "sha256 of a network's state dict (names, shapes, values): pins the exact prior or encoder a run started from."
     return _hash_tensors(hashlib.sha256(), m.state_dict(), dtype=False)
 
@@ -51,7 +52,8 @@ def write_state(path, # a .safetensors file
     "Write tensors + side-data with their sha256, atomically."
     return atomic_write_bytes(path, state_bytes(tensors, meta))
 
-def read_state(path) -> tuple[dict, dict]:
+def read_state(path, # a .safetensors file written by `write_state`
+              ) -> tuple[dict, dict]:
     "(tensors, meta) of a file written by `write_state`; `StateError` naming the file when it is unreadable or altered."
     from safetensors.torch import load as st_load
     from safetensors import safe_open
@@ -96,10 +98,12 @@ class RunState:
                 'history': self.history, 'unavailable': self.unavailable}
         return state_bytes(tens, meta)
 
-    def save(self, path) -> Path: return atomic_write_bytes(path, self.to_bytes())
+    def save(self, path, # the state file to write (atomically)
+            ) -> Path: return atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
-    def load(cls, path) -> 'RunState':
+    def load(cls, path, # a state file written by `save`
+            ) -> 'RunState':
         "Read a state file (`StateError` naming it when it cannot be trusted)."
         tens, meta = read_state(path)
         t = meta.get('t', int(Path(path).name[1:].split('.')[0]))      # files written before 't' was recorded: from the name
@@ -107,7 +111,8 @@ class RunState:
                    R={k: r_from_json(m) for k, m in meta['R'].items()}, timings=meta['timings'], history=meta['history'],
                    unavailable=meta['unavailable'])
 
-    def model(self, G_prior):
+    def model(self, G_prior, # the prior generator the run started from (copied)
+             ):
         "A copy of `G_prior` with this state's weights, frozen for evaluation."
         G = G_prior.copy(); G.load_state_dict(self.weights); return G.eval().requires_grad_(False)
 
@@ -141,7 +146,8 @@ class RunDir:
     def __truediv__(self, name): return self.path/name
     @property
     def state_dir(self) -> Path: return self.path/'state'
-    def state_path(self, t: int) -> Path: return self.state_dir/f't{t}.safetensors'
+    def state_path(self, t: int, # timestamp index
+                  ) -> Path: return self.state_dir/f't{t}.safetensors'
 
     # --- what a finished (or running) run says
     def _json(self, name):
@@ -156,14 +162,20 @@ class RunDir:
         "The last timestamp index whose state is on disk (-1 when none)."
         ts = [int(p.name[1:].split('.')[0]) for p in self.state_dir.glob('t*.safetensors') if p.name.count('.') == 1 and p.name[1:].split('.')[0].isdigit()]
         return max(ts, default=-1)
-    def state(self, t: int) -> RunState: return RunState.load(self.state_path(t))
-    def model(self, t: int, G_prior):
+    def state(self, t: int, # timestamp index
+             ) -> RunState: return RunState.load(self.state_path(t))
+    def model(self, t: int, # timestamp index
+              G_prior, # the prior generator the run started from (copied)
+             ):
         "The generator after timestamp index t: a copy of `G_prior` with the run's weights."
         return self.state(t).model(G_prior)
-    def memory(self, t: int, which: str = 'seen') -> Items | None:
+    def memory(self, t: int, # timestamp index
+               which: str = 'seen', # 'seen', 'buffer' or 'prev_new'
+              ) -> Items | None:
         "The items the run knew after timestamp index t: 'seen' (every training item, anchors only), 'buffer' or 'prev_new'."
         return getattr(self.state(t), which)
-    def recon(self, t: int) -> dict | None:
+    def recon(self, t: int, # row of R (timestamp index)
+             ) -> dict | None:
         """{'recon': {k: uint8 [n,3,H,W]}, 'synth': {k: ...}} of the model of row t of R: the file of index t, else the
         first later one (a model that fills several rows — the upper bound — is recorded once), else None."""
         later = sorted(i for i in (int(p.name[1:].split('.')[0]) for p in self.state_dir.glob('t*.recon.safetensors')) if i >= t)
@@ -179,7 +191,8 @@ class RunDir:
         return sorted(out, key=lambda x: x[0])
 
     # --- resuming
-    def resume(self, log=print) -> RunState | None:
+    def resume(self, log=print, # called with a warning per state file moved aside
+              ) -> RunState | None:
         """The newest readable state (None: start from the beginning). A corrupt or altered state file is named, moved
         aside (`*.bad`), and the run falls back to the timestamp before it; an old pickle state is refused unread."""
         old = sorted(self.state_dir.glob('t*.pt'))
@@ -201,15 +214,25 @@ class RunDir:
         "Create the folder and drop temporary files of a killed write."
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for p in self.state_dir.glob('.*.tmp'): p.unlink()
-    def write_config(self, cfg: dict) -> Path: return atomic_write_json(self.path/'config.json', cfg)
-    def write_results(self, res: dict) -> Path: return atomic_write_json(self.path/'results.json', res)
-    def write_pool(self, t: int, pool: Items, chosen: list) -> Path:
+    def write_config(self, cfg: dict, # the run's config as a JSON-able dict
+                    ) -> Path: return atomic_write_json(self.path/'config.json', cfg)
+    def write_results(self, res: dict, # the results dict (JSON-able)
+                     ) -> Path: return atomic_write_json(self.path/'results.json', res)
+    def write_pool(self, t: int, # timestamp index
+                   pool: Items, # the pool the buffer was chosen from
+                   chosen: list, # pool indices of the buffer
+                  ) -> Path:
         return write_state(self.state_dir/f't{t}.pool.safetensors', {'latents': pool.anchors.reshape(len(pool), -1).float()},
                            {'timestamps': [int(x) for x in pool.timestamps], 'names': list(pool.names), 'chosen': list(map(int, chosen))})
-    def write_recon(self, t: int, recon: dict, synth: dict) -> Path:
+    def write_recon(self, t: int, # timestamp index
+                    recon: dict, # timestamp -> reconstructions [n, 3, H, W] in [-1, 1]
+                    synth: dict, # timestamp -> synthesized samples [n, 3, H, W] in [-1, 1]
+                   ) -> Path:
         return write_state(self.state_dir/f't{t}.recon.safetensors', {**{f'recon/{s}': _u8(x) for s, x in recon.items()},
                                                                        **{f'synth/{s}': _u8(x) for s, x in synth.items()}}, {})
-    def write_state(self, state: RunState, rows: list[int]) -> None:
+    def write_state(self, state: RunState, # the run's state after this step
+                    rows: list[int], # rows of R this model fills (one file each)
+                   ) -> None:
         "The state as the state of every row of R in `rows` (the upper bound's one model fills them all), serialized once."
         data = state.to_bytes()
         for r in rows: atomic_write_bytes(self.state_path(r), data)

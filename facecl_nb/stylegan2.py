@@ -19,8 +19,12 @@ __all__ = ['NOISE_MODES', 'setup_filter', 'upfirdn2d', 'upsample2d', 'downsample
            'SynthesisLayer', 'ToRGBLayer', 'SynthesisBlock', 'SynthesisNetwork', 'StyleGAN2Generator']
 
 # %% ../nbs/91_stylegan2.ipynb #a8d4b936
-def setup_filter(f: Sequence[float] | Tensor | None = (1, 3, 3, 1), normalize: bool = True, flip_filter: bool = False,
-                 gain: float = 1.0, separable: bool | None = None) -> Tensor:
+def setup_filter(f: Sequence[float] | Tensor | None = (1, 3, 3, 1), # FIR taps (1-D) or kernel (2-D); None: the identity [1]
+                 normalize: bool = True, # scale the taps to sum to 1
+                 flip_filter: bool = False, # flip the taps
+                 gain: float = 1.0, # overall scale of the filter
+                 separable: bool | None = None, # keep 1-D taps 1-D (None: only for ≥ 8 taps)
+                ) -> Tensor:
     "A float32 FIR filter: 1-D taps become their 2-D outer product unless `separable` (default: only for ≥ 8 taps)."
     f = torch.as_tensor(1.0 if f is None else f, dtype=torch.float32)
     if f.ndim == 0: f = f[None]
@@ -57,7 +61,14 @@ def _fir_pass(x: Tensor, k: Tensor, up: tuple, down: tuple, pad: tuple) -> Tenso
     x = F.pad(x, [px0, px1, py0, py1])
     return F.conv2d(x, k[None, None].repeat(C, 1, 1, 1), stride=(downy, downx), groups=C)
 
-def upfirdn2d(x: Tensor, f: Tensor | None, up=1, down=1, padding=0, flip_filter: bool = False, gain: float = 1.0) -> Tensor:
+def upfirdn2d(x: Tensor, # [N, C, H, W] images
+              f: Tensor | None, # filter of `setup_filter` (None: no filtering)
+              up=1, # upsampling factor (int or (x, y))
+              down=1, # downsampling factor (int or (x, y))
+              padding=0, # int, [x, y] or [x0, x1, y0, y1] pixels on the upsampled image (negative crops)
+              flip_filter: bool = False, # flip the filter (correlation instead of convolution)
+              gain: float = 1.0, # scale of the output
+             ) -> Tensor:
     """Upsample by `up` (zero insertion), pad by `padding` (on the upsampled image; negative crops), convolve with
     the FIR filter `f` (true convolution; `flip_filter` for correlation) scaled by `gain`, downsample by `down`."""
     if not torch.is_tensor(x) or x.ndim != 4: raise ValueError(f"upfirdn2d: expected x of shape [N, C, H, W], got {getattr(x, 'shape', type(x))}")
@@ -69,13 +80,25 @@ def upfirdn2d(x: Tensor, f: Tensor | None, up=1, down=1, padding=0, flip_filter:
     x = _fir_pass(x, k[None, :], (up[0], 1), (down[0], 1), (px0, px1, 0, 0))
     return _fir_pass(x, k[:, None], (1, up[1]), (1, down[1]), (0, 0, py0, py1))
 
-def upsample2d(x: Tensor, f: Tensor | None, up=2, padding=0, flip_filter: bool = False, gain: float = 1.0) -> Tensor:
+def upsample2d(x: Tensor, # [N, C, H, W] images
+               f: Tensor | None, # filter of `setup_filter` (None: no filtering)
+               up=2, # upsampling factor (int or (x, y))
+               padding=0, # extra int, [x, y] or [x0, x1, y0, y1] pixels
+               flip_filter: bool = False, # flip the filter (correlation instead of convolution)
+               gain: float = 1.0, # scale of the output (times up² for DC gain 1)
+              ) -> Tensor:
     "Upsample by `up` with filter `f`, padded so that the output is exactly `up` times the input (DC gain 1)."
     (upx, upy), (px0, px1, py0, py1), (fw, fh) = _pair(up), _pad4(padding), _fsize(f)
     p = [px0 + (fw + upx - 1) // 2, px1 + (fw - upx) // 2, py0 + (fh + upy - 1) // 2, py1 + (fh - upy) // 2]
     return upfirdn2d(x, f, up=(upx, upy), padding=p, flip_filter=flip_filter, gain=gain * upx * upy)
 
-def downsample2d(x: Tensor, f: Tensor | None, down=2, padding=0, flip_filter: bool = False, gain: float = 1.0) -> Tensor:
+def downsample2d(x: Tensor, # [N, C, H, W] images
+                 f: Tensor | None, # filter of `setup_filter` (None: no filtering)
+                 down=2, # downsampling factor (int or (x, y))
+                 padding=0, # extra int, [x, y] or [x0, x1, y0, y1] pixels
+                 flip_filter: bool = False, # flip the filter (correlation instead of convolution)
+                 gain: float = 1.0, # scale of the output
+                ) -> Tensor:
     "Low-pass filter with `f` and keep every `down`-th pixel; the output is the input size divided by `down`."
     (dx, dy), (px0, px1, py0, py1), (fw, fh) = _pair(down), _pad4(padding), _fsize(f)
     p = [px0 + (fw - dx + 1) // 2, px1 + (fw - dx) // 2, py0 + (fh - dy + 1) // 2, py1 + (fh - dy) // 2]
@@ -98,8 +121,14 @@ def _act_spec(act: str):
     if act not in _ACTS: raise ValueError(f"activation: unknown '{act}' (known: {', '.join(_ACTS)})")
     return _ACTS[act]
 
-def bias_act(x: Tensor, b: Tensor | None = None, dim: int = 1, act: str = 'linear', alpha: float | None = None,
-             gain: float | None = None, clamp: float | None = None) -> Tensor:
+def bias_act(x: Tensor, # input tensor
+             b: Tensor | None = None, # 1-D bias added along `dim` (None: no bias)
+             dim: int = 1, # axis of x the bias runs along
+             act: str = 'linear', # activation name ('linear', 'relu', 'lrelu', ...)
+             alpha: float | None = None, # activation's slope parameter (None: its default)
+             gain: float | None = None, # output scale (None: the activation's default gain)
+             clamp: float | None = None, # clamp the output to ±clamp (None: no clamp)
+            ) -> Tensor:
     "x + b (broadcast along `dim`), then the activation `act`, times `gain` (its default gain when None), clamped to ±`clamp`."
     fn, alpha0, gain0 = _act_spec(act)
     if b is not None: x = x + b.reshape([-1 if i == dim else 1 for i in range(x.ndim)])
@@ -109,7 +138,10 @@ def bias_act(x: Tensor, b: Tensor | None = None, dim: int = 1, act: str = 'linea
     if clamp is not None and clamp >= 0: x = x.clamp(-clamp, clamp)
     return x
 
-def normalize_2nd_moment(x: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+def normalize_2nd_moment(x: Tensor, # input tensor
+                         dim: int = 1, # axis normalized over
+                         eps: float = 1e-8, # added to the mean square
+                        ) -> Tensor:
     "Scale x to unit mean square along `dim`."
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
@@ -120,8 +152,15 @@ def _conv(x: Tensor, w: Tensor, stride=1, padding=0, groups: int = 1, transpose:
     if transpose: return F.conv_transpose2d(x, w, stride=stride, padding=padding, groups=groups)
     return F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
 
-def conv2d_resample(x: Tensor, w: Tensor, f: Tensor | None = None, up: int = 1, down: int = 1, padding=0,
-                    groups: int = 1, flip_weight: bool = True) -> Tensor:
+def conv2d_resample(x: Tensor, # [N, C, H, W] input
+                    w: Tensor, # [O, C/groups, kh, kw] weights
+                    f: Tensor | None = None, # resampling filter of `setup_filter` (None: none)
+                    up: int = 1, # upsampling factor
+                    down: int = 1, # downsampling factor
+                    padding=0, # int, [x, y] or [x0, x1, y0, y1] pixels
+                    groups: int = 1, # convolution groups
+                    flip_weight: bool = True, # False: flip the kernel (true convolution)
+                   ) -> Tensor:
     "2-D convolution of x [N, C, H, W] with w [O, C/groups, kh, kw], upsampled by `up` / downsampled by `down` with filter `f`."
     O, Ig, kh, kw = w.shape
     fw, fh = _fsize(f)
@@ -145,9 +184,18 @@ def conv2d_resample(x: Tensor, w: Tensor, f: Tensor | None = None, up: int = 1, 
     x = upfirdn2d(x, f, padding=[px0 + pxt, px1 + pxt, py0 + pyt, py1 + pyt], gain=up * up)
     return upfirdn2d(x, f, down=down) if down > 1 else x
 
-def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, noise: Tensor | None = None, up: int = 1, down: int = 1,
-                     padding=0, resample_filter: Tensor | None = None, demodulate: bool = True, flip_weight: bool = True,
-                     fused_modconv: bool = True) -> Tensor:
+def modulated_conv2d(x: Tensor, # [N, I, H, W] input
+                     weight: Tensor, # [O, I, k, k] weights
+                     styles: Tensor, # [N, I] per-sample input-channel scales
+                     noise: Tensor | None = None, # added to the output (None: none)
+                     up: int = 1, # upsampling factor
+                     down: int = 1, # downsampling factor
+                     padding=0, # int, [x, y] or [x0, x1, y0, y1] pixels
+                     resample_filter: Tensor | None = None, # filter of `setup_filter` for up/down (None: none)
+                     demodulate: bool = True, # normalize each sample's output channels to unit weight norm
+                     flip_weight: bool = True, # False: flip the kernel (true convolution)
+                     fused_modconv: bool = True, # one grouped convolution for the batch (False: scale x instead)
+                    ) -> Tensor:
     "Convolve x [N, I, H, W] with weight [O, I, k, k] modulated per sample by styles [N, I] (and demodulated), plus `noise`."
     N = x.shape[0]; O, I, kh, kw = weight.shape
     if x.ndim != 4 or x.shape[1] != I or tuple(styles.shape) != (N, I):
@@ -187,7 +235,8 @@ class FullyConnectedLayer(nn.Module):
         self.weight_gain = float(lr_multiplier) / math.sqrt(in_features)
         self.bias_gain = float(lr_multiplier)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, # [N, in_features] input
+               ) -> Tensor:
         w = self.weight * self.weight_gain
         b = self.bias
         if b is not None and self.bias_gain != 1: b = b * self.bias_gain
@@ -215,7 +264,9 @@ class Conv2dLayer(nn.Module):
             if b is not None: self.register_buffer('bias', b)
             else: self.bias = None
 
-    def forward(self, x: Tensor, gain: float = 1) -> Tensor:
+    def forward(self, x: Tensor, # [N, in_channels, H, W] input
+                gain: float = 1, # extra scale of the activation gain and the clamp
+               ) -> Tensor:
         x = conv2d_resample(x, self.weight * self.weight_gain, self.resample_filter, up=self.up, down=self.down,
                             padding=self.padding, flip_weight=(self.up == 1))
         return bias_act(x, self.bias, act=self.activation, gain=self.act_gain * gain, clamp=_clamp(self.conv_clamp, gain))
@@ -235,8 +286,12 @@ class MappingNetwork(nn.Module):
             setattr(self, f'fc{i}', FullyConnectedLayer(feats[i], feats[i + 1], activation=activation, lr_multiplier=lr_multiplier))
         if num_ws is not None and w_avg_beta is not None: self.register_buffer('w_avg', torch.zeros([w_dim]))
 
-    def forward(self, z: Tensor | None, c: Tensor | None = None, truncation_psi: float = 1.0,
-                truncation_cutoff: int | None = None, update_emas: bool = False) -> Tensor:
+    def forward(self, z: Tensor | None, # [N, z_dim] latents (None when z_dim is 0)
+                c: Tensor | None = None, # [N, c_dim] labels (None when c_dim is 0)
+                truncation_psi: float = 1.0, # pull towards w_avg (1: none)
+                truncation_cutoff: int | None = None, # truncate only the first this many layers (None: all)
+                update_emas: bool = False, # update w_avg with this batch
+               ) -> Tensor:
         x = None
         if self.z_dim > 0: x = normalize_2nd_moment(z.to(torch.float32))
         if self.c_dim > 0:
@@ -270,7 +325,12 @@ class SynthesisLayer(nn.Module):
             self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
 
-    def forward(self, x: Tensor, w: Tensor, noise_mode: str = 'const', fused_modconv: bool = True, gain: float = 1) -> Tensor:
+    def forward(self, x: Tensor, # [N, in_channels, H, W] features
+                w: Tensor, # [N, w_dim] style vector
+                noise_mode: str = 'const', # 'const', 'random' or 'none'
+                fused_modconv: bool = True, # see `modulated_conv2d`
+                gain: float = 1, # extra scale of the activation gain and the clamp
+               ) -> Tensor:
         _check_noise_mode(noise_mode)
         styles = self.affine(w)
         noise = None
@@ -292,7 +352,10 @@ class ToRGBLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros([out_channels]))
         self.weight_gain = 1 / math.sqrt(in_channels * kernel_size ** 2)
 
-    def forward(self, x: Tensor, w: Tensor, fused_modconv: bool = True) -> Tensor:
+    def forward(self, x: Tensor, # [N, in_channels, H, W] features
+                w: Tensor, # [N, w_dim] style vector
+                fused_modconv: bool = True, # see `modulated_conv2d`
+               ) -> Tensor:
         styles = self.affine(w) * self.weight_gain
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
         return bias_act(x, self.bias, clamp=self.conv_clamp)
@@ -323,8 +386,13 @@ class SynthesisBlock(nn.Module):
         if in_channels != 0 and architecture == 'resnet':
             self.skip = Conv2dLayer(in_channels, out_channels, kernel_size=1, bias=False, up=2, resample_filter=resample_filter)
 
-    def forward(self, x: Tensor | None, img: Tensor | None, ws: Tensor, noise_mode: str = 'const',
-                fused_modconv: bool | None = None, force_fp32: bool = True) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor | None, # [N, in_channels, r/2, r/2] features (None for the 4×4 block)
+                img: Tensor | None, # [N, img_channels, r/2, r/2] image so far (None: none yet)
+                ws: Tensor, # [N, num_conv + num_torgb, w_dim] this block's styles
+                noise_mode: str = 'const', # 'const', 'random' or 'none'
+                fused_modconv: bool | None = None, # see `modulated_conv2d` (None: when not training)
+                force_fp32: bool = True, # NVIDIA's argument, accepted and unused (float32 here)
+               ) -> tuple[Tensor, Tensor | None]:
         if ws.ndim != 3 or ws.shape[1] != self.num_conv + self.num_torgb:
             raise GeneratorError(f"block {self.resolution}: expected ws [N, {self.num_conv + self.num_torgb}, {self.w_dim}], got {list(ws.shape)}")
         if fused_modconv is None: fused_modconv = not self.training
@@ -364,7 +432,11 @@ class SynthesisNetwork(nn.Module):
             self.num_ws += block.num_conv + (block.num_torgb if is_last else 0)
             setattr(self, f'b{res}', block)
 
-    def forward(self, ws: Tensor, noise_mode: str = 'const', fused_modconv: bool | None = None, **_ignored) -> Tensor:
+    def forward(self, ws: Tensor, # [N, num_ws, w_dim] styles
+                noise_mode: str = 'const', # 'const', 'random' or 'none'
+                fused_modconv: bool | None = None, # see `modulated_conv2d` (None: when not training)
+                **_ignored, # other keyword arguments, ignored
+               ) -> Tensor:
         if ws.ndim != 3 or tuple(ws.shape[1:]) != (self.num_ws, self.w_dim):
             raise GeneratorError(f"ws: expected shape [N, {self.num_ws}, {self.w_dim}], got {list(ws.shape)}")
         _check_noise_mode(noise_mode)
@@ -408,20 +480,29 @@ class StyleGAN2Generator(Generator):
     @property
     def synthesis_network(self) -> SynthesisNetwork: return self._modules['synthesis']
 
-    def mapping(self, z: Tensor, c: Tensor | None = None, truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
-                update_emas: bool = False) -> Tensor:
+    def mapping(self, z: Tensor, # [N, z_dim] latents
+                c: Tensor | None = None, # [N, c_dim] labels (None when c_dim is 0)
+                truncation_psi: float = 1.0, # pull towards w_avg (1: none)
+                truncation_cutoff: int | None = None, # truncate only the first this many layers (None: all)
+                update_emas: bool = False, # update w_avg with this batch
+               ) -> Tensor:
         "z [N, z_dim] (and c [N, c_dim]) → ws [N, num_ws, w_dim], truncated towards w_avg by `truncation_psi`."
         if not torch.is_tensor(z) or z.ndim != 2 or z.shape[1] != self.z_dim:
             raise GeneratorError(f"z: expected shape [N, {self.z_dim}], got {list(z.shape) if torch.is_tensor(z) else type(z).__name__}")
         c = self.check_c(c, z.shape[0])
         return self.mapping_network(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff, update_emas=update_emas)
 
-    def synthesis(self, ws: Tensor, c: Tensor | None = None, noise_mode: str | None = None, fused_modconv: bool | None = None) -> Tensor:
+    def synthesis(self, ws: Tensor, # [N, num_ws, w_dim] (or [N, w_dim]) styles
+                  c: Tensor | None = None, # labels (unused by the synthesis)
+                  noise_mode: str | None = None, # 'const', 'random' or 'none' (None: the generator's)
+                  fused_modconv: bool | None = None, # see `modulated_conv2d` (None: when not training)
+                 ) -> Tensor:
         "ws [N, num_ws, w_dim] (or [N, w_dim]) → images [N, img_channels, R, R], roughly in [-1, 1]."
         ws = self.check_ws(ws)
         return self.synthesis_network(ws, noise_mode=noise_mode or self.noise_mode, fused_modconv=fused_modconv)
 
-    def mean_ws(self, c: Tensor | None = None) -> Tensor:
+    def mean_ws(self, c: Tensor | None = None, # [1, c_dim] label for the estimate when there is no w_avg (None when c_dim is 0)
+               ) -> Tensor:
         "w_avg broadcast to every layer, [1, num_ws, w_dim] (estimated from 10,000 fixed samples of z if there is no w_avg)."
         m = self.mapping_network
         if hasattr(m, 'w_avg'): return m.w_avg[None, None].expand(1, self.num_ws, self.w_dim).clone()

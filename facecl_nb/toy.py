@@ -71,11 +71,15 @@ def make_stream(T: int = 8, # timestamps
     return out
 
 # %% ../nbs/00_continual_learning.ipynb #75cda490
-def as_images(y) -> torch.Tensor:
+def as_images(y, # [N, 48] toy photos
+             ) -> torch.Tensor:
     "[N, 48] toy photos -> [N, 3, 4, 4] float64 images in [-1, 1] (the layout of the metrics)."
     return torch.as_tensor(np.clip(np.asarray(y, dtype=np.float64), -1, 1)).reshape(-1, *PHOTO_SHAPE)
 
-def plot_stream(stream: list[dict], ax=None, test: bool = False):
+def plot_stream(stream: list[dict], # the timestamps of `make_stream`
+                ax=None, # matplotlib axes (None: a new 3×3 in figure)
+                test: bool = False, # also plot the test latents (crosses)
+               ):
     "Training latents of every timestamp coloured by time, with the path of the centres (and the test latents)."
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(3, 3))[1]
@@ -97,13 +101,15 @@ class ToyGenerator:
         g = np.random.default_rng(seed)
         self.U, self.c = g.normal(size=(width, 2)) * scale, g.uniform(-2, 2, width)
         self.W, self.b = np.zeros((width, N_PIX)), np.zeros(N_PIX)
-    def features(self, z) -> np.ndarray: return np.tanh(np.asarray(z, dtype=np.float64).reshape(-1, 2) @ self.U.T + self.c)
+    def features(self, z, # [N, 2] latents (reshaped to that)
+                ) -> np.ndarray: return np.tanh(np.asarray(z, dtype=np.float64).reshape(-1, 2) @ self.U.T + self.c)
     def __call__(self, z) -> np.ndarray: return self.features(z) @ self.W + self.b
     def copy(self) -> 'ToyGenerator': return copy.deepcopy(self)
 
 def prior_generator(seed: int = 0, # features and latents of the fit
                     n: int = 2000, # population latents, N(0, 1.5² I)
-                    ridge: float = 1e-3) -> ToyGenerator:
+                    ridge: float = 1e-3, # ridge penalty per sample of the closed-form fit
+                   ) -> ToyGenerator:
     "The prior: the read-out fitted in closed form (ridge) to the population's photos over the plane."
     G = ToyGenerator(seed=seed)
     z = np.random.default_rng(seed).normal(size=(n, 2)) * 1.5
@@ -112,7 +118,10 @@ def prior_generator(seed: int = 0, # features and latents of the fit
     G.W, G.b = sol[:-1], sol[-1]
     return G
 
-def toy_psnr(G, z, y) -> float:
+def toy_psnr(G, # a toy generator
+             z, # [N, 2] latents
+             y, # [N, 48] the true photos of those latents
+            ) -> float:
     "Mean PSNR (dB) of G's photos of latents `z` against the true photos `y` (facecl's `psnr`: images in [-1, 1])."
     return float(psnr(as_images(G(z)), as_images(y)).mean())
 
@@ -151,16 +160,19 @@ class ToyItems:
     t: np.ndarray
     def __len__(self): return len(self.z)
     @staticmethod
-    def of(d: dict) -> 'ToyItems': return ToyItems(d['z_train'], d['y_train'], np.full(len(d['z_train']), d['t']))
-    def cat(self, other: 'ToyItems | None') -> 'ToyItems':
+    def of(d: dict, # one timestamp of the stream
+          ) -> 'ToyItems': return ToyItems(d['z_train'], d['y_train'], np.full(len(d['z_train']), d['t']))
+    def cat(self, other: 'ToyItems | None', # items appended after these (None: these unchanged)
+           ) -> 'ToyItems':
         return self if other is None else ToyItems(*(np.concatenate([a, b]) for a, b in ((self.z, other.z), (self.y, other.y), (self.t, other.t))))
-    def subset(self, idx) -> 'ToyItems': return ToyItems(self.z[idx], self.y[idx], self.t[idx])
+    def subset(self, idx, # indices (or a mask) of the items kept
+              ) -> 'ToyItems': return ToyItems(self.z[idx], self.y[idx], self.t[idx])
 
 def update_buffer(strategy: str, # 'random' (ER-Rand) or 'hull' (ER-Hull), any `select_buffer` strategy
                   prev: dict, # the previous timestamp of the stream
                   buffer: ToyItems | None, # the buffer used at the previous timestamp
                   k: int, # buffer size
-                  seed: int = 0,
+                  seed: int = 0, # seeds the selection
                  ) -> tuple[ToyItems, ToyItems, list[int]]: # the new buffer, the pool, the chosen pool indices
     "The buffer for the next timestamp: k items chosen from the pool = previous timestamp's items + previous buffer."
     pool = ToyItems.of(prev).cat(buffer)
@@ -172,7 +184,7 @@ def run_toy(strategy: str, # 'none', 'joint', or a buffer strategy: 'random', 'h
             seed: int = 0, # the person, the draws, the batches and the buffers
             T: int = 8, # timestamps
             steps: int = 100, # tuning steps per timestamp ('joint': steps × T, once)
-            lr: float = 1e-2,
+            lr: float = 1e-2, # learning rate of the tuning
             stream: list | None = None, # default: make_stream(T, seed=seed)
             G0: ToyGenerator | None = None, # default: prior_generator()
             buffers: list | None = None, # if a list: receives (pool, chosen) per timestamp
@@ -197,14 +209,21 @@ def run_toy(strategy: str, # 'none', 'joint', or a buffer strategy: 'random', 'h
         R[t, :t + 1] = [toy_psnr(G, e['z_test'], e['y_test']) for e in stream[:t + 1]]
     return R
 
-def summarize(R, strategy: str) -> dict:
+def summarize(R, # [T, T] PSNR matrix of a run (`run_toy`)
+              strategy: str, # the run's strategy ('joint': the upper bound)
+             ) -> dict:
     "AIP, AF and BWT of a run, as 06_continual reports them: the upper bound 'joint' is one model, so AIP of its row and no AF/BWT."
     if strategy == 'joint': return dict(AIP=average_incremental_performance(np.asarray(R)[-1]), AF=np.nan, BWT=np.nan)
     hib = higher_is_better('psnr')
     return dict(AIP=average_incremental_performance(R, hib), AF=average_forgetting(R, hib), BWT=backward_transfer(R, hib))
 
 # %% ../nbs/00_continual_learning.ipynb #24c3ce2a
-def plot_R(R, ax=None, title: str = '', vmin: float = 5, vmax: float = 50):
+def plot_R(R, # [T, T] matrix, NaN above the diagonal
+           ax=None, # matplotlib axes (None: a new figure)
+           title: str = '', # axes title
+           vmin: float = 5, # lower end of the colour scale (dB)
+           vmax: float = 50, # upper end of the colour scale (dB)
+          ):
     "Heat map of R[t, k] (rows: model after t; columns: test set k), with the values written in."
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(2.8, 2.6))[1]

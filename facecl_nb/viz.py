@@ -22,17 +22,24 @@ __all__ = ['label', 'sort_runs', 'save_figure', 'r_heatmaps', 'aip_af_vs_buffer'
            'resolve_runs_dir', 'explorer']
 
 # %% ../nbs/08_viz.ipynb #d1c5e7b5
-def label(r: dict) -> str:
+def label(r: dict, # a run's results (needs 'strategy' and 'buffer')
+         ) -> str:
     "Display name of a run (from the strategy registry): its label, with k where the buffer size matters."
     return strategy_label(r)
 
 def _k_matters(name: str) -> bool: return STRATEGIES[name].k_matters if name in STRATEGIES else True
 
-def sort_runs(results: Sequence[dict]) -> list[dict]:
+def sort_runs(results: Sequence[dict], # results dicts of runs
+             ) -> list[dict]:
     "Runs in display order: strategy (the registry's order), buffer size, person, seed."
     return sorted(results, key=lambda r: (strategy_order(r['strategy']), r['buffer'], r['person'], r['seed']))
 
-def save_figure(fig, stem, png: bool = True, width: int = 1000, height: int | None = None) -> dict:
+def save_figure(fig, # a plotly figure
+                stem, # output path without suffix; '.html' and '.png' are added
+                png: bool = True, # also write a PNG (needs Chromium)
+                width: int = 1000, # PNG width in pixels
+                height: int | None = None, # PNG height in pixels (None: the figure's, else 600)
+               ) -> dict:
     "Write `fig` to `<stem>.html` (plotly.js beside it) and, when possible, `<stem>.png`; returns what was written or why not."
     stem = Path(stem); stem.parent.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -49,7 +56,10 @@ def save_figure(fig, stem, png: bool = True, width: int = 1000, height: int | No
     return out
 
 # %% ../nbs/08_viz.ipynb #91b1077e
-def r_heatmaps(results: Sequence[dict], metric: str = 'psnr', cols: int = 4):
+def r_heatmaps(results: Sequence[dict], # results dicts of runs (those lacking `metric` are left out)
+               metric: str = 'psnr', # metric name, e.g. 'psnr'
+               cols: int = 4, # heat maps per row at most
+              ):
     "One heat map of R (model after t × evaluated timestamp k) per run, on a shared colour scale."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -74,7 +84,9 @@ def r_heatmaps(results: Sequence[dict], metric: str = 'psnr', cols: int = 4):
     return fig
 
 # %% ../nbs/08_viz.ipynb #b761b855
-def aip_af_vs_buffer(table, metric: str = 'psnr'):
+def aip_af_vs_buffer(table, # a `summary_table` DataFrame
+                     metric: str = 'psnr', # the metric named in the subplot titles
+                    ):
     "AIP and AF (mean ± std over persons and seeds) against buffer size; buffer-free strategies as horizontal lines."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -99,7 +111,12 @@ def _recon(run_dir, t):
     "Reconstructions of the model of row t of R (an upper bound's one model serves every row)."
     return RunDir(run_dir).recon(t)
 
-def teaser_grid(results: Sequence[dict], album, k: int = 0, photo: int = 0, every: int = 1) -> np.ndarray:
+def teaser_grid(results: Sequence[dict], # results dicts (`collect_results`), each with 'run_dir'
+                album, # the `facecl_nb.data.Album` the runs used
+                k: int = 0, # index of the test timestamp
+                photo: int = 0, # index of the test photo within timestamp k
+                every: int = 1, # column stride over the models t
+               ) -> np.ndarray:
     "An image (uint8 HWC): one row per run — the test photo of timestamp k, then its reconstruction by the model after each t ≥ k."
     results = sort_runs(results)
     Ts = album.timestamps[:results[0]['T']]
@@ -115,7 +132,11 @@ def teaser_grid(results: Sequence[dict], album, k: int = 0, photo: int = 0, ever
             canvas[i * (H + 4):i * (H + 4) + H, (j + 1) * (H + 4):(j + 1) * (H + 4) + H] = rec['recon'][tk][photo].permute(1, 2, 0).numpy()
     return canvas
 
-def teaser_figure(results, album, k: int = 0, photo: int = 0):
+def teaser_figure(results, # results dicts (`collect_results`), each with 'run_dir'
+                  album, # the `facecl_nb.data.Album` the runs used
+                  k: int = 0, # index of the test timestamp
+                  photo: int = 0, # index of the test photo within timestamp k
+                 ):
     "The teaser grid as a plotly figure with row and column labels."
     import plotly.express as px
     results = sort_runs(results)
@@ -129,7 +150,8 @@ def teaser_figure(results, album, k: int = 0, photo: int = 0):
     return fig
 
 # %% ../nbs/08_viz.ipynb #b1ab8836
-def buffer_composition(results: Sequence[dict]):
+def buffer_composition(results: Sequence[dict], # results dicts of runs (only replay runs are drawn)
+                      ):
     "Stacked bars: for each replay run and timestamp t, how many buffer items come from each earlier timestamp."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -154,7 +176,8 @@ def _hull2d(p):
     try: return p[ConvexHull(p).vertices]
     except QhullError: return p
 
-def buffer_pca_over_time(run_dir):
+def buffer_pca_over_time(run_dir, # a replay run folder (with pool files)
+                        ):
     "The pool (coloured by timestamp), the chosen buffer and its hull in a 2-D PCA shared over all t, with a slider over t."
     import plotly.graph_objects as go
     import plotly.express as px
@@ -182,7 +205,9 @@ def buffer_pca_over_time(run_dir):
                       title=f'Pool, buffer and hull in PCA ({Path(run_dir).name})', xaxis_title='PC1', yaxis_title='PC2')
     return fig
 
-def buffer_pca_small_multiples(run_dir, cols: int = 5):
+def buffer_pca_small_multiples(run_dir, # a replay run folder (with pool files)
+                               cols: int = 5, # panels per row at most
+                              ):
     "The same as `buffer_pca_over_time`, as small multiples (one panel per t) for static export."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -196,7 +221,12 @@ def buffer_pca_small_multiples(run_dir, cols: int = 5):
     return fig
 
 # %% ../nbs/08_viz.ipynb #4c7fb1c2
-def r_cell_figure(R: np.ndarray, t: int, k: int, metric: str, title: str = ''):
+def r_cell_figure(R: np.ndarray, # [T, T] one metric's R, NaN where undefined
+                  t: int, # row (model after timestamp index t)
+                  k: int, # column (test timestamp index)
+                  metric: str, # metric name for the hover text
+                  title: str = '', # prefix of the title
+                 ):
     "A heat map of R with the cell (t, k) outlined."
     import plotly.graph_objects as go
     from facecl_nb.metrics import r_to_json
@@ -207,7 +237,8 @@ def r_cell_figure(R: np.ndarray, t: int, k: int, metric: str, title: str = ''):
     fig.update_layout(title=f"{title} R[{t},{k}] = " + ('undefined (k > t)' if not np.isfinite(v) else f"{v:.3f}"), width=420, height=400)
     return fig
 
-def resolve_runs_dir(runs_dir) -> Path:
+def resolve_runs_dir(runs_dir, # a runs folder, absolute or relative to the cwd or the repository
+                    ) -> Path:
     "A runs folder as given, else relative to the repository (notebooks run from nbs/experiments/); absolute in errors."
     from facecl_nb.core import PROJECT_ROOT
     p = Path(runs_dir)
@@ -215,7 +246,10 @@ def resolve_runs_dir(runs_dir) -> Path:
     q = PROJECT_ROOT/p
     return q.resolve() if q.exists() else p.resolve()
 
-def explorer(runs_dir, album_root, metric: str = 'psnr'):
+def explorer(runs_dir, # folder of finished runs (see `resolve_runs_dir`)
+             album_root, # folder holding the albums the runs used
+             metric: str = 'psnr', # metric shown in R, e.g. 'psnr'
+            ):
     "An ipywidgets explorer over the finished runs in `runs_dir`."
     import ipywidgets as W
     import plotly.graph_objects as go
