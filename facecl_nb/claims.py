@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .metrics import higher_is_better
-from .continual import STRATEGIES
+from .continual import k_matters
 
 # %% auto #0
 __all__ = ['results_frame', 'paired', 'Verdict', 'verdict', 'claims', 'claims_markdown']
@@ -22,8 +22,7 @@ def results_frame(results: Sequence[dict], # `results.json` dicts (e.g. `continu
     "One row per run: person, strategy, buffer (0 where k does not matter), seed, `AIP <metric>` and `AF <metric>`, protocol, code version."
     rows = []
     for r in results:
-        k_matters = STRATEGIES[r['strategy']].k_matters if r['strategy'] in STRATEGIES else True
-        row = {'person': r['person'], 'strategy': r['strategy'], 'buffer': r['buffer'] if k_matters else 0, 'seed': r['seed'], 'T': r['T']}
+        row = {'person': r['person'], 'strategy': r['strategy'], 'buffer': r['buffer'] if k_matters(r['strategy']) else 0, 'seed': r['seed'], 'T': r['T']}
         for m in sorted(r['R']):
             row[f'AIP {m}'] = r['AIP'].get(m, np.nan); row[f'AF {m}'] = r.get('AF', {}).get(m, np.nan)
         p = r.get('protocol', {})

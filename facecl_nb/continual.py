@@ -21,10 +21,10 @@ from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig
 # %% auto #0
 __all__ = ['STRATEGIES', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'Strategy',
            'LowerBound', 'Replay', 'Cumulative', 'Joint', 'own_spread', 'register', 'known_strategies', 'get_strategy',
-           'strategy_label', 'strategy_order', 'RunConfig', 'run_name', 'load_profile_prior', 'weight_versions',
-           'check_cameras', 'load_profile_encoder', 'make_anchors', 'new_items', 'update_buffer', 'tune_model',
-           'evaluate_model', 'record', 'continual_run', 'grid_specs', 'run_is_complete', 'GridError', 'RayStartError',
-           'check_address', 'ray_env', 'run_grid', 'collect_results', 'summary_table', 'format_table',
+           'strategy_label', 'k_matters', 'strategy_order', 'RunConfig', 'run_name', 'load_profile_prior',
+           'weight_versions', 'check_cameras', 'load_profile_encoder', 'make_anchors', 'new_items', 'update_buffer',
+           'tune_model', 'evaluate_model', 'record', 'continual_run', 'grid_specs', 'run_is_complete', 'GridError',
+           'RayStartError', 'check_address', 'ray_env', 'run_grid', 'collect_results', 'summary_table', 'format_table',
            'experiments_dir', 'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'albums_3d', 'demo3d',
            'cli_demo', 'compare_protocols', 'paper_tier_missing', 'reproduce']
 
@@ -175,6 +175,11 @@ def strategy_label(r: dict, # a run's results (needs 'strategy' and 'buffer')
     if s is None: return r['strategy']
     return f"{s.label} k={r['buffer']}" if s.k_matters else s.label
 
+def k_matters(name: str, # a strategy name
+             ) -> bool:
+    "Whether a strategy's runs depend on the buffer size k (unknown names: assume they do)."
+    return STRATEGIES[name].k_matters if name in STRATEGIES else True
+
 def strategy_order(name: str, # a strategy name
                   ) -> int:
     "Display position of a strategy (unknown names last)."
@@ -224,8 +229,7 @@ def run_name(strategy: str, # a strategy name
              person: str, # the album's person (the first folder level)
             ) -> str:
     "Folder name of a run in a grid."
-    k_matters = STRATEGIES[strategy].k_matters if strategy in STRATEGIES else True
-    return f"{person}/{strategy}" + (f"-k{buffer}" if k_matters else '') + f"-s{seed}"
+    return f"{person}/{strategy}" + (f"-k{buffer}" if k_matters(strategy) else '') + f"-s{seed}"
 
 # %% ../nbs/06_continual.ipynb #6594ac68
 PROFILES_3D = ('demo3d', 'paper3d')
@@ -595,8 +599,7 @@ def _ray_init(address, jobs: int, log):
     os.environ.update(ray_env(local=not address))
     try: import ray
     except ImportError: raise GridError("a grid with --jobs > 1 or --address runs on Ray: pip install ray (a dependency of facecl)") from None
-    if address:
-        check_address(address)
+    if address:                                   # (run_grid has checked that it answers)
         try: ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
         except Exception as e: raise RayStartError(f"--address {address}: could not join the Ray cluster ({type(e).__name__}: {str(e)[:300]})") from None
         log(f"grid: on the Ray cluster at {address}: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs")
@@ -695,7 +698,7 @@ def summary_table(results: Sequence[dict], # results dicts, e.g. from `collect_r
                  ) -> 'pd.DataFrame':
     "AIP and AF of `metric` per strategy × buffer size: mean ± std over persons and seeds."
     import pandas as pd
-    rows = [{'strategy': r['strategy'], 'buffer': r['buffer'] if STRATEGIES.get(r['strategy'], Replay('?')).k_matters else 0,
+    rows = [{'strategy': r['strategy'], 'buffer': r['buffer'] if k_matters(r['strategy']) else 0,
              'person': r['person'], 'seed': r['seed'], 'AIP': r['AIP'].get(metric, np.nan), 'AF': r.get('AF', {}).get(metric, np.nan)}
             for r in results]
     if not rows: return pd.DataFrame(columns=['strategy', 'buffer', 'n', 'AIP_mean', 'AIP_std', 'AF_mean', 'AF_std'])
@@ -884,7 +887,7 @@ def compare_protocols(out='runs/protocols', # folder of the two grids (`paper/`,
         d = Path(paper_runs) if (name == 'paper' and paper_runs) else Path(out)/name
         run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], d, T=plan['T'], overrides=over, jobs=jobs, log=log)
         for r in collect_results(d):
-            rows.append({'protocol': name, 'strategy': r['strategy'], 'k': r['buffer'] if get_strategy(r['strategy']).k_matters else 0, 'seed': r['seed'],
+            rows.append({'protocol': name, 'strategy': r['strategy'], 'k': r['buffer'] if k_matters(r['strategy']) else 0, 'seed': r['seed'],
                          'AIP psnr': r['AIP'].get('psnr'), 'AF psnr': r.get('AF', {}).get('psnr'),
                          'AIP dlib': r['AIP'].get('dlib_dist'), 'AF dlib': r.get('AF', {}).get('dlib_dist'),
                          'minutes': r['timings']['total_s'] / 60})

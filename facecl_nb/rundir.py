@@ -148,6 +148,8 @@ class RunDir:
     def state_dir(self) -> Path: return self.path/'state'
     def state_path(self, t: int, # timestamp index
                   ) -> Path: return self.state_dir/f't{t}.safetensors'
+    def pool_path(self, t: int, # timestamp index
+                 ) -> Path: return self.state_dir/f't{t}.pool.safetensors'
 
     # --- what a finished (or running) run says
     def _json(self, name):
@@ -222,7 +224,7 @@ class RunDir:
                    pool: Items, # the pool the buffer was chosen from
                    chosen: list, # pool indices of the buffer
                   ) -> Path:
-        return write_state(self.state_dir/f't{t}.pool.safetensors', {'latents': pool.anchors.reshape(len(pool), -1).float()},
+        return write_state(self.pool_path(t), {'latents': pool.anchors.reshape(len(pool), -1).float()},
                            {'timestamps': [int(x) for x in pool.timestamps], 'names': list(pool.names), 'chosen': list(map(int, chosen))})
     def write_recon(self, t: int, # timestamp index
                     recon: dict, # timestamp -> reconstructions [n, 3, H, W] in [-1, 1]

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .continual import STRATEGIES, strategy_label, strategy_order
+from .continual import STRATEGIES, k_matters, strategy_label, strategy_order
 from .rundir import RunDir
 from .core import chromium_path
 from .data import to_uint8
@@ -27,7 +27,6 @@ def label(r: dict, # a run's results (needs 'strategy' and 'buffer')
     "Display name of a run (from the strategy registry): its label, with k where the buffer size matters."
     return strategy_label(r)
 
-def _k_matters(name: str) -> bool: return STRATEGIES[name].k_matters if name in STRATEGIES else True
 
 def sort_runs(results: Sequence[dict], # results dicts of runs
              ) -> list[dict]:
@@ -95,7 +94,7 @@ def aip_af_vs_buffer(table, # a `summary_table` DataFrame
     for st in sorted(set(table.strategy), key=strategy_order):
         d = table[table.strategy == st]
         for c, (m, s) in enumerate([('AIP_mean', 'AIP_std'), ('AF_mean', 'AF_std')], 1):
-            if not _k_matters(st):
+            if not k_matters(st):
                 if not np.isfinite(d[m].iloc[0]): continue
                 fig.add_trace(go.Scatter(x=ks, y=[d[m].iloc[0]] * len(ks), mode='lines', line=dict(dash='dash'), name=label({'strategy': st, 'buffer': 0}),
                                          legendgroup=st, showlegend=(c == 1)), row=1, col=c)
@@ -262,7 +261,7 @@ def explorer(runs_dir, # folder of finished runs (see `resolve_runs_dir`)
     persons = sorted({r['person'] for r in results})
     w_person = W.Dropdown(options=persons, description='person')
     w_strategy = W.Dropdown(options=sorted({r['strategy'] for r in results}, key=strategy_order), description='strategy')
-    def buffers_of(st): return sorted({r['buffer'] for r in results if r['strategy'] == st}) if _k_matters(st) else ['-']
+    def buffers_of(st): return sorted({r['buffer'] for r in results if r['strategy'] == st}) if k_matters(st) else ['-']
     w_buffer = W.Dropdown(options=buffers_of(w_strategy.value), description='buffer k')
     w_seed = W.Dropdown(options=sorted({r['seed'] for r in results}), description='seed')
     T = max(r['T'] for r in results)
@@ -273,7 +272,7 @@ def explorer(runs_dir, # folder of finished runs (see `resolve_runs_dir`)
 
     def find():
         c = [r for r in results if r['person'] == w_person.value and r['strategy'] == w_strategy.value and r['seed'] == w_seed.value]
-        c = [r for r in c if not _k_matters(r['strategy']) or r['buffer'] == w_buffer.value] or c
+        c = [r for r in c if not k_matters(r['strategy']) or r['buffer'] == w_buffer.value] or c
         return c[0] if c else None
 
     state = {'quiet': False, 'shown': []}
@@ -303,7 +302,7 @@ def explorer(runs_dir, # folder of finished runs (see `resolve_runs_dir`)
             imgs = W.HBox([W.VBox([W.HTML('<b>test photo</b>'), W.Image(value=png(tgt))]),
                            W.VBox([W.HTML(f'<b>model after t={t}</b>' + (' (k > t: not yet seen)' if k > t else '')), W.Image(value=png(rimg))])])
             figs = [fig_box(r_cell_figure(R, t, k, metric, label(r)))]
-            if any(pt == t for pt, _ in RunDir(r['run_dir']).pools()):
+            if RunDir(r['run_dir']).pool_path(t).exists():     # a pool was chosen at t (read once, below)
                 f = buffer_pca_over_time(r['run_dir'])
                 fr = [x for x in f.frames if x.name == str(t)]
                 g = go.Figure(data=fr[0].data if fr else f.data); g.update_layout(width=460, height=400, title=f'pool and buffer chosen at t={t}')
