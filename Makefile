@@ -3,14 +3,15 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 SHELL := /bin/bash
 
-.PHONY: readme install test test-nb test-py demo demo3d figures reproduce lab bench docs clean export help
+.PHONY: readme install test test-nb test-py demo demo3d figures figures3d reproduce lab bench docs clean export help
 
 help:
 	@echo "make install   - install facecl (editable) with torch, dlib, lpips, nbdev and the DigiFace prior"
 	@echo "make test      - nbdev_test on nbs/ then pytest on tests/"
 	@echo "make demo      - offline continual runs on the default synthetic albums, figures into figures/"
 	@echo "make demo DEMO3D=1 (or make demo3d) - the 3D demo: tri-plane prior, albums with cameras, novel views into figures/3d/"
-	@echo "make figures   - the full demo-tier benchmark (all persons, 3 buffer sizes, 3 seeds)"
+	@echo "make figures   - the full 2D demo-tier benchmark (all persons, 3 buffer sizes, 3 seeds, the other buffers at k = 5)"
+	@echo "make figures3d - the 3D demo-tier benchmark (hours on a CPU)"
 	@echo "make reproduce - the paper tier (GPU, user-supplied checkpoints and albums)"
 	@echo "make lab       - JupyterLab on nbs/"
 	@echo "make bench     - speed benchmarks into bench/results/*.json"
@@ -53,6 +54,9 @@ demo3d:
 
 figures:
 	$(PYTHON) -m facecl_nb.continual figures
+
+figures3d:
+	$(PYTHON) -m facecl_nb.continual figures3d
 
 reproduce:
 	$(PYTHON) -m facecl_nb.continual reproduce

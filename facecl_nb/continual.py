@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_continual.ipynb #7b1ce562
 from __future__ import annotations
-import json, os, shutil, sys, time, traceback
+import json, os, platform, shutil, sys, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,8 +25,8 @@ __all__ = ['STRATEGIES', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'D
            'weight_versions', 'check_cameras', 'load_profile_encoder', 'make_anchors', 'new_items', 'update_buffer',
            'tune_model', 'evaluate_model', 'record', 'continual_run', 'grid_specs', 'run_is_complete', 'GridError',
            'RayStartError', 'check_address', 'ray_env', 'run_grid', 'collect_results', 'summary_table', 'format_table',
-           'experiments_dir', 'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'albums_3d', 'demo3d',
-           'cli_demo', 'compare_protocols', 'paper_tier_missing', 'reproduce']
+           'experiments_dir', 'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'time_breakdown', 'albums_3d',
+           'demo3d', 'cli_demo', 'compare_protocols', 'paper_tier_missing', 'reproduce']
 
 # %% ../nbs/06_continual.ipynb #00c520dd
 class Strategy:
@@ -535,16 +535,19 @@ def grid_specs(persons, # person names
                strategies, # strategy names
                buffers, # buffer sizes k
                seeds, # seeds
+               also=(), # more (strategies, buffers) blocks of the same grid, e.g. other buffers at k = 5 only
               ) -> list[tuple]:
     "The (person, strategy, buffer, seed) combinations of a grid, buffer-free strategies once; unknown strategies are refused first."
-    bad = [s for s in strategies if s not in known_strategies()]
+    blocks = [(strategies, buffers), *also]
+    bad = [s for sts, _ in blocks for s in sts if s not in known_strategies()]
     if bad: raise ConfigError(f"grid: unknown strategies {bad}; known: {known_strategies()}")
     out = []
     for p in persons:
         for s in seeds:
-            for st in strategies:
-                for k in (buffers if get_strategy(st).k_matters else [0]):
-                    out.append((p, st, k, s))
+            for sts, bs in blocks:
+                for st in sts:
+                    for k in (bs if get_strategy(st).k_matters else [0]):
+                        if (p, st, k, s) not in out: out.append((p, st, k, s))
     return out
 
 def run_is_complete(out, # a run folder
@@ -650,11 +653,12 @@ def run_grid(album_root, # folder holding one album per person
              jobs: int = 1, # runs at a time on a local Ray (1 and no address: one after the other in this process)
              address: str | None = None, # an existing Ray cluster ('host:port'); its nodes must see `out` and the albums at the same paths
              retries: int = 2, # Ray retries of a failed run (each resumes after its last finished timestamp)
+             also=(), # more (strategies, buffers) blocks run in the same grid (see `grid_specs`)
              log=print, # called with each progress line
             ) -> dict:
     "Run a grid (skipping finished runs, reporting failures); writes `<out>/grid.json` and returns it."
     from tqdm.auto import tqdm
-    specs = grid_specs(persons, strategies, buffers, seeds)
+    specs = grid_specs(persons, strategies, buffers, seeds, also)
     RunConfig.from_dict(overrides or {}, profile=profile, T=T)        # bad overrides fail here, before any run
     if address: check_address(address)                               # and an address where nothing answers
     out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
@@ -798,10 +802,8 @@ def demo(out='runs/demo', # grid folder
     overrides = dict(QUICK_OVERRIDES) if quick else {}
     T = 2 if quick else plan['T']
     jobs = jobs or (1 if quick else min(2, os.cpu_count() or 1))
-    s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, T=T, overrides=overrides, jobs=jobs, log=log)
-    if plan.get('others'):                     # more strategies at other buffer sizes, into the same runs folder
-        o = run_grid(root, plan['persons'], plan['others']['strategies'], plan['others']['buffers'], plan['seeds'], out, T=T, overrides=overrides, jobs=jobs, log=log)
-        s = {'runs': {**s['runs'], **o['runs']}, 'failed': s['failed'] + o['failed'], 'seconds': s['seconds'] + o['seconds']}
+    also = [(plan['others']['strategies'], plan['others']['buffers'])] if plan.get('others') else []   # more strategies at other buffer sizes, in the same grid
+    s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, T=T, overrides=overrides, jobs=jobs, also=also, log=log)
     return _figures_and_table('demo', 'continual_2d', s, out, root, figures, reports, t0, log)
 
 def _figures_and_table(what, notebook, grid, out, root, figures, reports, t0, log) -> dict:
@@ -810,10 +812,24 @@ def _figures_and_table(what, notebook, grid, out, root, figures, reports, t0, lo
     run_experiment_notebook(notebook, {'runs_dir': str(Path(out).resolve()), 'figures_dir': str(Path(figures).resolve()),
                                        'album_root': str(Path(root).resolve())}, reports=reports, log=log)
     t2 = time.perf_counter()
-    t = summary_table(collect_results(out))
+    res = collect_results(out)
+    t = summary_table(res)
     log(format_table(t))
+    secs = {'runs': t1 - t0, 'figures': t2 - t1, 'total': t2 - t0}
+    from facecl_nb.core import atomic_write_json
+    atomic_write_json(Path(figures)/'timing.json', {'seconds': secs, 'stages': time_breakdown(res), 'grid_seconds': grid.get('seconds'),
+                                                   'cpus': os.cpu_count(), 'machine': platform.machine(), 'python': platform.python_version()})
     log(f"{what}: runs {t1 - t0:.0f} s, figures {t2 - t1:.0f} s, total {t2 - t0:.0f} s; figures in {figures}/, executed notebooks in {reports}/")
-    return {'grid': grid, 'table': t, 'seconds': {'runs': t1 - t0, 'figures': t2 - t1, 'total': t2 - t0}}
+    return {'grid': grid, 'table': t, 'seconds': secs}
+
+def time_breakdown(results: Sequence[dict], # results dicts (their `timings`)
+                  ) -> dict:
+    "Where a grid's time went: seconds summed over runs and timestamps per stage (anchors, select, tune, eval) and in all."
+    out = {'runs': len(results), 'anchors_s': 0.0, 'select_s': 0.0, 'tune_s': 0.0, 'eval_s': 0.0, 'total_s': 0.0}
+    for r in results:
+        for p in (r.get('timings') or {}).get('per_timestamp', []):
+            for k in ('anchors_s', 'select_s', 'tune_s', 'eval_s', 'total_s'): out[k] += float(p.get(k, 0.0))
+    return out
 
 DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=[3], seeds=[0], T=4)
 
@@ -937,8 +953,8 @@ def reproduce(album_root=None, # folder of the paper albums (None: `<albums>/pap
 
 def _main(argv=None):
     import argparse
-    ap = argparse.ArgumentParser(prog='python -m facecl_nb.continual', description='make figures / make reproduce / the protocol comparison')
-    ap.add_argument('what', choices=['figures', 'reproduce', 'protocols'])
+    ap = argparse.ArgumentParser(prog='python -m facecl_nb.continual', description='make figures / make figures3d / make reproduce / the protocol comparison')
+    ap.add_argument('what', choices=['figures', 'figures3d', 'reproduce', 'protocols'])
     a = ap.parse_args(argv)
     if a.what == 'protocols':
         from facecl_nb.core import PROJECT_ROOT
@@ -946,8 +962,10 @@ def _main(argv=None):
         print(df.to_string(index=False)); sys.exit(0)
     if a.what == 'figures':
         r = demo('runs/figures', plan=FIGURES, figures='figures/full', reports='reports/full')
+        sys.exit(1 if r['grid']['failed'] else 0)
+    if a.what == 'figures3d':                  # the 3D benchmark: hours on a CPU (a tri-plane render per optimization step)
         r3 = demo3d('runs/figures3d', figures='figures/full/3d', reports='reports/full', plan=dict(seeds=[0, 1, 2], buffers=[3, 5], T=None))
-        sys.exit(1 if (r['grid']['failed'] or r3['grid']['failed']) else 0)
+        sys.exit(1 if r3['grid']['failed'] else 0)
     sys.exit(reproduce())
 
 if __name__ == '__main__' and '__file__' in globals() and not hasattr(sys, 'ps1'): _main()

@@ -303,7 +303,7 @@ def tune(G, # the generator to start from (copied, left unchanged)
     Gt = G.copy() if hasattr(G, 'copy') else copy.deepcopy(G)
     Gt.requires_grad_(True); Gt.train()
     params = Gt.tunable_parameters() if hasattr(Gt, 'tunable_parameters') else list(Gt.parameters())
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=lr, fused=True)   # one kernel per step over all weights: 4 ms instead of 23 ms for the DCGAN (bench/tuning.py)
     loss_fn = _loss_fn(lpips_weight)
     items = items.to(dev); replay = None if replay is None else replay.to(dev)
     paired = mix == 'paired' and replay is not None
