@@ -36,7 +36,7 @@ export:
 
 # README.md is generated from nbs/index.ipynb
 readme:
-	jupyter nbconvert --to markdown --stdout nbs/index.ipynb 2>/dev/null > README.md
+	jupyter nbconvert --to markdown --no-input --stdout nbs/index.ipynb 2>/dev/null > README.md
 
 test: test-nb test-py
 

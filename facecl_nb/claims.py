@@ -14,7 +14,7 @@ from .metrics import higher_is_better
 from .continual import k_matters
 
 # %% auto #0
-__all__ = ['results_frame', 'paired', 'Verdict', 'verdict', 'claims', 'claims_markdown']
+__all__ = ['results_frame', 'paired', 'Verdict', 'verdict', 'claims', 'claims_markdown', 'claims_summary']
 
 # %% ../nbs/06b_claims.ipynb #6d25e56d
 def results_frame(results: Sequence[dict], # `results.json` dicts (e.g. `continual.collect_results(runs_dir)`)
@@ -115,4 +115,13 @@ def claims_markdown(t: pd.DataFrame, # `claims` rows
             ci = 'n/a' if not np.isfinite(r.lo) else f"[{r.lo:.3f}, {r.hi:.3f}]"
             lines.append(f"| {r.claim} | {r.n} | {r.mean:.3f} | {ci} | {r.holds_in}/{r.n} | **{r.verdict}** |")
         lines.append('')
+    return '\n'.join(lines)
+
+def claims_summary(t: pd.DataFrame, # `claims` rows
+                  ) -> str:
+    "One line per claim with its verdict on each metric, grouped by verdict ('holds on psnr, id_sim; not resolved on dlib_dist')."
+    lines = []
+    for c, g in t.groupby('claim', sort=False):
+        parts = [f"{w} on {', '.join(g[g.verdict == w].metric)}" for w in ('holds', 'does not hold', 'not resolved') if (g.verdict == w).any()]
+        lines.append(f"- {c}: " + '; '.join(parts) + '.')
     return '\n'.join(lines)
