@@ -163,9 +163,18 @@ class IdentityEncoder:
 class DlibEncoder(IdentityEncoder):
     "dlib's ResNet face descriptor (128-d) on aligned crops resized to 150×150."
     name = 'dlib'
-    def __init__(self):
-        import dlib
-        self.model = dlib.face_recognition_model_v1(str(resolve_weight('dlib-face-descriptor')))
+    def __init__(self, backend: str = 'torch', # 'torch': dlib's network and weights run by torch (`facecl_nb.dlib_resnet`); 'dlib': dlib itself
+                ):
+        path = resolve_weight('dlib-face-descriptor')
+        if backend == 'torch':
+            from facecl_nb.dlib_resnet import DlibResNet
+            self.describe = DlibResNet(path).describe
+        elif backend == 'dlib':
+            import dlib
+            model = dlib.face_recognition_model_v1(str(path))
+            self.describe = model.compute_face_descriptor
+        else: raise ValueError(f"DlibEncoder: backend must be 'torch' or 'dlib', got {backend!r}")
+        self.backend = backend
     def chips(self, images: Tensor, # [N, 3, H, W] in [-1, 1] (aligned face crops)
              ) -> list:
         from PIL import Image
@@ -181,7 +190,7 @@ class DlibEncoder(IdentityEncoder):
         cache = self.__dict__.setdefault('_cache', {})
         todo = [i for i, k in enumerate(keys) if k not in cache]
         if todo:
-            d = np.asarray(self.model.compute_face_descriptor(self.chips(images[todo])), dtype=np.float64).reshape(len(todo), 128)
+            d = np.asarray(self.describe(self.chips(images[todo])), dtype=np.float64).reshape(len(todo), 128)
             if len(cache) > 20000: cache.clear()
             for i, row in zip(todo, d): cache[keys[i]] = row
         return torch.tensor(np.stack([cache[k] for k in keys]), dtype=torch.float64)

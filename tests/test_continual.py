@@ -164,3 +164,47 @@ def test_grid_on_local_ray_equals_in_process(album, tmp_path):
     for name in ('pat/none-s0', 'pat/hull-k2-s0'):
         a, b = (json.loads((tmp_path / d / name / 'results.json').read_text()) for d in ('ray', 'seq'))
         assert _strip(a) == _strip(b), name
+
+
+def _ray_daemons() -> set:
+    "pids of Ray's daemons (raylet, gcs_server) on this machine."
+    out = set()
+    for d in Path('/proc').iterdir():
+        if d.name.isdigit():
+            try: comm = (d / 'comm').read_text().strip()
+            except OSError: continue
+            if comm in ('raylet', 'gcs_server'): out.add(int(d.name))
+    return out
+
+
+def test_grid_interrupted_keeps_finished_runs_and_finishes_on_rerun(album, tmp_path):
+    """Ctrl-C on a grid running on a local Ray: the grid stops with exit code 130, its Ray goes away, the runs finished before
+    stay byte-identical, and the same command finishes the rest, skipping them."""
+    import os, signal, time
+    out = tmp_path / 'g'
+    cmd = [sys.executable, '-m', 'facecl_nb.cli', 'grid', '--album', str(album.root), '--persons', 'pat', '--strategies', 'none', 'random', 'hull',
+           '--buffers', '2', '--seeds', '0', '1', '2', '--out', str(out), '--timestamps', '3', '--jobs', '2']
+    before = _ray_daemons()
+    complete = lambda: {d.name: (d / 'results.json').read_bytes() for d in out.glob('pat/*') if C.run_is_complete(d)}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 600 and p.poll() is None and not complete(): time.sleep(0.3)
+        assert p.poll() is None, f"the grid ended before it could be interrupted:\n{p.stdout.read()[-3000:]}"
+        done = complete()
+        os.kill(p.pid, signal.SIGINT)                                   # what Ctrl-C in a terminal sends to the foreground process
+        log, _ = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, log[-3000:]
+    assert 'interrupted' in log and 'every finished run is kept' in log, log[-3000:]
+    t0 = time.time()
+    while time.time() - t0 < 60 and _ray_daemons() - before: time.sleep(0.5)
+    assert not _ray_daemons() - before, "the grid's Ray daemons are still running after the interrupt"
+    kept = complete()
+    assert all(kept[name] == b for name, b in done.items()) and len(kept) < 9     # finished runs untouched, the rest not finished
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert f"9 runs, {len(kept)} already finished, {9 - len(kept)} to run" in r.stdout, r.stdout[-3000:]
+    final = complete()
+    assert len(final) == 9 and all(final[name] == b for name, b in kept.items())
