@@ -623,7 +623,7 @@ def _run_on_ray(todo: list, profile: str, address, jobs: int, retries: int, stat
         with tqdm(total=len(refs), desc='grid') as bar:
             try:
                 while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
+                    done, pending = ray.wait(pending, num_returns=1, timeout=1.0)   # a short wait, so that Ctrl-C is seen within a second
                     for r in done:
                         d = refs[r][5]; n += 1
                         try:

@@ -186,7 +186,9 @@ def test_grid_interrupted_keeps_finished_runs_and_finishes_on_rerun(album, tmp_p
            '--buffers', '2', '--seeds', '0', '1', '2', '--out', str(out), '--timestamps', '3', '--jobs', '2']
     before = _ray_daemons()
     complete = lambda: {d.name: (d / 'results.json').read_bytes() for d in out.glob('pat/*') if C.run_is_complete(d)}
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # SIGINT's default action restored in the child: a shell's background job (a CI runner, `cmd &`) hands its children SIGINT ignored
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     try:
         t0 = time.time()
         while time.time() - t0 < 600 and p.poll() is None and not complete(): time.sleep(0.3)
