@@ -220,9 +220,15 @@ class DlibResNet(nn.Module):
 
     @torch.no_grad()
     def describe(self, chips: list, # 150×150×3 uint8 RGB arrays
-                 batch_size: int = 32, # chips per forward pass
+                 batch_size: int = 16, # chips per forward pass; a shorter last batch is padded to this size
                 ) -> np.ndarray:
-        "Descriptors [N, 128] (float64) of aligned face chips, as dlib's `compute_face_descriptor(chips)` gives them."
-        out = [self(torch.from_numpy(np.stack(chips[i:i + batch_size])).permute(0, 3, 1, 2).float().to(self.mean_rgb.device))
-               for i in range(0, len(chips), batch_size)]
+        """Descriptors [N, 128] (float64) of aligned face chips, as dlib's `compute_face_descriptor(chips)` gives them.
+        Every forward pass has the same batch size (torch's convolutions may round differently at another size), so a
+        chip's descriptor is bit for bit the same whatever else is in the call — a resumed run reproduces an uninterrupted one."""
+        out = []
+        for i in range(0, len(chips), batch_size):
+            x = torch.from_numpy(np.stack(chips[i:i + batch_size])).permute(0, 3, 1, 2).float().contiguous()   # one memory layout always
+            n = len(x)
+            if n < batch_size: x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
+            out.append(self(x.to(self.mean_rgb.device))[:n])
         return torch.cat(out).double().cpu().numpy() if out else np.zeros((0, 128))
