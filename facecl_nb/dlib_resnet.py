@@ -227,8 +227,9 @@ class DlibResNet(nn.Module):
         chip's descriptor is bit for bit the same whatever else is in the call — a resumed run reproduces an uninterrupted one."""
         out = []
         for i in range(0, len(chips), batch_size):
-            x = torch.from_numpy(np.stack(chips[i:i + batch_size])).permute(0, 3, 1, 2).float().contiguous()   # one memory layout always
+            x = torch.from_numpy(np.stack(chips[i:i + batch_size])).permute(0, 3, 1, 2).float()
             n = len(x)
             if n < batch_size: x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
+            x = x.contiguous(memory_format=torch.channels_last)      # one memory layout always (channels last: the faster one)
             out.append(self(x.to(self.mean_rgb.device))[:n])
         return torch.cat(out).double().cpu().numpy() if out else np.zeros((0, 128))
