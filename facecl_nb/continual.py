@@ -817,8 +817,10 @@ def _figures_and_table(what, notebook, grid, out, root, figures, reports, t0, lo
     log(format_table(t))
     secs = {'runs': t1 - t0, 'figures': t2 - t1, 'total': t2 - t0}
     from facecl_nb.core import atomic_write_json
-    atomic_write_json(Path(figures)/'timing.json', {'seconds': secs, 'stages': time_breakdown(res), 'grid_seconds': grid.get('seconds'),
-                                                   'cpus': os.cpu_count(), 'machine': platform.machine(), 'python': platform.python_version()})
+    ran = any(v.get('status') != 'skipped (finished)' for v in grid.get('runs', {}).values())
+    if ran or not (Path(figures)/'timing.json').exists():      # a rerun that only redraws keeps the timing of the grid that ran
+        atomic_write_json(Path(figures)/'timing.json', {'seconds': secs, 'stages': time_breakdown(res), 'grid_seconds': grid.get('seconds'),
+                                                       'cpus': os.cpu_count(), 'machine': platform.machine(), 'python': platform.python_version()})
     log(f"{what}: runs {t1 - t0:.0f} s, figures {t2 - t1:.0f} s, total {t2 - t0:.0f} s; figures in {figures}/, executed notebooks in {reports}/")
     return {'grid': grid, 'table': t, 'seconds': secs}
 
