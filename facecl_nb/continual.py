@@ -256,7 +256,7 @@ def weight_versions(profile: str, # 'demo', 'demo3d', 'paper3d' or anything else
     "sha256 of every weight file a profile uses (from the manifest, verified on load)."
     m = load_manifest()
     names = {'demo': ['digiface-dcgan', 'dcgan-encoder-demo', 'dlib-face-descriptor', 'dlib-landmarks-5'],
-             'demo3d': ['eg3d-demo', 'digiface-dcgan', 'dlib-face-descriptor', 'dlib-landmarks-5', 'dlib-landmarks-68'],
+             'demo3d': ['eg3d-demo', 'digiface-dcgan', 'dcgan-encoder-demo', 'dlib-face-descriptor', 'dlib-landmarks-5', 'dlib-landmarks-68'],
              'paper3d': ['eg3d-ffhq', 'arcface-ir-se50', 'alexnet-imagenet']}.get(profile, ['stylegan2-ffhq', 'psp-w-encoder', 'arcface-ir-se50', 'alexnet-imagenet'])
     return {n: m[n].get('sha256') for n in names if n in m}
 
@@ -863,6 +863,7 @@ def demo3d(out='runs/demo3d', # grid folder
            figures='figures/3d', # folder of the figures
            reports='reports', # folder of the executed notebooks
            plan: dict | None = None, # overrides of `DEMO3D`
+           jobs: int | None = None, # runs at a time (None: 1 when quick, else up to 2)
            log=print, # called with each progress line
           ) -> dict:
     "The 3D demo: the tri-plane prior personalized on an album with cameras (lower bound, ER-Rand, ER-Hull), then the 3D notebook."
@@ -873,7 +874,7 @@ def demo3d(out='runs/demo3d', # grid folder
     overrides = dict(QUICK_OVERRIDES) if quick else {}
     T = 2 if quick else plan['T']
     s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, profile='demo3d', T=T,
-                 overrides=overrides, jobs=1, log=log)
+                 overrides=overrides, jobs=jobs or (1 if quick else min(2, os.cpu_count() or 1)), log=log)
     return _figures_and_table('demo3d', 'continual_3d', s, out, root, figures, reports, t0, log)
 
 def cli_demo(out=None, # grid folder (None: runs/demo or runs/demo3d)

@@ -363,8 +363,9 @@ PROFILES = {
                  projection=ProjectionConfig(steps=40, lr=0.1, batch_size=32), tuning=TuningConfig(epochs=6, batch_size=2, lr=3e-4),
                  free=FreeConfig(steps=15, lr=0.05), hull=HullConfig(steps=20, lr=0.1), resources=dict(num_cpus=1, num_gpus=0)),
     # 3D (EG3D): personalization is PTI with the photo's camera (invert w, then tune), so anchors are optimized;
-    # paper3d: invert 1000 steps at lr 1e-3, tune 350 steps at lr 3e-4. demo3d: the tri-plane prior of nbs/07a_prior3d.ipynb.
-    'demo3d': dict(protocol=Protocol(anchors='optimize', eval='free'),
+    # paper3d: invert 1000 steps at lr 1e-3, tune 350 steps at lr 3e-4. demo3d: the tri-plane prior of nbs/07a_prior3d.ipynb,
+    # which shares the DCGAN's latent space, so its inversion starts at the demo encoder's code.
+    'demo3d': dict(protocol=Protocol(anchors='encoder+optimize', encoder='dcgan-encoder-demo', eval='free'),
                    projection=ProjectionConfig(steps=40, lr=0.05, batch_size=20), tuning=TuningConfig(epochs=4, batch_size=2, lr=2e-3),
                    free=FreeConfig(steps=20, lr=0.05), hull=HullConfig(steps=15, lr=0.1), resources=dict(num_cpus=1, num_gpus=0)),
     'paper3d': dict(protocol=Protocol(anchors='optimize', eval='free'),

@@ -5,6 +5,7 @@
 # %% ../nbs/92_eg3d.ipynb #c6ff941e
 from __future__ import annotations
 from typing import Callable
+import math
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from .stylegan2 import (StyleGAN2Generator, SynthesisBlock, SynthesisLayer, Full
 # %% auto #0
 __all__ = ['FFHQ_RENDERING', 'SR_MODULES', 'split_label', 'rays_from_label', 'plane_axes', 'plane_coords', 'sample_planes',
            'OSGDecoder', 'ray_march', 'sample_pdf', 'render_planes', 'SynthesisBlockNoUp', 'Superresolution',
-           'build_superresolution', 'TriPlaneGenerator', 'small_config', 'load_eg3d']
+           'build_superresolution', 'ConvTransposeBackbone', 'TriPlaneGenerator', 'small_config', 'load_eg3d']
 
 # %% ../nbs/92_eg3d.ipynb #209868db
 def split_label(c: Tensor, # [N, 25] camera labels
@@ -265,10 +266,85 @@ def build_superresolution(module: str, # NVIDIA's class path or 'facecl.Superres
                                sr_antialias=sr_antialias, conv_clamp=clamp, **sr_kwargs)
     raise GeneratorError(f"unknown superresolution_module {module!r} (known: {sorted(SR_MODULES)} and 'facecl.Superresolution')")
 
+# %% ../nbs/92_eg3d.ipynb #232781df
+class ConvTransposeBackbone(nn.Module):
+    """A DCGAN-style backbone for small tri-plane generators: z → transposed convolutions (a DCGAN's layers up to the
+    plane resolution, batch norm folded into a per-channel affine) → a feature image → plane xy read from it through a
+    fixed sampling grid (`grid`, set by whoever knows the head's shape); planes xz and yz are learned constants.
+    The interface of `StyleGAN2Generator` that `TriPlaneGenerator` uses: `mapping`, `synthesis`, `num_ws`, `mean_ws`."""
+    def __init__(self, z_dim: int = 100, # latent size (also w_dim: the mapping is the identity, as a DCGAN's)
+                 plane_resolution: int = 32, # side P of the planes (a power of two ≥ 8)
+                 plane_channels: int = 32, # C, features per plane
+                 ngf: int = 64, # a DCGAN's width: the layer at resolution r has ngf · P / r channels
+                 head_channels: int = 64, # width of the 3×3 convolution between the feature image and plane xy
+                ):
+        super().__init__()
+        if plane_resolution < 8 or plane_resolution & (plane_resolution - 1):
+            raise GeneratorError(f"ConvTransposeBackbone: plane_resolution must be a power of two ≥ 8, got {plane_resolution}")
+        self.z_dim = self.w_dim = z_dim; self.num_ws = 1; self.c_dim = 0
+        self.plane_resolution, self.plane_channels = plane_resolution, plane_channels
+        n = int(math.log2(plane_resolution)) - 1                     # layers: 1 → 4 px, then ×2 each
+        chans = [z_dim] + [ngf * plane_resolution // (4 * 2 ** i) for i in range(n)]
+        self.convs = nn.ModuleList(nn.ConvTranspose2d(chans[i], chans[i + 1], 4, 1 if i == 0 else 2, 0 if i == 0 else 1, bias=False)
+                                   for i in range(n))
+        self.scales = nn.ParameterList(nn.Parameter(torch.ones(c)) for c in chans[1:])
+        self.shifts = nn.ParameterList(nn.Parameter(torch.zeros(c)) for c in chans[1:])
+        self.head = nn.Sequential(nn.Conv2d(chans[-1], head_channels, 3, padding=1), nn.LeakyReLU(0.2),
+                                  nn.Conv2d(head_channels, plane_channels, 1))
+        self.const = nn.Parameter(torch.zeros(2, plane_channels, plane_resolution, plane_resolution))
+        u = (torch.arange(plane_resolution) + 0.5) / plane_resolution * 2 - 1
+        yy, xx = torch.meshgrid(u, u, indexing='ij')
+        self.register_buffer('grid', torch.stack([xx, yy], -1)[None])    # [1, P, P, 2]: identity until set
+
+    def copy_dcgan(self, T, # a `DCGANGenerator` (the teacher): its first layers and folded batch norms are copied
+                  ) -> 'ConvTransposeBackbone':
+        "Start from a DCGAN: copy its transposed convolutions up to the plane resolution, batch norm folded into scale and shift."
+        convs = [m for m in T.main if isinstance(m, nn.ConvTranspose2d)]
+        bns = [m for m in T.main if isinstance(m, nn.BatchNorm2d)]
+        with torch.no_grad():
+            for i, cv in enumerate(self.convs):
+                if convs[i].weight.shape != cv.weight.shape:
+                    raise GeneratorError(f"copy_dcgan: layer {i} has shape {list(convs[i].weight.shape)}, the backbone's {list(cv.weight.shape)}")
+                cv.weight.copy_(convs[i].weight)
+                s = bns[i].weight / (bns[i].running_var + bns[i].eps).sqrt()
+                self.scales[i].copy_(s); self.shifts[i].copy_(bns[i].bias - bns[i].running_mean * s)
+        return self
+
+    def mapping(self, z: Tensor, # [N, z_dim] latents
+                c: Tensor | None = None, # ignored (no conditioning)
+                truncation_psi: float = 1.0, # scale of z towards the mean 0 (1: unchanged)
+                truncation_cutoff: int | None = None, # ignored (one style layer)
+                update_emas: bool = False, # ignored (no running average)
+               ) -> Tensor:
+        "z [N, z_dim] → ws [N, 1, z_dim] (the identity, scaled by `truncation_psi`)."
+        if z.ndim != 2 or z.shape[1] != self.z_dim: raise GeneratorError(f"z: expected shape [N, {self.z_dim}], got {list(z.shape)}")
+        return (z * truncation_psi)[:, None, :]
+
+    def features(self, ws: Tensor, # [N, 1, z_dim]
+                ) -> Tensor:
+        "The feature image [N, head_channels → plane_channels, P, P] in the frontal camera's pixel frame."
+        x = ws[:, 0, :, None, None]
+        for cv, s, b in zip(self.convs, self.scales, self.shifts): x = F.relu(cv(x) * s[:, None, None] + b[:, None, None])
+        return self.head(x)
+
+    def synthesis(self, ws: Tensor, # [N, 1, z_dim]
+                  **kwargs, # ignored (StyleGAN2's noise_mode etc.)
+                 ) -> Tensor:
+        "The planes, flattened as StyleGAN2's backbone gives them: [N, 3 · plane_channels, P, P]."
+        f = self.features(ws)
+        xy = F.grid_sample(f, self.grid.expand(len(f), -1, -1, -1), mode='bilinear', padding_mode='border', align_corners=False)
+        return torch.cat([xy, self.const.flatten(0, 1)[None].expand(len(f), -1, -1, -1)], 1)
+
+    def mean_ws(self, c: Tensor | None = None, # ignored (no conditioning)
+               ) -> Tensor:
+        "z ~ N(0, I): the zero vector, [1, 1, z_dim]."
+        return torch.zeros(1, 1, self.z_dim, device=self.const.device, dtype=self.const.dtype)
+
+
 # %% ../nbs/92_eg3d.ipynb #44d690c3
 @register_arch('eg3d')
 class TriPlaneGenerator(Generator):
-    "EG3D: StyleGAN2 backbone → tri-planes → volume rendering from camera c → super-resolution (NVIDIA's names)."
+    "EG3D: a backbone (StyleGAN2's, or `ConvTransposeBackbone`) → tri-planes → volume rendering from camera c → super-resolution (NVIDIA's names)."
     nvidia_class_name = 'TriPlaneGenerator'
     nvidia_state_attrs = ('neural_rendering_resolution',)    # plain attributes read from an NVIDIA pickle's state
 
@@ -276,7 +352,7 @@ class TriPlaneGenerator(Generator):
                  sr_num_fp16_res: int = 0, mapping_kwargs: dict | None = None, rendering_kwargs: dict | None = None,
                  sr_kwargs: dict | None = None, plane_resolution: int = 256, plane_channels: int = 32,
                  neural_rendering_resolution: int = 64, stochastic_rendering: bool = False, noise_mode: str = 'const',
-                 **synthesis_kwargs):
+                 backbone: str = 'stylegan2', backbone_kwargs: dict | None = None, **synthesis_kwargs):
         super().__init__()
         if c_dim != 25: raise GeneratorError(f"eg3d: c_dim must be 25 (cam2world 16 + intrinsics 9), got {c_dim}")
         if img_channels != 3: raise GeneratorError(f"eg3d: img_channels must be 3, got {img_channels}")
@@ -291,8 +367,14 @@ class TriPlaneGenerator(Generator):
         self.plane_channels, self.stochastic_rendering, self.noise_mode = plane_channels, stochastic_rendering, noise_mode
         self.neural_rendering_resolution = int(neural_rendering_resolution)   # a plain attribute, as in NVIDIA's pickles
         synthesis_kwargs.pop('fused_modconv_default', None)   # ours: fused in eval, per-sample weights in training ('inference_only')
-        self.backbone = StyleGAN2Generator(z_dim, c_dim, w_dim, img_resolution=plane_resolution, img_channels=3 * plane_channels,
-                                           mapping_kwargs=mapping_kwargs, synthesis_kwargs=synthesis_kwargs, noise_mode=noise_mode)
+        if backbone == 'convtranspose':
+            if w_dim != z_dim: raise GeneratorError(f"eg3d: the convtranspose backbone's mapping is the identity, so w_dim must equal z_dim ({z_dim}), got {w_dim}")
+            self.backbone = ConvTransposeBackbone(z_dim, plane_resolution, plane_channels, **_plain_kwargs(backbone_kwargs))
+            self._kwargs.update(backbone=backbone, backbone_kwargs=_plain_kwargs(backbone_kwargs))
+        elif backbone == 'stylegan2':
+            self.backbone = StyleGAN2Generator(z_dim, c_dim, w_dim, img_resolution=plane_resolution, img_channels=3 * plane_channels,
+                                               mapping_kwargs=mapping_kwargs, synthesis_kwargs=synthesis_kwargs, noise_mode=noise_mode)
+        else: raise GeneratorError(f"eg3d: unknown backbone {backbone!r} (known: 'stylegan2', EG3D's; 'convtranspose', the demo tier's)")
         self.num_ws = self.backbone.num_ws
         self.superresolution = build_superresolution(self.rendering_kwargs['superresolution_module'], plane_channels, img_resolution,
                                                      w_dim, sr_num_fp16_res=sr_num_fp16_res,

@@ -18,7 +18,8 @@ from .eg3d import TriPlaneGenerator, small_config, rays_from_label, render_plane
 
 # %% auto #0
 __all__ = ['HEAD_MODEL', 'TARGETS', 'raycast_head', 'inside_head', 'surface_points', 'frontal_uv', 'decode_at', 'prior3d_config',
-           'teacher_batch', 'distill_set', 'prior3d_losses', 'train_prior3d', 'load_prior3d', 'evaluate_prior3d']
+           'head_grid', 'new_prior3d', 'teacher_batch', 'distill_set', 'prior3d_losses', 'train_prior3d',
+           'load_prior3d', 'evaluate_prior3d']
 
 # %% ../nbs/07a_prior3d.ipynb #b193107a
 HEAD_MODEL = dict(ellipsoids=[((0.002, -0.116, -0.354), (0.328, 0.600, 0.600)),     # face and skull (fit to the template)
@@ -91,13 +92,31 @@ def decode_at(G, # a tri-plane generator (its decoder and box_warp)
 # %% ../nbs/07a_prior3d.ipynb #2c676152
 def prior3d_config(**overrides, # constructor arguments replacing the defaults
                   ) -> dict:
-    "Constructor arguments of the demo tier's 3D prior."
-    cfg = small_config(z_dim=100, w_dim=128, plane_resolution=32, channel_base=4096, channel_max=128,
-                       mapping_kwargs=dict(num_layers=4, lr_multiplier=0.1),   # StyleGAN2's 0.01 all but freezes the mapping
+    "Constructor arguments of the demo tier's 3D prior: the transposed-convolution backbone (z = w ∈ R¹⁰⁰, as the teacher's)."
+    cfg = small_config(z_dim=100, w_dim=100, plane_resolution=32, backbone='convtranspose', backbone_kwargs=dict(ngf=64, head_channels=64),
                        rendering_kwargs=dict(depth_resolution=16, depth_resolution_importance=16, c_gen_conditioning_zero=True),
                        sr_kwargs=dict(input_resolution=32, block_channels=[64, 32]))
+    for k in ('channel_base', 'channel_max', 'num_fp16_res', 'conv_clamp', 'mapping_kwargs'): cfg.pop(k)   # StyleGAN2 backbone's only
     cfg.update(overrides)
     return cfg
+
+def head_grid(P: int = 32, # plane resolution
+              box_warp: float = 1.0, # side of the cube the planes span
+             ) -> Tensor:
+    "Where each point of plane xy lands in the frontal image: the head model's front surface at (x, y), projected ([1, P, P, 2], grid_sample coordinates)."
+    u = ((torch.arange(P) + 0.5) / P * 2 - 1) * box_warp / 2
+    yy, xx = torch.meshgrid(u, u, indexing='ij')
+    o = torch.stack([xx, yy, torch.full_like(xx, 2.0)], -1).reshape(1, -1, 3)      # from far in front, straight back
+    t, _ = raycast_head(o, torch.tensor([0., 0., -1.]).expand_as(o), 0.0, 4.0)
+    return frontal_uv(o + t[..., None] * torch.tensor([0., 0., -1.])).reshape(1, P, P, 2)
+
+def new_prior3d(T, # the teacher (`load_prior()`), whose first layers the backbone copies
+               ) -> TriPlaneGenerator:
+    "An untrained demo prior: `prior3d_config()`, the teacher's layers copied into the backbone, plane xy's grid on the head model."
+    G = TriPlaneGenerator(**prior3d_config())
+    G.backbone.copy_dcgan(T)
+    G.backbone.grid.copy_(head_grid(G.backbone.plane_resolution, G.rendering_kwargs['box_warp']))
+    return G
 
 def teacher_batch(T, # the DigiFace DCGAN (`load_prior()`)
                   z: Tensor, # [N, 100] latents
@@ -167,21 +186,23 @@ def prior3d_losses(G, # the tri-plane generator being trained
     tex = F.grid_sample(x, frontal_uv(pg)[:, :, None], mode='bilinear', padding_mode='border', align_corners=False)[..., 0].transpose(1, 2)
     fg, _ = decode_at(G, planes, pg)
     l_proj = ((fg[..., :3] - tex).square().mean(-1) * hit).sum() / hit.sum().clamp_min(1)
-    # 3. occupancy: points near those surfaces and anywhere in the box
+    # 3. occupancy: points near those surfaces, anywhere in the box, and anywhere the renderer samples (rays leave the box)
     near = pg + torch.randn(pg.shape, generator=gen) * 0.05
     free = (torch.rand(N, n_free, 3, generator=gen) - 0.5) * 2 * HEAD_MODEL['box']
-    q = torch.cat([near, free], 1)
+    og, dg = rays_from_label(label_from_angles(yaw, pitch), n_geo)
+    along = og + (lo + (hi - lo) * torch.rand(N, n_geo * n_geo, 1, generator=gen)) * dg
+    q = torch.cat([near, free, along], 1)
     _, sigma = decode_at(G, planes, q)
     return {'image': (img - x).square().mean(), 'raw': (raw - x_raw).square().mean(), 'proj': l_proj,
             'occupancy': _occupancy_loss(sigma, inside_head(q))}
 
-def _save_state(path: Path, G, opt, step: int, hist: list, gen: torch.Generator) -> None:
+def _save_state(path: Path, G, opt, step: int, hist: list, gen: torch.Generator, evals: list) -> None:
     import io; buf = io.BytesIO()
-    torch.save({'G': G.state_dict(), 'opt': opt.state_dict(), 'step': step, 'hist': hist, 'gen': gen.get_state()}, buf)
+    torch.save({'G': G.state_dict(), 'opt': opt.state_dict(), 'step': step, 'hist': hist, 'gen': gen.get_state(), 'evals': evals}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside it holds the resumable state)
-                  steps: int = 1800, # distillation steps (before polishing)
+                  steps: int = 1200, # distillation steps (before polishing)
                   batch_size: int = 8, # latents per step
                   lr: float = 2e-3, # peak Adam learning rate (cosine to 5 %)
                   seed: int = 0, # seeds init, latents and cameras
@@ -192,22 +213,27 @@ def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside i
                   log=print, # called with progress messages
                   T=None, # the teacher (None: `load_prior()`)
                   polish_steps: int = 0, # then this many steps with the frontal view volume-rendered (closes the surface/renderer gap)
-                  polish_lr: float = 1e-4, # learning rate of the polish steps
+                  polish_lr: float = 1e-3, # learning rate of the polish steps
+                  freeze_copied: bool = True, # keep the layers copied from the teacher fixed while distilling
+                  eval_every: int = 0, # steps between `evaluate_prior3d` snapshots (0: none); not counted in the training time
                  ) -> dict:
-    "Distil the demo tier's 3D prior (see the notebook); returns the loss history. Resumes from `<out>.train.pt`."
+    "Distil the demo tier's 3D prior (see the notebook); returns {'hist': losses per step, 'evals': snapshots, 'path'}. Resumes from `<out>.train.pt`."
     from tqdm.auto import tqdm
     from facecl_nb.generators import save_generator, load_prior
     out = Path(out); state_path = out.with_suffix('.train.pt')
     T = load_prior() if T is None else T
     seed_everything(seed)
-    G = TriPlaneGenerator(**prior3d_config()).train()
-    opt = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.9, 0.99))
+    G = new_prior3d(T).train()
+    copied = [p for n, p in G.named_parameters() if n.startswith(('backbone.convs.', 'backbone.scales.', 'backbone.shifts.'))]
+    if freeze_copied:
+        for p in copied: p.requires_grad_(False)                # the teacher's own layers: z → face is not relearned
+    opt = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99))
     sched = lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))     # cosine to 5 %
     gen = torch.Generator().manual_seed(seed + 1)
-    start, hist = 0, []
+    start, hist, evals = 0, [], []
     if state_path.is_file():
         st = torch.load(state_path, weights_only=True)
-        G.load_state_dict(st['G']); opt.load_state_dict(st['opt']); start, hist = st['step'], st['hist']
+        G.load_state_dict(st['G']); opt.load_state_dict(st['opt']); start, hist, evals = st['step'], st['hist'], st.get('evals', [])
         gen.set_state(st['gen'])                              # latents and cameras go on where they stopped
         log(f"resuming at step {start}")
     total = steps + polish_steps
@@ -222,13 +248,19 @@ def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside i
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         hist.append({'step': step, 't': round(t_before + time.perf_counter() - t0, 2), **{k: v.item() for k, v in L.items()}})
         bar.set_postfix(img=f"{L['image'].item():.4f}", occ=f"{L['occupancy'].item():.3f}")
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 in (steps, total)):
+            te = time.perf_counter(); G.eval()
+            m = evaluate_prior3d(G, T); G.train()
+            evals.append({'step': step + 1, **{k: round(v, 4) for k, v in m.items() if isinstance(v, float)}})
+            t0 += time.perf_counter() - te                     # evaluation is not training time
+            log(f"step {step + 1}: " + ' '.join(f"{k} {v}" for k, v in evals[-1].items() if k != 'step'))
         if (step + 1) % save_every == 0 or step + 1 in (steps, total):
-            _save_state(state_path, G, opt, step + 1, hist, gen)
+            _save_state(state_path, G, opt, step + 1, hist, gen, evals)
             if not progress: log(f"step {step + 1}/{total} {hist[-1]['t']:.0f}s " + ' '.join(f"{k} {np.mean([h[k] for h in hist[-save_every:]]):.4f}" for k in L))
-    G.eval()
+    G.eval().requires_grad_(True)
     save_generator(G, out)
     log(f"prior3d: {steps} + {polish_steps} polish steps ({time.perf_counter() - t0:.0f}s this call) -> {out}")
-    return {'hist': hist, 'path': str(out)}
+    return {'hist': hist, 'evals': evals, 'path': str(out)}
 
 def load_prior3d(device='cpu', # device the generator is moved to
                 ) -> TriPlaneGenerator:
@@ -271,13 +303,16 @@ def _main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(description="Train the demo tier's 3D prior (see nbs/07a_prior3d.ipynb).")
     ap.add_argument('--out', type=Path, default=Path(__file__).parent/'assets'/'eg3d_demo.safetensors')
-    ap.add_argument('--steps', type=int, default=1800); ap.add_argument('--batch-size', type=int, default=8)
+    ap.add_argument('--steps', type=int, default=1200); ap.add_argument('--batch-size', type=int, default=8)
     ap.add_argument('--lr', type=float, default=2e-3); ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--polish-steps', type=int, default=200)
+    ap.add_argument('--polish-steps', type=int, default=400); ap.add_argument('--w-occ', type=float, default=0.5)
+    ap.add_argument('--polish-lr', type=float, default=1e-3)
+    ap.add_argument('--eval-every', type=int, default=400)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    r = train_prior3d(a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, polish_steps=a.polish_steps, progress=False)
-    atomic_write_bytes(a.out.with_suffix('.history.json'), json.dumps(r['hist']).encode())
+    r = train_prior3d(a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, polish_steps=a.polish_steps,
+                      w_occ=a.w_occ, polish_lr=a.polish_lr, eval_every=a.eval_every, progress=False)
+    atomic_write_bytes(a.out.with_suffix('.history.json'), json.dumps({'loss': r['hist'], 'eval': r['evals']}).encode())
 
 if __name__ == '__main__' and not hasattr(__builtins__, '__IPYTHON__') and 'ipykernel' not in __import__('sys').modules: _main()
 
