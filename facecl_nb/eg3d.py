@@ -266,7 +266,7 @@ def build_superresolution(module: str, # NVIDIA's class path or 'facecl.Superres
                                sr_antialias=sr_antialias, conv_clamp=clamp, **sr_kwargs)
     raise GeneratorError(f"unknown superresolution_module {module!r} (known: {sorted(SR_MODULES)} and 'facecl.Superresolution')")
 
-# %% ../nbs/92_eg3d.ipynb #232781df
+# %% ../nbs/92_eg3d.ipynb #ba6075bc
 class ConvTransposeBackbone(nn.Module):
     """A DCGAN-style backbone for small tri-plane generators: z → transposed convolutions (a DCGAN's layers up to the
     plane resolution, batch norm folded into a per-channel affine) → a feature image → plane xy read from it through a

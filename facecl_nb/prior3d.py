@@ -19,7 +19,7 @@ from .eg3d import TriPlaneGenerator, small_config, rays_from_label, render_plane
 # %% auto #0
 __all__ = ['HEAD_MODEL', 'TARGETS', 'raycast_head', 'inside_head', 'surface_points', 'frontal_uv', 'decode_at', 'prior3d_config',
            'head_grid', 'new_prior3d', 'teacher_batch', 'distill_set', 'prior3d_losses', 'train_prior3d',
-           'load_prior3d', 'evaluate_prior3d']
+           'load_prior3d', 'projected_teacher', 'evaluate_prior3d']
 
 # %% ../nbs/07a_prior3d.ipynb #b193107a
 HEAD_MODEL = dict(ellipsoids=[((0.002, -0.116, -0.354), (0.328, 0.600, 0.600)),     # face and skull (fit to the template)
@@ -269,6 +269,15 @@ def load_prior3d(device='cpu', # device the generator is moved to
 
 
 # %% ../nbs/07a_prior3d.ipynb #e5b7c2a9
+def projected_teacher(x: Tensor, # [N, 3, H, W] the teacher's images in [−1, 1]
+                      c: Tensor, # [1, 25] a camera
+                      res: int = 64, # rays per side
+                     ) -> Tensor:
+    "The head model seen from camera c with the teacher's image projected onto it from the frontal camera ([N, 3, res, res]): the best a prior on this head can show."
+    p, _ = surface_points(c, res)
+    uv = frontal_uv(p).expand(len(x), -1, -1)
+    return F.grid_sample(x, uv[:, :, None], mode='bilinear', padding_mode='border', align_corners=False)[..., 0].reshape(len(x), 3, res, res)
+
 def evaluate_prior3d(G, # a tri-plane generator (eval mode)
                      T=None, # the teacher (`load_prior()` if None)
                      n: int = 16, # unseen latents evaluated
@@ -278,7 +287,9 @@ def evaluate_prior3d(G, # a tri-plane generator (eval mode)
     """The issue-16 numbers on n unseen latents: `psnr` (dB, mean) and `dlib_teacher` (mean dlib distance) of the frontal
     render vs the teacher's image; `pairwise`: mean dlib distance between different latents' frontal renders
     (`teacher_pairwise`: the same for the teacher's images); `yaw`: largest dlib distance of a yaw ±20° render to the
-    frontal one (`yaw_mean` its mean). Also the images: `teacher` [n, 3, 64, 64] and `views` [n, 1 + len(yaws), 3, 64, 64]."""
+    frontal one (`yaw_mean` its mean); `yaw_ideal`, `yaw_ideal_mean`: the same for `projected_teacher`, the teacher's image
+    on the head model (the floor of this head). Also the images: `teacher` [n, 3, 64, 64], `views` [n, 1 + len(yaws), 3, 64, 64]
+    (frontal first) and `ideal` [n, len(yaws), 3, 64, 64]."""
     from facecl_nb.generators import load_prior
     from facecl_nb.data import to_uint8, dlib_descriptors
     from facecl_nb.metrics import psnr
@@ -288,12 +299,16 @@ def evaluate_prior3d(G, # a tri-plane generator (eval mode)
     with torch.no_grad():
         ws = G.mapping(z, label_from_angles(torch.zeros(n)))
         views = torch.stack([G.synthesis(ws, label_from_angles(torch.full((n,), math.radians(y)))) for y in (0.0, *yaws)], 1).clamp(-1, 1)
-    d = dlib_descriptors(to_uint8(torch.cat([x[:, None], views], 1).flatten(0, 1))).reshape(n, 2 + len(yaws), -1)
+    ideal = torch.stack([projected_teacher(x, label_from_angles(math.radians(y))) for y in yaws], 1)
+    k = 2 + len(yaws)
+    d = dlib_descriptors(to_uint8(torch.cat([x[:, None], views, ideal], 1).flatten(0, 1))).reshape(n, k + len(yaws), -1)
     dt, df = d[:, 0], d[:, 1]
     pair = lambda e: float(np.linalg.norm(e[:, None] - e[None], axis=-1)[np.triu_indices(n, 1)].mean())
-    dy = np.linalg.norm(d[:, 2:] - df[:, None], axis=-1)
+    dy = np.linalg.norm(d[:, 2:k] - df[:, None], axis=-1)
+    di = np.linalg.norm(d[:, k:] - dt[:, None], axis=-1)
     return dict(psnr=float(psnr(views[:, 0], x).mean()), dlib_teacher=float(np.linalg.norm(df - dt, axis=-1).mean()),
-                pairwise=pair(df), teacher_pairwise=pair(dt), yaw=float(dy.max()), yaw_mean=float(dy.mean()), teacher=x, views=views)
+                pairwise=pair(df), teacher_pairwise=pair(dt), yaw=float(dy.max()), yaw_mean=float(dy.mean()),
+                yaw_ideal=float(di.max()), yaw_ideal_mean=float(di.mean()), teacher=x, views=views, ideal=ideal)
 
 TARGETS = dict(psnr=22.0, dlib_teacher=0.4, pairwise=0.5, yaw=0.4)   # issue 16: psnr and pairwise at least, the others at most
 
@@ -312,7 +327,7 @@ def _main(argv=None):
     torch.set_num_threads(1)
     r = train_prior3d(a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, polish_steps=a.polish_steps,
                       w_occ=a.w_occ, polish_lr=a.polish_lr, eval_every=a.eval_every, progress=False)
-    atomic_write_bytes(a.out.with_suffix('.history.json'), json.dumps({'loss': r['hist'], 'eval': r['evals']}).encode())
+    atomic_write_bytes(a.out.with_suffix('.history.json'), json.dumps({'steps': a.steps, 'polish_steps': a.polish_steps, 'loss': r['hist'], 'eval': r['evals']}).encode())
 
 if __name__ == '__main__' and not hasattr(__builtins__, '__IPYTHON__') and 'ipykernel' not in __import__('sys').modules: _main()
 

@@ -27,8 +27,10 @@ def album3d(tmp_path_factory):
 
 
 def tiny_g3():
+    "The demo3d prior's architecture at a tiny size: the DCGAN's latent space (z = w ∈ R¹⁰⁰), so the demo encoder's codes fit."
     torch.manual_seed(0)
-    return TriPlaneGenerator(**small_config(rendering_kwargs=dict(depth_resolution=6, depth_resolution_importance=6),
+    return TriPlaneGenerator(**small_config(z_dim=100, w_dim=100, backbone='convtranspose', backbone_kwargs=dict(ngf=8, head_channels=16),
+                                            plane_resolution=16, rendering_kwargs=dict(depth_resolution=6, depth_resolution_importance=6),
                                             neural_rendering_resolution=16, sr_kwargs=dict(input_resolution=16, block_channels=[16, 16])))
 
 
@@ -90,3 +92,15 @@ def test_papermill_3d_notebook(album3d, tmp_path):
     assert nb.is_file()
     written = json.loads((tmp_path / 'figs' / 'figures.json').read_text())['written']
     assert Path(written['novel_views']).is_file() and 'main_table_3d' in written
+
+
+def test_demo3d_refuses_a_prior_outside_the_encoders_latent_space(album3d, tmp_path):
+    """demo3d's anchors start at the demo encoder's code (z ∈ R¹⁰⁰): a tri-plane prior with another latent space is
+    refused by name and shape before any work."""
+    from facecl_nb.encoders import EncoderError
+    torch.manual_seed(0)
+    G0 = TriPlaneGenerator(**small_config(neural_rendering_resolution=16, sr_kwargs=dict(input_resolution=16, block_channels=[16, 16])))
+    cfg = C.RunConfig.from_dict(MICRO, strategy='none', buffer=0, seed=0, person='kim', profile='demo3d', T=1)
+    with pytest.raises(EncoderError, match=r'dcgan_encoder.*\[1, 100\].*needs \[\d+, 64\]'):
+        C.continual_run(album3d, cfg, tmp_path / 'run', G0=G0, progress=False, log=lambda *a: None)
+    assert not (tmp_path / 'run' / 'state').exists() or not any((tmp_path / 'run' / 'state').iterdir())

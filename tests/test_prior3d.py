@@ -10,14 +10,12 @@ from facecl_nb.cameras import label_from_angles
 from facecl_nb.eg3d import rays_from_label
 
 # What the shipped file reaches (nbs/07a_prior3d.ipynb measures the same with `evaluate_prior3d`: 16 unseen latents).
-REACHED = dict(psnr=15.329, dlib_teacher=0.591, pairwise=0.281, yaw=0.386)
+REACHED = dict(psnr=25.600, dlib_teacher=0.382, pairwise=0.548, yaw=0.474)
 TOL = dict(psnr=0.1, dlib_teacher=0.01, pairwise=0.01, yaw=0.01)       # other CPUs, other BLAS: tiny differences
 HIGHER_IS_BETTER = {'psnr', 'pairwise'}
-# issue 16's targets that the shipped prior does NOT reach on this project's CPU budget (2 h, 1 thread); see the notebook
+# issue 16's targets that the shipped prior does NOT reach; see the notebook
 SHORT_OF_TARGET = {
-    'psnr': 'reached 15.33 dB of 22 (first prior 14.87): a 2-hour CPU distillation regresses the DCGAN too slowly (see nbs/07a_prior3d.ipynb)',
-    'dlib_teacher': 'reached 0.59, target <= 0.4 (first prior 0.60): a 2-hour CPU distillation regresses the DCGAN too slowly (see nbs/07a_prior3d.ipynb)',
-    'pairwise': 'reached 0.28, target >= 0.5 (teacher 0.58, first prior 0.33): a 2-hour CPU distillation regresses the DCGAN too slowly (see nbs/07a_prior3d.ipynb)',
+    'yaw': 'max 0.47 of 0.4 (mean 0.34): the teacher image projected on the head model itself reaches max 0.44 (mean 0.29), see nbs/07a_prior3d.ipynb',
 }
 
 
@@ -44,6 +42,23 @@ def test_shipped_prior3d_issue16_targets(metrics, key):
     """Issue 16's targets. Those in SHORT_OF_TARGET are strict xfails carrying the shortfall: one that starts to pass turns
     the suite red until it is moved out of the list."""
     assert _meets(key, metrics[key]), (key, metrics[key], P.TARGETS[key])
+
+
+def test_yaw_is_near_what_the_head_model_allows(metrics):
+    """The missed yaw target, bounded: the renders turn about as well as the teacher's image projected on the same head
+    (the ideal of this geometry), and far better than two different people."""
+    assert metrics['yaw_ideal'] > P.TARGETS['yaw']                   # the head model alone misses the target (max over 16)
+    assert metrics['yaw_mean'] <= metrics['yaw_ideal_mean'] + 0.1
+    assert metrics['yaw_mean'] < 0.75 * metrics['teacher_pairwise']
+
+
+def test_backbone_is_the_teacher_up_to_its_features():
+    """The shipped backbone's transposed convolutions are the DCGAN's own (copied, kept fixed while distilling)."""
+    from facecl_nb.generators import load_prior
+    T, G = load_prior(), P.load_prior3d()
+    convs = [m for m in T.main if isinstance(m, torch.nn.ConvTranspose2d)]
+    for mine, theirs in zip(G.backbone.convs, convs): assert torch.equal(mine.weight, theirs.weight)
+    assert G.backbone.__class__.__name__ == 'ConvTransposeBackbone' and G.num_ws == 1 and G.w_dim == T.z_dim
 
 
 def test_views_differ_and_faces_differ(metrics):
