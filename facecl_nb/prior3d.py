@@ -24,7 +24,7 @@ __all__ = ['HEAD_MODEL', 'TARGETS', 'raycast_head', 'inside_head', 'surface_poin
 # %% ../nbs/07a_prior3d.ipynb #b193107a
 HEAD_MODEL = dict(ellipsoids=[((0.002, -0.116, -0.354), (0.328, 0.600, 0.600)),     # face and skull (fit to the template)
                               ((0.0, -0.075, 0.245), (0.030, 0.055, 0.045))],       # nose
-                  backdrop_z=-0.33, box=0.5)
+                  backdrop_z=-0.1, box=0.5)    # near enough that a camera turned 20° still meets it before ray_end (see below)
 
 def raycast_head(origins: Tensor, # [N, R, 3] ray origins
                  dirs: Tensor, # [N, R, 3]
