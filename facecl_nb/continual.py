@@ -724,6 +724,10 @@ def format_table(t, # a `summary_table` DataFrame
 
 # %% ../nbs/06_continual.ipynb #99ba3ecb
 DEMO = dict(persons=['alice'], strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5], seeds=[0], T=None)
+
+def _demo_jobs(jobs: int | None, quick: bool) -> int:
+    "Runs at a time of a demo: as asked, else 1 for a quick smoke run and up to 2 (the cores) for the real one."
+    return jobs or (1 if quick else min(2, os.cpu_count() or 1))
 FIGURES = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5, 10], seeds=[0, 1, 2], T=None,
                others=dict(strategies=['hull-greedy', 'reservoir', 'kmeans', 'herding'], buffers=[5]))   # `make figures`: + the other buffers at k = 5
 QUICK_OVERRIDES = dict(projection={'steps': 10}, tuning={'steps': 10}, free={'steps': 5}, hull={'steps': 10}, n_synth=4, hull_candidates=50)
@@ -801,7 +805,7 @@ def demo(out='runs/demo', # grid folder
     if not plan.get('persons'): plan['persons'] = [a.person for a in albums]
     overrides = dict(QUICK_OVERRIDES) if quick else {}
     T = 2 if quick else plan['T']
-    jobs = jobs or (1 if quick else min(2, os.cpu_count() or 1))
+    jobs = _demo_jobs(jobs, quick)
     also = [(plan['others']['strategies'], plan['others']['buffers'])] if plan.get('others') else []   # more strategies at other buffer sizes, in the same grid
     s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, T=T, overrides=overrides, jobs=jobs, also=also, log=log)
     return _figures_and_table('demo', 'continual_2d', s, out, root, figures, reports, t0, log)
@@ -874,7 +878,7 @@ def demo3d(out='runs/demo3d', # grid folder
     overrides = dict(QUICK_OVERRIDES) if quick else {}
     T = 2 if quick else plan['T']
     s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, profile='demo3d', T=T,
-                 overrides=overrides, jobs=jobs or (1 if quick else min(2, os.cpu_count() or 1)), log=log)
+                 overrides=overrides, jobs=_demo_jobs(jobs, quick), log=log)
     return _figures_and_table('demo3d', 'continual_3d', s, out, root, figures, reports, t0, log)
 
 def cli_demo(out=None, # grid folder (None: runs/demo or runs/demo3d)

@@ -369,8 +369,9 @@ class TriPlaneGenerator(Generator):
         synthesis_kwargs.pop('fused_modconv_default', None)   # ours: fused in eval, per-sample weights in training ('inference_only')
         if backbone == 'convtranspose':
             if w_dim != z_dim: raise GeneratorError(f"eg3d: the convtranspose backbone's mapping is the identity, so w_dim must equal z_dim ({z_dim}), got {w_dim}")
-            self.backbone = ConvTransposeBackbone(z_dim, plane_resolution, plane_channels, **_plain_kwargs(backbone_kwargs))
-            self._kwargs.update(backbone=backbone, backbone_kwargs=_plain_kwargs(backbone_kwargs))
+            backbone_kwargs = _plain_kwargs(backbone_kwargs)
+            self.backbone = ConvTransposeBackbone(z_dim, plane_resolution, plane_channels, **backbone_kwargs)
+            self._kwargs.update(backbone=backbone, backbone_kwargs=backbone_kwargs)
         elif backbone == 'stylegan2':
             self.backbone = StyleGAN2Generator(z_dim, c_dim, w_dim, img_resolution=plane_resolution, img_channels=3 * plane_channels,
                                                mapping_kwargs=mapping_kwargs, synthesis_kwargs=synthesis_kwargs, noise_mode=noise_mode)

@@ -17,9 +17,9 @@ from .cameras import label_from_angles, labels_from_landmarks, crop_landmarks
 from .eg3d import TriPlaneGenerator, small_config, rays_from_label, render_planes, sample_planes, load_eg3d
 
 # %% auto #0
-__all__ = ['HEAD_MODEL', 'TARGETS', 'raycast_head', 'inside_head', 'surface_points', 'frontal_uv', 'decode_at', 'prior3d_config',
-           'head_grid', 'new_prior3d', 'teacher_batch', 'distill_set', 'prior3d_losses', 'train_prior3d',
-           'load_prior3d', 'projected_teacher', 'evaluate_prior3d']
+__all__ = ['HEAD_MODEL', 'TARGETS', 'raycast_head', 'inside_head', 'surface_points', 'frontal_uv', 'teacher_colour', 'decode_at',
+           'prior3d_config', 'head_grid', 'new_prior3d', 'teacher_batch', 'distill_set', 'prior3d_losses',
+           'train_prior3d', 'load_prior3d', 'projected_teacher', 'evaluate_prior3d']
 
 # %% ../nbs/07a_prior3d.ipynb #b193107a
 HEAD_MODEL = dict(ellipsoids=[((0.002, -0.116, -0.354), (0.328, 0.600, 0.600)),     # face and skull (fit to the template)
@@ -80,6 +80,13 @@ def frontal_uv(p: Tensor, # [N, M, 3] world points
     uv = (q[..., :2] / q[..., 2:3]) @ K[:2, :2].T + K[:2, 2]    # normalized image coordinates in [0, 1]
     return uv * 2 - 1
 
+def teacher_colour(x: Tensor, # [N, 3, H, W] the teacher's images in [−1, 1]
+                   p: Tensor, # [N or 1, M, 3] world points
+                  ) -> Tensor:
+    "The colour [N, M, 3] the teacher's image projects onto world points from the frontal camera."
+    uv = frontal_uv(p).expand(len(x), -1, -1)
+    return F.grid_sample(x, uv[:, :, None], mode='bilinear', padding_mode='border', align_corners=False)[..., 0].transpose(1, 2)
+
 def decode_at(G, # a tri-plane generator (its decoder and box_warp)
               planes: Tensor, # [N, 3, C, P, P]
               pts: Tensor, # [N, M, 3]
@@ -107,8 +114,9 @@ def head_grid(P: int = 32, # plane resolution
     u = ((torch.arange(P) + 0.5) / P * 2 - 1) * box_warp / 2
     yy, xx = torch.meshgrid(u, u, indexing='ij')
     o = torch.stack([xx, yy, torch.full_like(xx, 2.0)], -1).reshape(1, -1, 3)      # from far in front, straight back
-    t, _ = raycast_head(o, torch.tensor([0., 0., -1.]).expand_as(o), 0.0, 4.0)
-    return frontal_uv(o + t[..., None] * torch.tensor([0., 0., -1.])).reshape(1, P, P, 2)
+    d = torch.tensor([0., 0., -1.]).expand_as(o)
+    t, _ = raycast_head(o, d, 0.0, 4.0)
+    return frontal_uv(o + t[..., None] * d).reshape(1, P, P, 2)
 
 def new_prior3d(T, # the teacher (`load_prior()`), whose first layers the backbone copies
                ) -> TriPlaneGenerator:
@@ -182,14 +190,15 @@ def prior3d_losses(G, # the tri-plane generator being trained
     img = G.superresolution(raw, feat_img, ws, noise_mode='none')
     # 2. random cameras (yaw ±35°, pitch ±15°): their surface points take the colour the frontal photo projects onto them
     yaw = (torch.rand(N, generator=gen) * 2 - 1) * math.radians(35); pitch = (torch.rand(N, generator=gen) * 2 - 1) * math.radians(15)
-    pg, hit = surface_points(label_from_angles(yaw, pitch), n_geo, lo, hi)
-    tex = F.grid_sample(x, frontal_uv(pg)[:, :, None], mode='bilinear', padding_mode='border', align_corners=False)[..., 0].transpose(1, 2)
+    og, dg = rays_from_label(label_from_angles(yaw, pitch), n_geo)
+    tg, hit = raycast_head(og, dg, lo, hi)
+    pg = og + tg[..., None] * dg
+    tex = teacher_colour(x, pg)
     fg, _ = decode_at(G, planes, pg)
     l_proj = ((fg[..., :3] - tex).square().mean(-1) * hit).sum() / hit.sum().clamp_min(1)
     # 3. occupancy: points near those surfaces, anywhere in the box, and anywhere the renderer samples (rays leave the box)
     near = pg + torch.randn(pg.shape, generator=gen) * 0.05
     free = (torch.rand(N, n_free, 3, generator=gen) - 0.5) * 2 * HEAD_MODEL['box']
-    og, dg = rays_from_label(label_from_angles(yaw, pitch), n_geo)
     along = og + (lo + (hi - lo) * torch.rand(N, n_geo * n_geo, 1, generator=gen)) * dg
     q = torch.cat([near, free, along], 1)
     _, sigma = decode_at(G, planes, q)
@@ -275,8 +284,7 @@ def projected_teacher(x: Tensor, # [N, 3, H, W] the teacher's images in [−1, 1
                      ) -> Tensor:
     "The head model seen from camera c with the teacher's image projected onto it from the frontal camera ([N, 3, res, res]): the best a prior on this head can show."
     p, _ = surface_points(c, res)
-    uv = frontal_uv(p).expand(len(x), -1, -1)
-    return F.grid_sample(x, uv[:, :, None], mode='bilinear', padding_mode='border', align_corners=False)[..., 0].reshape(len(x), 3, res, res)
+    return teacher_colour(x, p).transpose(1, 2).reshape(len(x), 3, res, res)
 
 def evaluate_prior3d(G, # a tri-plane generator (eval mode)
                      T=None, # the teacher (`load_prior()` if None)
