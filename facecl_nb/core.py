@@ -18,7 +18,8 @@ __all__ = ['PROJECT_ROOT', 'MANIFEST_NAME', 'ANCHORS', 'EVALS', 'PROFILES', 'fac
            'MissingWeightError', 'sha256_file', 'hash_prefix_in_name', 'verify_file', 'manifest_path', 'load_manifest',
            'candidate_paths', 'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'chromium_path',
            'static_figures', 'ConfigError', 'Config', 'ProjectionConfig', 'TuningConfig', 'HullConfig', 'FreeConfig',
-           'Protocol', 'code_version', 'load_plain_torch', 'load_check', 'check_install']
+           'Protocol', 'code_version', 'load_plain_torch', 'load_check', 'check_install', 'WeightFileError',
+           'UnsafeWeightsError', 'load_numpy_pickle']
 
 # %% ../nbs/90_core.ipynb #039e6490
 PROJECT_ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd().parent
@@ -405,7 +406,7 @@ def load_plain_torch(path, # a `torch.save` file
         return v
     return plain(obj)
 
-def load_check(path, # a weight file (.safetensors, .pkl, .pt/.pth/.tar, .dat)
+def load_check(path, # a weight file (.safetensors, .pkl, .pt/.pth/.tar, .ckpt, .dat)
               ) -> str | None:
     """Open a weight file the way its reader will, without running anything in it: None when it reads, else why not.
     Catches what a hash cannot (files whose hash is unknown: user checkpoints)."""
@@ -420,6 +421,8 @@ def load_check(path, # a weight file (.safetensors, .pkl, .pt/.pth/.tar, .dat)
         elif p.suffix in ('.pt', '.pth', '.tar'):
             obj = load_plain_torch(p)
             if not isinstance(obj, dict) or not obj: return f"expected a dict of tensors, got {type(obj).__name__}"
+        elif p.suffix == '.ckpt':
+            load_numpy_pickle(p)
         elif p.suffix == '.dat':
             if p.stat().st_size < 1024: return f"only {p.stat().st_size} bytes"
     except Exception as e:
@@ -444,6 +447,65 @@ def check_install(verbose: bool = True, # also print the report
         print(f"facecl: python {rep['python']}, torch {rep['torch']}, device {rep['device']}")
         for k, v in rep['weights'].items(): print(f"  {k:24s} {v}")
     return rep
+
+# %% ../nbs/90_core.ipynb #5a1e7c01
+class WeightFileError(ValueError):
+    "A weights file that cannot be what its reader expects (truncated, other shapes, other contents); the message names the file."
+
+class UnsafeWeightsError(WeightFileError):
+    "A weights file asks its unpickler for something beyond numpy's array reconstruction; it was refused before anything ran."
+
+# the only globals a pickled tree of numpy arrays needs (numpy 1.x and 2.x spell the module differently)
+_NUMPY_PICKLE_GLOBALS = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+                         ('numpy', 'ndarray'), ('numpy', 'dtype')}
+
+def _np_reconstruct(path):
+    def rebuild(cls, shape, typecode):   # numpy pickles every array as _reconstruct(ndarray, (0,), b'b') and then fills it
+        if cls is not np.ndarray or tuple(shape) != (0,):
+            raise UnsafeWeightsError(f"{path}: array reconstruction with class {getattr(cls, '__name__', cls)!r} and shape "
+                                     f"{shape!r}; only numpy's own form (ndarray, (0,)) is read")
+        return np.ndarray((0,), np.uint8)
+    return rebuild
+
+def _np_dtype(path):
+    def make(spec, align=False, copy=True):
+        d = np.dtype(spec)
+        if d.kind not in 'biuf': raise UnsafeWeightsError(f"{path}: dtype {spec!r}; only numbers are read")
+        return np.dtype(spec, align, copy)
+    return make
+
+def load_numpy_pickle(path, # a pickle of nested dicts of numpy arrays (e.g. flax parameters saved with pickle)
+                     ) -> dict:
+    """Read a pickled tree of dicts whose leaves are numeric numpy arrays, without running anything in the file: the
+    unpickler resolves only numpy's array reconstruction (checked stand-ins, not the real callables with the file's
+    arguments); any other global is refused with `UnsafeWeightsError` before it could be called. A truncated or foreign
+    file raises `WeightFileError`; both name the file."""
+    import pickle
+    path = Path(path)
+    if not path.is_file(): raise MissingWeightError(f"{path}: file not found")
+    class _Reader(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in _NUMPY_PICKLE_GLOBALS:
+                raise UnsafeWeightsError(f"{path}: refused global {module}.{name}: this file may hold only numpy arrays in "
+                                         f"dicts (allowed: numpy's ndarray, dtype and _reconstruct); nothing in it was run")
+            return {'_reconstruct': _np_reconstruct(path), 'ndarray': np.ndarray, 'dtype': _np_dtype(path)}[name]
+        def persistent_load(self, pid): raise UnsafeWeightsError(f"{path}: persistent id {pid!r} refused (not a plain pickle)")
+    try:
+        with open(path, 'rb') as f: obj = _Reader(f).load()
+    except WeightFileError: raise
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+        raise WeightFileError(f"{path}: not a readable pickle of numpy arrays (truncated or another format?): "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
+    def check(v, where):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str): raise WeightFileError(f"{path}: key {k!r} under {where or 'the top'} is not a string")
+                check(x, f"{where}/{k}" if where else k)
+        elif not isinstance(v, np.ndarray) or v.dtype.kind not in 'biuf':
+            raise WeightFileError(f"{path}: {where or 'the top'} holds {type(v).__name__}, expected a dict or a numeric numpy array")
+    if not isinstance(obj, dict): raise WeightFileError(f"{path}: holds {type(obj).__name__}, expected a dict of numpy arrays")
+    check(obj, '')
+    return obj
 
 # %% ../nbs/90_core.ipynb #416153ef
 def _main(argv=None):

