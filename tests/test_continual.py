@@ -210,3 +210,24 @@ def test_grid_interrupted_keeps_finished_runs_and_finishes_on_rerun(album, tmp_p
     assert f"9 runs, {len(kept)} already finished, {9 - len(kept)} to run" in r.stdout, r.stdout[-3000:]
     final = complete()
     assert len(final) == 9 and all(final[name] == b for name, b in kept.items())
+
+
+def test_grid_shares_the_first_timestamp(album, tmp_path):
+    """The strategies of a (person, seed) compute the same first timestamp (tuned on timestamp 0 alone, no buffer yet): a
+    grid computes it once and the other runs copy it, with results identical to a run that computed it; the upper bound
+    (which starts by tuning on every timestamp) never shares; a config change (other tuning) is another shared step."""
+    s = C.run_grid(album.root, ['pat'], ['none', 'hull', 'joint'], [2], [0], tmp_path / 'grid', T=2, overrides=MICRO, jobs=1, log=lambda *a: None)
+    assert not s['failed']
+    res = {r['strategy']: r for r in C.collect_results(tmp_path / 'grid')}
+    shared = {k: [p.get('shared') for p in r['timings']['per_timestamp']] for k, r in res.items()}
+    assert shared['none'] == [None, None] and shared['joint'] == [None]                # the first one computes it ...
+    assert shared['hull'][0] and shared['hull'][1] is None                            # ... the next copies it
+    assert res['hull']['timings']['per_timestamp'][0]['total_s'] == 0.0               # and spent no time on it
+    alone = C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='hull', buffer=2, seed=0, person='pat', T=2),
+                            tmp_path / 'alone', progress=False, log=lambda *a: None)
+    assert alone['R'] == res['hull']['R'] and alone['AIP'] == res['hull']['AIP'] and alone['buffers'] == res['hull']['buffers']
+    assert torch.equal(C.RunDir(tmp_path / 'alone').model(1, C.load_profile_prior('demo', 'cpu')).state_dict()['main.0.weight'],
+                       C.RunDir(tmp_path / 'grid' / 'pat' / 'hull-k2-s0').model(1, C.load_profile_prior('demo', 'cpu')).state_dict()['main.0.weight'])
+    other = dict(MICRO, tuning={'epochs': 1})
+    C.run_grid(album.root, ['pat'], ['random'], [2], [0], tmp_path / 'grid', T=2, overrides=other, jobs=1, log=lambda *a: None)
+    assert len(list((tmp_path / 'grid' / '.shared').iterdir())) == 2
