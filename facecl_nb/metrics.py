@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_metrics.ipynb #9dff4a93
 from __future__ import annotations
-import math
+import math, warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -172,7 +172,9 @@ class LPIPSMetric(nn.Module):
         if net not in BACKBONE_CONVS: raise ValueError(f"LPIPSMetric: net must be 'alex' or 'vgg', got {net!r}")
         convs, self.backbone_source = backbone_convs(net, backbone_path)
         self.net_name, self.backbone_path = net, None if backbone_path is None else Path(backbone_path)
-        self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)   # linear layers from the wheel, backbone untrained ...
+        with warnings.catch_warnings():             # lpips asks torchvision for its networks in a deprecated way; nothing is downloaded
+            warnings.simplefilter('ignore', UserWarning)
+            self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)   # linear layers from the wheel, backbone untrained ...
         _load_convs(self.model.net, convs)                                                  # ... now the ImageNet one
         self.model.eval().requires_grad_(False)
     def features(self, x: Tensor, # [N, 3, H, W] in [-1, 1]
