@@ -8,7 +8,7 @@ import argparse, sys, importlib
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['build_parser', 'protocol_overrides', 'main']
+__all__ = ['LOSSES', 'build_parser', 'protocol_overrides', 'main']
 
 # %% ../nbs/09_cli.ipynb #10d5095e
 def _call(module: str, func: str, **kw):
@@ -47,6 +47,8 @@ def _add_album(sub):
     q.add_argument('--album', required=True, type=Path)
     q.add_argument('--person', required=True)
 
+LOSSES = {'lpips+l2': 1.0, 'l2+multiscale-l1': 0.0}   # --loss: the LPIPS weight of tuning, projection and free reconstruction
+
 def _add_protocol(p):
     "Options that change the protocol (each defaults to the profile's, which is the paper's)."
     g = p.add_argument_group('protocol (default: the profile\'s, i.e. the paper\'s)')
@@ -57,6 +59,9 @@ def _add_protocol(p):
     g.add_argument('--replay-mix', choices=['paired', 'uniform'], default=None,
                    help="each batch of b new photos paired with b replayed items (1:1, the paper's) or batches drawn from new + buffer alike")
     g.add_argument('--epochs', type=int, default=None, help='tuning epochs over the new photos (paper: 1000)')
+    g.add_argument('--loss', choices=sorted(LOSSES), default=None,
+                   help="the loss of tuning, projection and free reconstruction: the authors' L2 + LPIPS(AlexNet) (the default), or the "
+                        "L2 + multi-scale L1 the demo tier used before LPIPS's weights were found")
 
 def _add_run(sub):
     p = sub.add_parser('run', help='one continual run (a strategy, a buffer size, a seed)',
@@ -106,16 +111,19 @@ def protocol_overrides(anchors=None, # --anchors: 'encoder', 'optimize' or 'enco
                        eval_=None, # --eval: 'free', 'hull' or 'both' (None: not given)
                        replay_mix=None, # --replay-mix: 'paired' or 'uniform' (None: not given)
                        epochs=None, # --epochs of tuning (None: not given)
+                       loss=None, # --loss: a name of `LOSSES` (None: not given)
                       ) -> dict:
     "RunConfig overrides from the protocol options (only those given)."
     o = {}
     if anchors or eval_: o['protocol'] = {k: v for k, v in (('anchors', anchors), ('eval', eval_)) if v}
     if replay_mix or epochs: o['tuning'] = {k: v for k, v in (('mix', replay_mix), ('epochs', epochs)) if v}
+    if loss:
+        for stage in ('tuning', 'projection', 'free'): o.setdefault(stage, {})['lpips_weight'] = LOSSES[loss]
     return o
 
 def _dispatch(a) -> int | None:
-    v = {k: val for k, val in vars(a).items() if k not in ('cmd', 'album_cmd', 'debug', 'anchors', 'eval_', 'replay_mix', 'epochs')}
-    if a.cmd in ('run', 'grid'): v['overrides'] = protocol_overrides(a.anchors, a.eval_, a.replay_mix, a.epochs)
+    v = {k: val for k, val in vars(a).items() if k not in ('cmd', 'album_cmd', 'debug', 'anchors', 'eval_', 'replay_mix', 'epochs', 'loss')}
+    if a.cmd in ('run', 'grid'): v['overrides'] = protocol_overrides(a.anchors, a.eval_, a.replay_mix, a.epochs, a.loss)
     if a.cmd == 'album':
         fn = {'synth': 'cli_album_synth', 'import': 'cli_album_import', 'cameras': 'cli_album_cameras', 'validate': 'cli_album_validate'}[a.album_cmd]
         return _call('cameras' if a.album_cmd == 'cameras' else 'data', fn, **v)

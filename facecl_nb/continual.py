@@ -439,6 +439,8 @@ def continual_run(album, # a `facecl_nb.data.Album`
     if cfg.profile in PROFILES_3D and not getattr(G_prior, 'c_dim', 0):
         raise ConfigError(f"profile {cfg.profile}: the prior is a 2D generator ({getattr(G_prior, 'arch', type(G_prior).__name__)}); a 3D run needs an eg3d one")
     encoder = (E0.fits(G_prior).to(device) if E0 is not None else load_profile_encoder(proto, G_prior, device)) if proto.anchors != 'optimize' else None
+    from facecl_nb import inversion as inv
+    for stage in ('tuning', 'free', 'projection'): inv.describe_loss(cfg.stage(stage).lpips_weight)   # LPIPS's weights, when the loss needs them
 
     from facecl_nb.data import content_hash
     inputs = {'album_content_hash': content_hash(album.dir), 'prior_sha256': module_digest(G_prior),

