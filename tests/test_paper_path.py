@@ -24,7 +24,7 @@ RES = 32                       # num_ws = 2·log2(32) − 2 = 8 = the pSp encode
 TINY_G = dict(z_dim=64, w_dim=512, img_resolution=RES, img_channels=3, mapping_kwargs=dict(num_layers=2),
               synthesis_kwargs=dict(channel_base=256, channel_max=16, num_fp16_res=0, conv_clamp=256))
 TINY = dict(protocol={'eval': 'both'}, tuning={'epochs': 1}, free={'steps': 2}, hull={'steps': 2}, n_synth=2, hull_candidates=10,
-            metrics=('psnr', 'ssim', 'lpips', 'id_sim', 'dlib_dist'))
+            metrics=('psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist'))
 quiet = lambda *a: None
 
 
