@@ -55,13 +55,13 @@ demo3d:
 	facecl demo --3d --out runs/demo3d
 
 figures:
-	$(PYTHON) -m facecl_nb.continual figures
+	facecl experiment figures
 
 figures3d:
-	$(PYTHON) -m facecl_nb.continual figures3d
+	facecl experiment figures3d
 
 reproduce:
-	$(PYTHON) -m facecl_nb.continual reproduce
+	facecl experiment reproduce
 
 lab:
 	jupyter lab nbs $(if $(filter 0,$(shell id -u)),--allow-root,)

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from facecl_nb import data
-from facecl_nb.continual import continual_run, RunConfig, load_profile_prior
+from facecl_nb.continual import continual_run, RunConfig
+from facecl_nb.profiles import get_profile
 from facecl_nb.core import atomic_write_json
 from facecl_nb.metrics import DlibEncoder
 
@@ -70,7 +71,7 @@ def main():
                 'free_latent_reconstruction_s': cum(st, 'inversion.py', 'reconstruct_free'),
                 'synthesis_scores_s': cum(st, 'evaluation.py', 'synthesis_scores'),
                 'compute_metrics_s': cum(st, 'metrics.py', 'compute_metrics')}
-    G = load_profile_prior('demo', 'cpu')
+    G = get_profile("demo").load_prior("cpu")
     out = {'bench': 'run', 'what': 'one continual run, alice, hull k=3, seed 0, demo profile', 'T': len(per), 'threads': 1,
            'machine': platform.processor() or platform.machine(), 'torch': torch.__version__,
            'wall_s': wall, 'stages_s': stages, 'profiled_s': profiled,

@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 
 from .metrics import higher_is_better
-from .continual import k_matters
+from .strategies import k_matters
 
 # %% auto #0
 __all__ = ['results_frame', 'paired', 'Verdict', 'verdict', 'claims', 'claims_markdown', 'claims_summary']
 
 # %% ../nbs/06b_claims.ipynb #6d25e56d
-def results_frame(results: Sequence[dict], # `results.json` dicts (e.g. `continual.collect_results(runs_dir)`)
+def results_frame(results: Sequence[dict], # `results.json` dicts (e.g. `rundir.collect_results(runs_dir)`)
                  ) -> pd.DataFrame:
     "One row per run: person, strategy, buffer (0 where k does not matter), seed, `AIP <metric>` and `AF <metric>`, protocol, code version."
     rows = []

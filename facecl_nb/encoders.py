@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import atomic_write_bytes, atomic_write_json, resolve_weight, seed_everything, load_plain_torch
-from .metrics import irse_input_layer, irse_body, IRSE_WIDTHS
+from .irse50 import irse_input_layer, irse_body, IRSE_WIDTHS
 from .stylegan2 import FullyConnectedLayer
 from .generators import GeneratorError, UnsafeCheckpointError, load_weights, save_generator, read_facecl_file
 

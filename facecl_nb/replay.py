@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['simplex_qp', 'qp_value', 'hull_distance', 'hull_distance_batched', 'stratified_draws', 'stratified_support_size',
-           'all_stratified_subsets', 'hull_candidates', 'hull_scores', 'hull_score', 'strategies', 'register_strategy',
+__all__ = ['SELECTORS', 'simplex_qp', 'qp_value', 'hull_distance', 'hull_distance_batched', 'stratified_draws',
+           'stratified_support_size', 'all_stratified_subsets', 'hull_candidates', 'hull_scores', 'hull_score',
+           'select_random', 'select_hull', 'select_hull_greedy', 'select_reservoir', 'select_kmeans', 'select_herding',
            'select_buffer', 'plot_buffers_pca']
 
 # %% ../nbs/04_replay.ipynb #030ee6bc
@@ -414,11 +415,11 @@ def hull_score(latents, # [P, D] (or [P, num_ws, w_dim]) latents of the pool
     return float(_Pool(X, ts, own_spread).scores(_candidates([list(chosen)], len(X), 'chosen'))[0])
 
 # %% ../nbs/04_replay.ipynb #41fe4709
-def _sel_random(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, own_spread=None) -> list[int]:
+def select_random(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, own_spread=None) -> list[int]:
     "ER-Rand: one draw of the time-stratified sampler."
     return stratified_draws(ts, k, 1, rng)[0].tolist()
 
-def _sel_hull(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, C: int = 5000, own_spread=None) -> list[int]:
+def select_hull(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, C: int = 5000, own_spread=None) -> list[int]:
     "ER-Hull: the lowest-scoring of C distinct stratified candidates (all of them when there are at most C)."
     if not isinstance(C, numbers.Integral) or isinstance(C, bool) or C < 1: raise ValueError(f"C: the number of candidates must be a positive integer, got {C!r}")
     pool = _Pool(X, ts, own_spread)
@@ -473,12 +474,12 @@ def _greedy(pool: _Pool, k: int, max_rounds: int = 100, stratified: bool = True,
     b = int(torch.argmin(score))
     return sorted(S[b].tolist()), float(score[b])
 
-def _sel_hull_greedy(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, own_spread=None, max_rounds: int = 100,
+def select_hull_greedy(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, own_spread=None, max_rounds: int = 100,
                      stratified: bool = True, starts: int = 4) -> list[int]:
     "hull-greedy: deterministic multi-start greedy + swap local search on the ER-Hull score (the seed is not used)."
     return _greedy(_Pool(X, ts, own_spread), k, max_rounds, stratified, starts)[0]
 
-def _sel_reservoir(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, own_spread=None) -> list[int]:
+def select_reservoir(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, own_spread=None) -> list[int]:
     "Reservoir sampling (Vitter's algorithm R) over the pool in time order."
     order = np.argsort(ts, kind='stable')
     res = list(order[:k])
@@ -487,7 +488,7 @@ def _sel_reservoir(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, 
         if j < k: res[j] = i
     return [int(i) for i in res]
 
-def _sel_kmeans(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, own_spread=None, iters: int = 100) -> list[int]:
+def select_kmeans(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, own_spread=None, iters: int = 100) -> list[int]:
     "k-means (k-means++ start, Lloyd) on the latents; then the item nearest each centroid, distinct (closest pairs first)."
     P = len(X)
     first = int(rng.integers(P)); cent = [first]
@@ -511,7 +512,7 @@ def _sel_kmeans(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, own
         if len(pick) == k: break
     return [pick[j] for j in range(k)]
 
-def _sel_herding(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, own_spread=None) -> list[int]:
+def select_herding(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, own_spread=None) -> list[int]:
     "iCaRL herding: add the item that keeps the buffer's mean closest to the pool's mean."
     mu, acc, chosen = X.mean(0), torch.zeros(X.shape[1], dtype=X.dtype), []
     for j in range(1, k + 1):
@@ -519,57 +520,43 @@ def _sel_herding(X: Tensor, ts: np.ndarray, k: int, rng: np.random.Generator, ow
         i = int(torch.argmin(d)); chosen.append(i); acc = acc + X[i]
     return chosen
 
-_STRATEGIES: dict[str, Callable] = {'random': _sel_random, 'hull': _sel_hull, 'hull-greedy': _sel_hull_greedy, 'reservoir': _sel_reservoir,
-                                    'kmeans': _sel_kmeans, 'herding': _sel_herding}
-_SPECIAL = ('none', 'cumulative')
-
-def strategies() -> list[str]:
-    "Names `select_buffer` knows."
-    return list(_SPECIAL) + sorted(_STRATEGIES)
-
-def register_strategy(name: str, # the strategy's name for `select_buffer`
-                      fn: Callable, # fn(X [P, D] float64 Tensor, ts [P] int ndarray, k, rng: np.random.Generator, **options) -> k pool indices
-                      overwrite: bool = False, # replace an existing strategy of that name
-                     ) -> None:
-    "Add a buffer strategy (e.g. a project's own) so that `select_buffer(name, ...)` runs it."
-    if not isinstance(name, str) or not name: raise ValueError(f"name: a strategy needs a non-empty string name, got {name!r}")
-    if not callable(fn): raise ValueError(f"fn: a strategy must be callable, got {type(fn).__name__}")
-    if name in _SPECIAL or (name in _STRATEGIES and not overwrite):
-        raise ValueError(f"name: strategy {name!r} exists already" + ('' if name in _SPECIAL else ' (pass overwrite=True to replace it)'))
-    _STRATEGIES[name] = fn
+SELECTORS: dict[str, Callable] = {'random': select_random, 'hull': select_hull, 'hull-greedy': select_hull_greedy,
+                                   'reservoir': select_reservoir, 'kmeans': select_kmeans, 'herding': select_herding}   # the built-in selectors by name
 
 def _check_options(name: str, fn: Callable, options: dict) -> None:
-    "Unknown options → ValueError naming them (strategies with **kwargs take anything)."
+    "Unknown options → ValueError naming them (selectors with **kwargs take anything)."
     import inspect
     try: params = inspect.signature(fn).parameters
     except (TypeError, ValueError): return
     if any(p.kind == p.VAR_KEYWORD for p in params.values()): return
     known = [p for p in list(params)[4:]]
     bad = [o for o in options if o not in known]
-    if bad: raise ValueError(f"options: strategy {name!r} does not take {', '.join(map(repr, bad))}; it takes {', '.join(known) or 'no options'}")
+    if bad: raise ValueError(f"options: selector {name!r} does not take {', '.join(map(repr, bad))}; it takes {', '.join(known) or 'no options'}")
 
-def select_buffer(strategy: str, # one of `strategies()`
+def _selector(selector) -> tuple[str, Callable]:
+    "(name, function) of a selector given by its name in `SELECTORS` or as a function."
+    if callable(selector): return getattr(selector, '__name__', type(selector).__name__), selector
+    if isinstance(selector, str) and selector in SELECTORS: return selector, SELECTORS[selector]
+    raise ValueError(f"selector: unknown selector {selector!r}; built-in selectors: {', '.join(SELECTORS)} (or pass a function)")
+
+def select_buffer(selector, # a name in `SELECTORS` ('random', 'hull', ...) or a function fn(X, ts, k, rng, **options) -> k indices
                   latents, # [P, D] or [P, num_ws, w_dim] latents of the pool (Tensor or ndarray)
                   timestamps: Sequence[int], # [P] timestamp of each pool item
-                  k: int, # buffer size, 1 ≤ k ≤ P (ignored by 'none' and 'cumulative')
-                  seed: int = 0, # seeds the strategy's numpy Generator
-                  **options, # per strategy: hull: C; hull-greedy: max_rounds; kmeans: iters; all: own_spread
+                  k: int, # buffer size, 1 ≤ k ≤ P
+                  seed: int = 0, # seeds the selector's numpy Generator
+                  **options, # per selector: hull: C; hull-greedy: max_rounds; kmeans: iters; all: own_spread
                  ) -> list[int]: # distinct pool indices
-    "Choose a replay buffer of k pool items with a named strategy."
-    if not isinstance(strategy, str) or strategy not in strategies():
-        raise ValueError(f"strategy: unknown strategy {strategy!r}; known strategies: {', '.join(strategies())}")
+    "Choose a replay buffer of k pool items with a selector; the input and what comes back are checked."
+    name, fn = _selector(selector)
     X, ts = _prep(latents, timestamps)
-    if strategy == 'none': return []
-    if strategy == 'cumulative': return list(range(len(X)))
     if not isinstance(k, numbers.Integral) or isinstance(k, bool): raise ValueError(f"k: the buffer size must be an integer, got {k!r}")
     if k <= 0: raise ValueError(f"k: the buffer size must be at least 1, got {k}")
     if k > len(X): raise ValueError(f"k: buffer size {k} is larger than the pool ({len(X)} items)")
     if not isinstance(seed, numbers.Integral): raise ValueError(f"seed: must be an integer, got {seed!r}")
-    fn = _STRATEGIES[strategy]
-    _check_options(strategy, fn, options)
+    _check_options(name, fn, options)
     out = [int(i) for i in fn(X, ts, int(k), np.random.default_rng(int(seed)), **options)]
     if len(out) != k or len(set(out)) != k or min(out) < 0 or max(out) >= len(X):
-        raise RuntimeError(f"strategy {strategy!r} returned {out}: expected {k} distinct indices in [0, {len(X)})")
+        raise RuntimeError(f"selector {name!r} returned {out}: expected {k} distinct indices in [0, {len(X)})")
     return out
 
 # %% ../nbs/04_replay.ipynb #4778774a

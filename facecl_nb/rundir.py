@@ -12,11 +12,12 @@ import torch
 
 from .core import atomic_write_bytes, atomic_write_json
 from .inversion import Items
+from .strategies import ReplayMemory
 from .metrics import r_to_json, r_from_json
 
 # %% auto #0
 __all__ = ['StateError', 'module_digest', 'state_bytes', 'write_state', 'read_state', 'RunState', 'RunLocked', 'RunLock',
-           'RunDir']
+           'RunDir', 'collect_results']
 
 # %% ../nbs/06a_rundir.ipynb #d4c91e4d
 class StateError(RuntimeError):
@@ -72,16 +73,12 @@ def read_state(path, # a .safetensors file written by `write_state`
 # %% ../nbs/06a_rundir.ipynb #c9b79e49
 def _prefixed(d: dict, prefix: str) -> dict: return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
 
-_MEMORY = ('seen', 'buffer', 'prev_new')
-
 @dataclass
 class RunState:
     "Everything a run needs to continue after timestamp index `t`, and its record so far."
     t: int                                   # index of the last finished timestamp
     weights: dict                            # the tuned generator's state dict
-    seen: Items | None = None                # every training item so far (anchors only)
-    buffer: Items | None = None              # the replay buffer after t
-    prev_new: Items | None = None            # timestamp t's training items (the next pool's newcomers)
+    memory: ReplayMemory = field(default_factory=ReplayMemory)   # what the run keeps of its past (seen, buffer, last)
     R: dict = field(default_factory=dict)    # metric -> [T, T] ndarray, NaN where not yet known
     timings: list = field(default_factory=list)      # per timestamp: seconds of each step
     history: list = field(default_factory=list)      # per timestamp: the buffer's names and timestamps
@@ -89,11 +86,8 @@ class RunState:
 
     def to_bytes(self) -> bytes:
         "The state file's contents (`state_bytes`): weights and memories as tensors, the rest as JSON."
-        tens, mem = {f'G/{k}': v for k, v in self.weights.items()}, {}
-        for n in _MEMORY:
-            m = getattr(self, n)
-            if m is None: mem[n] = None; continue
-            tt, mm = m.to_parts(n + '/'); tens.update(tt); mem[n] = mm
+        tens, mem = self.memory.to_parts()
+        tens = {**{f'G/{k}': v for k, v in self.weights.items()}, **tens}
         meta = {'t': self.t, 'memory': mem, 'R': {k: r_to_json(v) for k, v in self.R.items()}, 'timings': self.timings,
                 'history': self.history, 'unavailable': self.unavailable}
         return state_bytes(tens, meta)
@@ -107,7 +101,7 @@ class RunState:
         "Read a state file (`StateError` naming it when it cannot be trusted)."
         tens, meta = read_state(path)
         t = meta.get('t', int(Path(path).name[1:].split('.')[0]))      # files written before 't' was recorded: from the name
-        return cls(t, _prefixed(tens, 'G/'), *(Items.from_parts(tens, meta['memory'][n], n + '/') for n in _MEMORY),
+        return cls(t, _prefixed(tens, 'G/'), ReplayMemory.from_parts(tens, meta['memory']),
                    R={k: r_from_json(m) for k, m in meta['R'].items()}, timings=meta['timings'], history=meta['history'],
                    unavailable=meta['unavailable'])
 
@@ -172,10 +166,11 @@ class RunDir:
         "The generator after timestamp index t: a copy of `G_prior` with the run's weights."
         return self.state(t).model(G_prior)
     def memory(self, t: int, # timestamp index
-               which: str = 'seen', # 'seen', 'buffer' or 'prev_new'
+               which: str = 'seen', # 'seen', 'buffer' or 'last'
               ) -> Items | None:
-        "The items the run knew after timestamp index t: 'seen' (every training item, anchors only), 'buffer' or 'prev_new'."
-        return getattr(self.state(t), which)
+        "The items the run knew after timestamp index t: 'seen' (every training item, anchors only), 'buffer' or 'last'."
+        if which not in ('seen', 'buffer', 'last'): raise ValueError(f"memory: which must be 'seen', 'buffer' or 'last', got {which!r}")
+        return getattr(self.state(t).memory, which)
     def recon(self, t: int, # row of R (timestamp index)
              ) -> dict | None:
         """{'recon': {k: uint8 [n,3,H,W]}, 'synth': {k: ...}} of the model of row t of R: the file of index t, else the
@@ -238,3 +233,13 @@ class RunDir:
         "The state as the state of every row of R in `rows` (the upper bound's one model fills them all), serialized once."
         data = state.to_bytes()
         for r in rows: atomic_write_bytes(self.state_path(r), data)
+
+# %% ../nbs/06a_rundir.ipynb #rd000002
+def collect_results(runs_dir, # folder searched recursively
+                   ) -> list[dict]:
+    "Every complete `results.json` under `runs_dir` (recursively), with its folder as `run_dir`."
+    out = []
+    for p in sorted(Path(runs_dir).rglob('results.json')):
+        r = RunDir(p.parent).results()
+        if r and r.get('complete'): r['run_dir'] = str(p.parent); out.append(r)
+    return out

@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .continual import STRATEGIES, k_matters, strategy_label, strategy_order
-from .rundir import RunDir
+from .strategies import STRATEGIES, k_matters, strategy_label, strategy_order
+from .rundir import RunDir, collect_results
 from .core import chromium_path
 from .data import to_uint8
 
@@ -252,7 +252,6 @@ def explorer(runs_dir, # folder of finished runs (see `resolve_runs_dir`)
     "An ipywidgets explorer over the finished runs in `runs_dir`."
     import ipywidgets as W
     import plotly.graph_objects as go
-    from facecl_nb.continual import collect_results
     from facecl_nb.metrics import r_from_json
     from facecl_nb.data import Album
     runs_dir = resolve_runs_dir(runs_dir)

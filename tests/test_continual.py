@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from facecl_nb import continual as C
+from facecl_nb import continual as C, grid as GR, rundir as RD, experiments as X
+from facecl_nb.profiles import get_profile
 from facecl_nb.data import synth_album, Album
 
 MICRO = dict(projection={'steps': 8}, tuning={'epochs': 2}, free={'steps': 8}, hull={'steps': 8}, n_synth=4, hull_candidates=20,
@@ -79,24 +80,24 @@ def test_joint_and_none(album, tmp_path):
 
 def test_grid_with_failing_run(album, tmp_path, capsys):
     with pytest.raises(C.ConfigError, match="unknown strategies \\['hul'\\]"):     # refused before any run starts
-        C.run_grid(album.root, ['pat'], ['none', 'hul'], [2], [0], tmp_path / 'grid0', T=2, overrides=MICRO, log=lambda *a: None)
+        GR.run_grid(album.root, ['pat'], ['none', 'hul'], [2], [0], tmp_path / 'grid0', T=2, overrides=MICRO, log=lambda *a: None)
     assert not (tmp_path / 'grid0').exists()
-    s = C.run_grid(album.root, ['pat', 'ghost'], ['none'], [2], [0], tmp_path / 'grid', T=2, overrides=MICRO, log=lambda *a: None)
+    s = GR.run_grid(album.root, ['pat', 'ghost'], ['none'], [2], [0], tmp_path / 'grid', T=2, overrides=MICRO, log=lambda *a: None)
     assert len(s['failed']) == 1 and 'ghost' in s['failed'][0]
     ok = [d for d, v in s['runs'].items() if v['status'] == 'ok']
-    assert len(ok) == 1 and C.run_is_complete(ok[0])
+    assert len(ok) == 1 and GR.run_is_complete(ok[0])
     assert (Path(s['failed'][0]) / 'error.txt').exists()
     assert 'FAILED' in capsys.readouterr().err
     # re-running skips the finished run
-    s2 = C.run_grid(album.root, ['pat'], ['none'], [2], [0], tmp_path / 'grid', T=2, overrides=MICRO, log=lambda *a: None)
+    s2 = GR.run_grid(album.root, ['pat'], ['none'], [2], [0], tmp_path / 'grid', T=2, overrides=MICRO, log=lambda *a: None)
     assert list(s2['runs'].values())[0]['status'].startswith('skipped')
 
 
 def test_papermill_experiment_notebook(album, tmp_path):
     runs = tmp_path / 'runs'
-    C.run_grid(album.root, ['pat'], ['none', 'random', 'hull', 'joint'], [2], [0], runs, T=2, overrides=MICRO, log=lambda *a: None)
+    GR.run_grid(album.root, ['pat'], ['none', 'random', 'hull', 'joint'], [2], [0], runs, T=2, overrides=MICRO, log=lambda *a: None)
     figs = tmp_path / 'figs'
-    nb = C.run_experiment_notebook('continual_2d', {'runs_dir': str(runs), 'figures_dir': str(figs), 'album_root': str(album.root), 'png': False},
+    nb = X.run_experiment_notebook('continual_2d', {'runs_dir': str(runs), 'figures_dir': str(figs), 'album_root': str(album.root), 'png': False},
                                    reports=tmp_path / 'reports', log=lambda *a: None)
     assert nb.exists()
     for f in ('main_table.md', 'R_heatmaps_psnr.html', 'aip_af_vs_buffer.html', 'teaser_pat.png', 'buffer_composition.html', 'figures.json'):
@@ -112,8 +113,8 @@ def test_cli_errors(tmp_path):
 
 def test_papermill_explorer(album, tmp_path):
     runs = tmp_path / 'runs'
-    C.run_grid(album.root, ['pat'], ['none', 'hull'], [2], [0], runs, T=2, overrides=MICRO, log=lambda *a: None)
-    nb = C.run_experiment_notebook('explorer', {'runs_dir': str(runs), 'album_root': str(album.root)}, reports=tmp_path / 'reports', log=lambda *a: None)
+    GR.run_grid(album.root, ['pat'], ['none', 'hull'], [2], [0], runs, T=2, overrides=MICRO, log=lambda *a: None)
+    nb = X.run_experiment_notebook('explorer', {'runs_dir': str(runs), 'album_root': str(album.root)}, reports=tmp_path / 'reports', log=lambda *a: None)
     cells = json.loads(nb.read_text())['cells']
     assert not any(o.get('output_type') == 'error' for c in cells if c['cell_type'] == 'code' for o in c.get('outputs', []))
 
@@ -146,21 +147,21 @@ def test_protocol_options_recorded_and_paired_replay(album, tmp_path):
 def test_grid_address_that_does_not_answer(album, tmp_path):
     import time
     t0 = time.time()
-    with pytest.raises(C.GridError, match='no Ray cluster answers there'):
-        C.run_grid(album.root, ['pat'], ['none'], [2], [0], tmp_path / 'g', T=2, overrides=MICRO, address='127.0.0.1:9', log=lambda *a: None)
+    with pytest.raises(GR.GridError, match='no Ray cluster answers there'):
+        GR.run_grid(album.root, ['pat'], ['none'], [2], [0], tmp_path / 'g', T=2, overrides=MICRO, address='127.0.0.1:9', log=lambda *a: None)
     assert time.time() - t0 < 15 and not (tmp_path / 'g').exists()          # refused within seconds, before any run
-    with pytest.raises(C.GridError, match='expected host:port'):
-        C.run_grid(album.root, ['pat'], ['none'], [2], [0], tmp_path / 'g', T=2, overrides=MICRO, address='nohost', log=lambda *a: None)
+    with pytest.raises(GR.GridError, match='expected host:port'):
+        GR.run_grid(album.root, ['pat'], ['none'], [2], [0], tmp_path / 'g', T=2, overrides=MICRO, address='nohost', log=lambda *a: None)
 
 
 def test_grid_on_local_ray_equals_in_process(album, tmp_path):
     "`make demo`'s path: two runs at a time on a local Ray give the results of the same runs one after the other in this process."
     torch.set_num_threads(1)
     msgs = []
-    s = C.run_grid(album.root, ['pat'], ['none', 'hull'], [2], [0], tmp_path / 'ray', T=2, overrides=MICRO, jobs=2, log=msgs.append)
+    s = GR.run_grid(album.root, ['pat'], ['none', 'hull'], [2], [0], tmp_path / 'ray', T=2, overrides=MICRO, jobs=2, log=msgs.append)
     assert s['failed'] == [] and len(s['runs']) == 2
     assert any('on Ray (local, 2 at a time)' in m for m in msgs)
-    C.run_grid(album.root, ['pat'], ['none', 'hull'], [2], [0], tmp_path / 'seq', T=2, overrides=MICRO, jobs=1, log=lambda *a: None)
+    GR.run_grid(album.root, ['pat'], ['none', 'hull'], [2], [0], tmp_path / 'seq', T=2, overrides=MICRO, jobs=1, log=lambda *a: None)
     for name in ('pat/none-s0', 'pat/hull-k2-s0'):
         a, b = (json.loads((tmp_path / d / name / 'results.json').read_text()) for d in ('ray', 'seq'))
         assert _strip(a) == _strip(b), name
@@ -185,7 +186,7 @@ def test_grid_interrupted_keeps_finished_runs_and_finishes_on_rerun(album, tmp_p
     cmd = [sys.executable, '-m', 'facecl_nb.cli', 'grid', '--album', str(album.root), '--persons', 'pat', '--strategies', 'none', 'random', 'hull',
            '--buffers', '2', '--seeds', '0', '1', '2', '--out', str(out), '--timestamps', '3', '--jobs', '2']
     before = _ray_daemons()
-    complete = lambda: {d.name: (d / 'results.json').read_bytes() for d in out.glob('pat/*') if C.run_is_complete(d)}
+    complete = lambda: {d.name: (d / 'results.json').read_bytes() for d in out.glob('pat/*') if GR.run_is_complete(d)}
     # SIGINT's default action restored in the child: a shell's background job (a CI runner, `cmd &`) hands its children SIGINT ignored
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
@@ -216,9 +217,9 @@ def test_grid_shares_the_first_timestamp(album, tmp_path):
     """The strategies of a (person, seed) compute the same first timestamp (tuned on timestamp 0 alone, no buffer yet): a
     grid computes it once and the other runs copy it, with results identical to a run that computed it; the upper bound
     (which starts by tuning on every timestamp) never shares; a config change (other tuning) is another shared step."""
-    s = C.run_grid(album.root, ['pat'], ['none', 'hull', 'joint'], [2], [0], tmp_path / 'grid', T=2, overrides=MICRO, jobs=1, log=lambda *a: None)
+    s = GR.run_grid(album.root, ['pat'], ['none', 'hull', 'joint'], [2], [0], tmp_path / 'grid', T=2, overrides=MICRO, jobs=1, log=lambda *a: None)
     assert not s['failed']
-    res = {r['strategy']: r for r in C.collect_results(tmp_path / 'grid')}
+    res = {r['strategy']: r for r in RD.collect_results(tmp_path / 'grid')}
     shared = {k: [p.get('shared') for p in r['timings']['per_timestamp']] for k, r in res.items()}
     assert shared['none'] == [None, None] and shared['joint'] == [None]                # the first one computes it ...
     assert shared['hull'][0] and shared['hull'][1] is None                            # ... the next copies it
@@ -226,10 +227,10 @@ def test_grid_shares_the_first_timestamp(album, tmp_path):
     alone = C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='hull', buffer=2, seed=0, person='pat', T=2),
                             tmp_path / 'alone', progress=False, log=lambda *a: None)
     assert alone['R'] == res['hull']['R'] and alone['AIP'] == res['hull']['AIP'] and alone['buffers'] == res['hull']['buffers']
-    assert torch.equal(C.RunDir(tmp_path / 'alone').model(1, C.load_profile_prior('demo', 'cpu')).state_dict()['main.0.weight'],
-                       C.RunDir(tmp_path / 'grid' / 'pat' / 'hull-k2-s0').model(1, C.load_profile_prior('demo', 'cpu')).state_dict()['main.0.weight'])
+    assert torch.equal(C.RunDir(tmp_path / 'alone').model(1, get_profile('demo').load_prior('cpu')).state_dict()['main.0.weight'],
+                       C.RunDir(tmp_path / 'grid' / 'pat' / 'hull-k2-s0').model(1, get_profile('demo').load_prior('cpu')).state_dict()['main.0.weight'])
     other = dict(MICRO, tuning={'epochs': 1})
-    C.run_grid(album.root, ['pat'], ['random'], [2], [0], tmp_path / 'grid', T=2, overrides=other, jobs=1, log=lambda *a: None)
+    GR.run_grid(album.root, ['pat'], ['random'], [2], [0], tmp_path / 'grid', T=2, overrides=other, jobs=1, log=lambda *a: None)
     assert len(list((tmp_path / 'grid' / '.shared').iterdir())) == 2
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from facecl_nb import continual as C
+from facecl_nb import continual as C, grid as GR, rundir as RD, experiments as X
+from facecl_nb.profiles import get_profile
 from facecl_nb.cameras import album_cameras
 from facecl_nb.core import ConfigError
 from facecl_nb.data import synth_album, Album
@@ -46,7 +47,7 @@ def test_one_continual_run_3d(album3d, tmp_path):
     st = C.RunDir(tmp_path / 'run').state(1)
     assert any(not torch.equal(st.weights[k], before[k]) for k in before if not k.startswith('backbone.mapping'))   # tuned
     assert all(torch.equal(G0.state_dict()[k], before[k]) for k in before)                                       # input untouched
-    assert len(st.seen.cameras) == 6
+    assert len(st.memory.seen.cameras) == 6
 
 
 def test_3d_run_needs_cameras(tmp_path):
@@ -86,7 +87,7 @@ def test_shipped_prior3d_keeps_identity_across_views():
 def test_papermill_3d_notebook(album3d, tmp_path):
     cfg = C.RunConfig.from_dict(MICRO, strategy='none', buffer=0, person='kim', profile='demo3d', T=2)
     C.continual_run(album3d, cfg, tmp_path / 'runs' / 'kim' / 'none-s0', progress=False, log=lambda *a: None)
-    nb = C.run_experiment_notebook('continual_3d', {'runs_dir': str(tmp_path / 'runs'), 'figures_dir': str(tmp_path / 'figs'),
+    nb = X.run_experiment_notebook('continual_3d', {'runs_dir': str(tmp_path / 'runs'), 'figures_dir': str(tmp_path / 'figs'),
                                                     'album_root': str(album3d.root), 'png': False, 'n_faces': 1},
                                    reports=tmp_path / 'reports', log=lambda *a: None)
     assert nb.is_file()

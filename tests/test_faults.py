@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from facecl_nb import continual as C
+from facecl_nb import continual as C, grid as GR, rundir as RD, experiments as X
+from facecl_nb.profiles import get_profile
 from facecl_nb.core import ConfigError
 from facecl_nb.data import synth_album, Album
 
@@ -103,8 +104,8 @@ def test_cli_refuses_bad_arguments_without_output(album, tmp_path):
 
 
 def test_second_process_on_the_same_folder_is_refused(album, tmp_path):
-    with C.RunLock(tmp_path / 'run'):
-        with pytest.raises(C.RunLocked, match=f'in use by pid {os.getpid()}'):
+    with RD.RunLock(tmp_path / 'run'):
+        with pytest.raises(RD.RunLocked, match=f'in use by pid {os.getpid()}'):
             C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='none', buffer=0, T=1), tmp_path / 'run', progress=False, log=quiet)
     C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='none', buffer=0, T=1), tmp_path / 'run', progress=False, log=quiet)   # free again
 

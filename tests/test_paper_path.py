@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from facecl_nb import continual as C
-from facecl_nb.core import PROFILES
+from facecl_nb.profiles import get_profile
 from facecl_nb.data import synth_album, Album
 from facecl_nb.encoders import EncoderError, PSPWEncoder, load_encoder
 from facecl_nb.generators import load_generator, persistent_pickle_bytes
@@ -100,7 +100,7 @@ def test_paper_profile_end_to_end(album, paper_files, tmp_path):
     assert torch.equal(E.latent_avg, latent_avg)
     prior = {k: v.clone() for k, v in G.state_dict().items()}
 
-    assert PROFILES['paper']['protocol'].anchors == 'encoder' and PROFILES['paper']['projection'].space == 'w+'
+    assert get_profile('paper').protocol.anchors == 'encoder' and get_profile('paper').projection.space == 'w+'
     cfg = C.RunConfig.from_dict(TINY, strategy='hull', buffer=2, seed=0, person='pat', profile='paper', T=2)
     out = tmp_path / 'run'
     res = C.continual_run(album, cfg, out, G0=G, E0=E, progress=False, log=quiet)

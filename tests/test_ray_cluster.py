@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from facecl_nb import continual as C
+from facecl_nb import continual as C, grid as GR, rundir as RD, experiments as X
+from facecl_nb.profiles import get_profile
 from facecl_nb.data import synth_album, Album
 
 MICRO = dict(projection={'steps': 8}, tuning={'epochs': 3}, free={'steps': 8}, hull={'steps': 8}, n_synth=2, hull_candidates=20,
@@ -162,8 +163,8 @@ def test_grid_survives_a_killed_node(tmp_path):
             pytest.skip(f"two-node Ray fault test: the Ray cluster did not come up on this machine ({e}); Ray's raylet gives its agents "
                         f"a fixed 15 s to start (ray-project/ray#65983), too little on a heavily loaded machine. Log tail: {log}")
         out = tmp_path/'grid'
-        code = (f"import json\nfrom facecl_nb import continual as C\n"
-                f"s = C.run_grid({str(root)!r}, {SPEC['persons']!r}, {SPEC['strategies']!r}, {SPEC['buffers']!r}, {SPEC['seeds']!r}, {str(out)!r}, "
+        code = (f"import json\nfrom facecl_nb import grid as GR\n"
+                f"s = GR.run_grid({str(root)!r}, {SPEC['persons']!r}, {SPEC['strategies']!r}, {SPEC['buffers']!r}, {SPEC['seeds']!r}, {str(out)!r}, "
                 f"T={SPEC['T']}, overrides={MICRO!r}, address='{cl.ip[0]}:6379', retries=3, log=print)\nprint('GRID', json.dumps(s))")
         driver = cl.run_in_head(code, 600)
         t0, killed = time.time(), None
@@ -184,11 +185,11 @@ def test_grid_survives_a_killed_node(tmp_path):
     finally:
         cl.close()
     assert not any(Cluster._in_ns(int(d.name), ns) for ns in cl.ns for d in Path('/proc').iterdir() if d.name.isdigit())
-    specs = C.grid_specs(SPEC['persons'], SPEC['strategies'], SPEC['buffers'], SPEC['seeds'])
+    specs = GR.grid_specs(SPEC['persons'], SPEC['strategies'], SPEC['buffers'], SPEC['seeds'])
     assert len(specs) == 6
     for p, st, k, s in specs:                                              # the same runs in this process, one after the other
-        got = json.loads((out/C.run_name(st, k, s, p)/'results.json').read_text())
+        got = json.loads((out/GR.run_name(st, k, s, p)/'results.json').read_text())
         assert got['complete']
         ref = C.continual_run(Album(root, p), C.RunConfig.from_dict(MICRO, strategy=st, buffer=k, seed=s, person=p, T=SPEC['T']),
-                              tmp_path/'ref'/C.run_name(st, k, s, p), progress=False, log=lambda *a: None)
+                              tmp_path/'ref'/GR.run_name(st, k, s, p), progress=False, log=lambda *a: None)
         assert _strip(got) == _strip(ref), (st, k, s)
