@@ -31,7 +31,7 @@ install:
 	      || echo "warning: could not install chromium; PNG export of figures will be skipped (HTML still written)"; \
 	  else echo "warning: no chromium and no root apt-get; PNG export of figures will be skipped (HTML still written)"; fi; \
 	fi
-	$(PYTHON) -m facecl_nb.core --check-install
+	facecl check-install
 
 export:
 	nbdev_export

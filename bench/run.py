@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from facecl_nb import data
+from facecl_nb.synth import default_demo_albums
 from facecl_nb.continual import continual_run, RunConfig
 from facecl_nb.profiles import get_profile
 from facecl_nb.core import atomic_write_json
@@ -54,7 +54,7 @@ def main():
     ap.add_argument('--out', default='bench/results/run.json'); ap.add_argument('--quick', action='store_true')
     a = ap.parse_args()
     torch.set_num_threads(1)
-    album = data.default_demo_albums()[0]
+    album = default_demo_albums()[0]
     T = 3 if a.quick else None
     tmp = Path(tempfile.mkdtemp(prefix='facecl-bench-run-'))
     try:

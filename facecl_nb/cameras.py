@@ -12,12 +12,14 @@ from torch import Tensor
 
 from .core import atomic_write_json
 from .eg3d import split_label   # the renderer's reading of a label (shape and finiteness checked)
+from .faces import _dlib
+from .data import to_uint8
 
 # %% auto #0
 __all__ = ['FFHQ_FOCAL', 'FFHQ_CENTER', 'FFHQ_RADIUS', 'FFHQ_PIVOT', 'MEAN_LANDMARKS_2D', 'DEFAULT_BOX', 'CameraError',
            'intrinsics', 'make_label', 'look_at', 'label_from_angles', 'angles_from_label', 'project_points',
            'landmark_depths', 'landmark_template', 'fit_pose', 'normalize_camera', 'labels_from_landmarks',
-           'crop_landmarks', 'album_cameras', 'cli_album_cameras']
+           'crop_landmarks', 'album_cameras']
 
 # %% ../nbs/07_cameras.ipynb #fe23b4f2
 FFHQ_FOCAL, FFHQ_CENTER, FFHQ_RADIUS, FFHQ_PIVOT = 4.2647, 0.5, 2.7, (0.0, 0.0, 0.2)
@@ -231,7 +233,6 @@ def crop_landmarks(images: np.ndarray, # [N, H, W, 3] uint8 aligned crops
     "68 landmarks [N, 68, 2] in normalized image coordinates, and for each photo 'hog' or 'default' (which box was used)."
     import dlib
     from PIL import Image
-    from facecl_nb.data import _dlib
     det, sp = dlib.get_frontal_face_detector(), _dlib('landmarks68')
     out, how = np.zeros((len(images), 68, 2), np.float32), []
     for i, a in enumerate(images):
@@ -250,7 +251,6 @@ def album_cameras(album, # the `Album` whose photos get cameras
                   K: Tensor | None = None, # [3, 3] intrinsics (None: FFHQ's)
                  ) -> dict:
     "Estimate a camera for every photo of an album and write `<t>/<split>/cameras.json`; returns a per-split report."
-    from facecl_nb.data import to_uint8
     report = {}
     for t in album.timestamps:
         for split in ('train', 'test'):
@@ -269,11 +269,3 @@ def album_cameras(album, # the `Album` whose photos get cameras
                 f"{how.count('default')} with the default box, landmark rmse {float(rmse.mean()):.4f})")
     atomic_write_json(album.dir/'cameras_report.json', report)
     return report
-
-def cli_album_cameras(album, # root folder of the albums (one folder per person)
-                      person, # the person's folder name under it
-                     ) -> int:
-    "`facecl album cameras`: write cameras.json for every split of an album."
-    from facecl_nb.data import Album
-    album_cameras(Album(album, person))
-    return 0

@@ -4,19 +4,15 @@
 
 # %% ../nbs/09_cli.ipynb #509e9ddd
 from __future__ import annotations
-import argparse, json, sys, importlib
+import argparse, json, sys
 from pathlib import Path
 
 from .profiles import PROFILES      # (plain data: `facecl --help` stays fast; the networks load when a command runs)
 
 # %% auto #0
-__all__ = ['LOSSES', 'EXPERIMENTS', 'build_parser', 'protocol_overrides', 'cli_run', 'cli_grid', 'cli_demo', 'cli_experiment',
-           'main']
-
-# %% ../nbs/09_cli.ipynb #10d5095e
-def _call(module: str, func: str, **kw):
-    "Import `facecl_nb.<module>` when a command needs it (so `facecl --help` stays fast) and call `func(**kw)`."
-    return getattr(importlib.import_module(f'facecl_nb.{module}'), func)(**kw)
+__all__ = ['LOSSES', 'EXPERIMENTS', 'build_parser', 'protocol_overrides', 'cli_album_synth', 'cli_album_import',
+           'cli_album_cameras', 'cli_album_validate', 'cli_run', 'cli_grid', 'cli_demo', 'cli_experiment',
+           'cli_check_install', 'main']
 
 # %% ../nbs/09_cli.ipynb #b853f484
 def _add_album(sub):
@@ -114,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='facecl', description='Continual learning of personalized generative face models with experience replay.')
     ap.add_argument('--version', action='version', version=f'facecl {__version__}')
     ap.add_argument('--debug', action='store_true', help='show tracebacks')
-    sub = ap.add_subparsers(dest='cmd', metavar='{album,run,grid,demo,experiment}', required=True)
+    sub = ap.add_subparsers(dest='cmd', metavar='{album,run,grid,demo,experiment,check-install}', required=True)
     _add_album(sub); _add_run(sub); _add_experiment(sub)
+    sub.add_parser('check-install', help='what this machine has: torch, its device, and every weight file (verified, missing)',
+                   description='Report torch, the device and every weight file of the manifest; exit 1 when a demo-tier weight is not usable.')
     return ap
 
 # %% ../nbs/09_cli.ipynb #897acd26
@@ -132,6 +130,51 @@ def protocol_overrides(anchors=None, # --anchors: 'encoder', 'optimize' or 'enco
     if loss:
         for stage in ('tuning', 'projection', 'free'): o.setdefault(stage, {})['lpips_weight'] = LOSSES[loss]
     return o
+
+def cli_album_synth(album, # album root folder
+                    person, # person folder name
+                    timestamps=10, # number of timestamps
+                    train=20, # training photos per timestamp
+                    test=5, # test photos per timestamp
+                    size=64, # photo side in pixels
+                    seed=0, # synthesis seed
+                    force=False, # overwrite an existing album
+                   ) -> int:
+    "`facecl album synth`: make a synthetic album."
+    from facecl_nb.synth import synth_album             # the album modules load torch and dlib: only when a command runs
+    synth_album(album, person, timestamps=timestamps, n_train=train, n_test=test, size=size, seed=seed, force=force)
+    return 0
+
+def cli_album_import(photos, # a folder of photos or one photo
+                     album, # album root folder
+                     person, # person folder name
+                     timestamp, # integer >= 0
+                     split, # 'train' or 'test'
+                     size=1024, # side of the aligned crops in pixels
+                    ) -> int:
+    "`facecl album import`: align a folder of photos (exit code 0 even when some photos were skipped; they are in the report)."
+    from facecl_nb.faces import import_photos
+    import_photos(photos, album, person, timestamp, split, size)
+    return 0
+
+def cli_album_cameras(album, # root folder of the albums (one folder per person)
+                      person, # the person's folder name under it
+                     ) -> int:
+    "`facecl album cameras`: write cameras.json for every split of an album."
+    from facecl_nb.data import Album
+    from facecl_nb.cameras import album_cameras
+    album_cameras(Album(album, person))
+    return 0
+
+def cli_album_validate(album, # album root folder
+                       person, # person folder name
+                      ) -> int:
+    "`facecl album validate`: check an album; every problem is listed."
+    from facecl_nb.data import Album
+    a = Album(album, person).validate()
+    counts = ', '.join(f"t={t}: {len(a.files(t, 'train'))}+{len(a.files(t, 'test'))}" for t in a.timestamps)
+    print(f"{a.dir}: ok ({a.meta.get('source', '?')}, {a.size} px), {len(a.timestamps)} timestamps, train+test per timestamp: {counts}")
+    return 0
 
 def cli_run(album, # album root folder
             person, # the album's person
@@ -195,13 +238,19 @@ def cli_experiment(what: str, # a key of `EXPERIMENTS`
         return 1 if r['grid']['failed'] else 0
     return X.reproduce()
 
+def cli_check_install() -> int:
+    "`facecl check-install` (the last step of `make install`): the report, and exit 1 when the demo tier cannot run."
+    from facecl_nb.install import check_install, demo_tier_problems
+    bad = demo_tier_problems(check_install())
+    if bad: print('error: demo-tier weights not usable: ' + ', '.join(bad), file=sys.stderr); return 1
+    return 0
+
 def _dispatch(a) -> int | None:
     v = {k: val for k, val in vars(a).items() if k not in ('cmd', 'album_cmd', 'debug', 'anchors', 'eval_', 'replay_mix', 'epochs', 'loss')}
     if a.cmd in ('run', 'grid'): v['overrides'] = protocol_overrides(a.anchors, a.eval_, a.replay_mix, a.epochs, a.loss)
     if a.cmd == 'album':
-        fn = {'synth': 'cli_album_synth', 'import': 'cli_album_import', 'cameras': 'cli_album_cameras', 'validate': 'cli_album_validate'}[a.album_cmd]
-        return _call('cameras' if a.album_cmd == 'cameras' else 'data', fn, **v)
-    return {'run': cli_run, 'grid': cli_grid, 'demo': cli_demo, 'experiment': cli_experiment}[a.cmd](**v)
+        return {'synth': cli_album_synth, 'import': cli_album_import, 'cameras': cli_album_cameras, 'validate': cli_album_validate}[a.album_cmd](**v)
+    return {'run': cli_run, 'grid': cli_grid, 'demo': cli_demo, 'experiment': cli_experiment, 'check-install': cli_check_install}[a.cmd](**v)
 
 def main(argv=None, # command-line arguments (None: sys.argv[1:])
         ) -> int:

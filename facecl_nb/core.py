@@ -18,8 +18,7 @@ __all__ = ['PROJECT_ROOT', 'MANIFEST_NAME', 'ANCHORS', 'EVALS', 'facecl_home', '
            'sha256_file', 'hash_prefix_in_name', 'verify_file', 'manifest_path', 'load_manifest', 'candidate_paths',
            'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'chromium_path', 'static_figures',
            'ConfigError', 'Config', 'ProjectionConfig', 'TuningConfig', 'HullConfig', 'FreeConfig', 'Protocol',
-           'code_version', 'load_plain_torch', 'load_check', 'check_install', 'WeightFileError', 'UnsafeWeightsError',
-           'load_numpy_pickle']
+           'code_version', 'load_plain_torch', 'WeightFileError', 'UnsafeWeightsError', 'load_numpy_pickle']
 
 # %% ../nbs/90_core.ipynb #039e6490
 PROJECT_ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd().parent
@@ -378,48 +377,6 @@ def load_plain_torch(path, # a `torch.save` file
         return v
     return plain(obj)
 
-def load_check(path, # a weight file (.safetensors, .pkl, .pt/.pth/.tar, .ckpt, .dat)
-              ) -> str | None:
-    """Open a weight file the way its reader will, without running anything in it: None when it reads, else why not.
-    Catches what a hash cannot (files whose hash is unknown: user checkpoints)."""
-    p = Path(path)
-    try:
-        if p.suffix == '.safetensors':
-            from safetensors import safe_open
-            with safe_open(str(p), framework='pt') as f: list(f.keys())
-        elif p.suffix == '.pkl':
-            from facecl_nb.generators import read_nvidia_pkl
-            read_nvidia_pkl(p)
-        elif p.suffix in ('.pt', '.pth', '.tar'):
-            obj = load_plain_torch(p)
-            if not isinstance(obj, dict) or not obj: return f"expected a dict of tensors, got {type(obj).__name__}"
-        elif p.suffix == '.ckpt':
-            load_numpy_pickle(p)
-        elif p.suffix == '.dat':
-            if p.stat().st_size < 1024: return f"only {p.stat().st_size} bytes"
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    return None
-
-def check_install(verbose: bool = True, # also print the report
-                 ) -> dict:
-    "What this machine has: torch and its device, and each manifest weight (present/verified/missing)."
-    import torch
-    rep = {'python': sys.version.split()[0], 'torch': torch.__version__, 'device': str(get_device()), 'weights': {}}
-    m = load_manifest()
-    for name, e in m.items():
-        if e['kind'] != 'weight': continue
-        try:
-            p = resolve_weight(name, m)
-            why = load_check(p)
-            rep['weights'][name] = f"ok {p}" if why is None else f"BAD {p}: {why}"
-        except MissingWeightError: rep['weights'][name] = 'missing' + (' (user-supplied)' if e['source']['type'] in ('url', 'user') else '')
-        except ChecksumError as ex: rep['weights'][name] = f"BAD {ex}"
-    if verbose:
-        print(f"facecl: python {rep['python']}, torch {rep['torch']}, device {rep['device']}")
-        for k, v in rep['weights'].items(): print(f"  {k:24s} {v}")
-    return rep
-
 # %% ../nbs/90_core.ipynb #5a1e7c01
 class WeightFileError(ValueError):
     "A weights file that cannot be what its reader expects (truncated, other shapes, other contents); the message names the file."
@@ -478,17 +435,3 @@ def load_numpy_pickle(path, # a pickle of nested dicts of numpy arrays (e.g. fla
     if not isinstance(obj, dict): raise WeightFileError(f"{path}: holds {type(obj).__name__}, expected a dict of numpy arrays")
     check(obj, '')
     return obj
-
-# %% ../nbs/90_core.ipynb #416153ef
-def _main(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(prog='python -m facecl_nb.core')
-    ap.add_argument('--check-install', action='store_true', help='verify the demo-tier weights and report the rest')
-    a = ap.parse_args(argv)
-    if a.check_install:
-        rep = check_install()
-        demo = [n for n, e in load_manifest().items() if e['kind'] == 'weight' and e['tier'] == 'demo']
-        bad = [n for n in demo if not rep['weights'][n].startswith('ok')]
-        if bad: print('error: demo-tier weights not usable: ' + ', '.join(bad), file=sys.stderr); sys.exit(1)
-
-if __name__ == '__main__' and '__file__' in globals() and not hasattr(sys, 'ps1'): _main()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .core import resolve_weight
 
 # %% auto #0
 __all__ = ['DlibFormatError', 'DlibReader', 'net_spec', 'read_dlib_resnet', 'add_zero_padded', 'DlibResNet']
@@ -184,7 +185,6 @@ class DlibResNet(nn.Module):
                 ):
         super().__init__()
         if path is None:
-            from facecl_nb.core import resolve_weight
             path = resolve_weight('dlib-face-descriptor')
         inp, layers = read_dlib_resnet(path)
         self.register_buffer('mean_rgb', torch.tensor(inp['mean_rgb'], dtype=torch.float32).view(1, 3, 1, 1))

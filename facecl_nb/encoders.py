@@ -18,6 +18,10 @@ from .core import atomic_write_bytes, atomic_write_json, resolve_weight, seed_ev
 from .irse50 import irse_input_layer, irse_body, IRSE_WIDTHS
 from .stylegan2 import FullyConnectedLayer
 from .generators import GeneratorError, UnsafeCheckpointError, load_weights, save_generator, read_facecl_file
+from .core import MissingWeightError, ChecksumError, ManifestError
+from .synth import draw_style, jitter_style, apply_style
+from .metrics import psnr
+from .generators import load_prior
 
 # %% auto #0
 __all__ = ['EncoderError', 'InversionEncoder', 'PSPWEncoder', 'read_torch_checkpoint', 'load_psp_w_encoder', 'DemoEncoder',
@@ -212,7 +216,6 @@ def load_encoder(path_or_name, # a file (.safetensors: facecl's format; .pt/.pth
     "An inversion encoder, frozen: the demo tier's (`dcgan-encoder-demo`) or a user's pSp W encoder (`psp-w-encoder`)."
     p = Path(path_or_name)
     if not p.suffix and not p.exists():
-        from facecl_nb.core import MissingWeightError, ChecksumError, ManifestError
         try: p = resolve_weight(str(path_or_name))
         except (MissingWeightError, ChecksumError, ManifestError, KeyError) as e: raise EncoderError(f"encoder {path_or_name!r}: {e}") from None
     if not p.is_file(): raise EncoderError(f"{p}: no such file")
@@ -224,7 +227,6 @@ def load_encoder(path_or_name, # a file (.safetensors: facecl's format; .pt/.pth
 def _training_batch(G, n: int, seed: int, step: int) -> tuple[Tensor, Tensor, Tensor]:
     """Step `step`'s batch, a function of (seed, step) only (so a resumed run draws the same): latents z of the prior
     (scaled by 0.75–1.05, the range of the albums' identities), their renders x, and x photographed in a random album style."""
-    from facecl_nb.data import draw_style, jitter_style, apply_style
     r = np.random.default_rng([seed, step])
     z = torch.from_numpy(r.standard_normal((n, G.z_dim)) * r.uniform(0.75, 1.05, (n, 1))).float()
     with torch.no_grad(): x = G.synthesis(z[:, None])
@@ -238,7 +240,6 @@ def encoder_quality(E: InversionEncoder, # the encoder under test
                     seed: int = 10_000, # seeds the samples (apart from the training seeds)
                    ) -> dict:
     "On `n` held-out prior samples (styled like album photos): relative latent error ‖E(x) − z‖/‖z‖ and PSNR of G(E(x)) against the unstyled render."
-    from facecl_nb.metrics import psnr
     z, x, xs = _training_batch(G, n, seed, 0)
     with torch.no_grad():
         zh = E.encode(xs)[:, 0]; rec = G.synthesis(zh[:, None])
@@ -259,7 +260,6 @@ def train_demo_encoder(out, # .safetensors path of the result; `<out>.train.pt` 
     """Train the demo tier's encoder on the DigiFace prior's own samples: loss ‖E(style(G(z))) − z‖² (per dimension) +
     `w_image`·‖G(E(·)) − G(z)‖². Adam with a cosine decay; resumes where it stopped. Returns the loss history."""
     from tqdm.auto import tqdm
-    from facecl_nb.generators import load_prior
     out = Path(out); state_path = out.with_suffix('.train.pt')
     G = load_prior().requires_grad_(False)
     seed_everything(seed)

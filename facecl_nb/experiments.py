@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 
 from .core import PROJECT_ROOT, albums_dir, atomic_write_json
-from .data import Album, content_hash, default_demo_albums
+from .data import Album, content_hash
+from .synth import default_demo_albums
 from .cameras import album_cameras
 from .metrics import backbone_file, MetricUnavailable
 from .profiles import get_profile

@@ -54,6 +54,7 @@ def get_arch(name: str, # architecture name (e.g. 'dcgan', 'stylegan2', 'eg3d')
     raise GeneratorError(f"unknown architecture '{name}' (known: {sorted(set(ARCHS) | set(ARCH_MODULES))}; "
                          f"{'module ' + modname + ' is not available' if modname else 'none registers it'})")
 
+# %% ../nbs/02_generators.ipynb #9b40bca0
 class Generator(nn.Module):
     "Base class of every generator; subclasses set the sizes and implement `mapping` and `synthesis`."
     arch = 'base'
@@ -191,6 +192,7 @@ def save_generator(G, # a facecl network: `arch` and `config()` (generators, and
     meta = {'facecl_arch': G.arch, 'facecl_kwargs': json.dumps(G.config()['kwargs'])}
     return atomic_write_bytes(path, st_save(sd, metadata=meta))
 
+# %% ../nbs/02_generators.ipynb #1dbf9daf
 def read_facecl_file(path, # a .safetensors file of `save_generator`
                     ) -> tuple[str, dict, dict]:
     "(architecture name, constructor kwargs, tensors) of a file `save_generator` wrote; `GeneratorError` naming the file otherwise."
@@ -253,6 +255,8 @@ class _Opaque:
     def __repr__(self): return f"<stand-in {self._qualname}>"
 
 _STANDINS: dict = {}
+
+# %% ../nbs/02_generators.ipynb #bd9be1eb
 def _standin(module: str, name: str) -> type:
     key = f"{module}.{name}"
     if key not in _STANDINS: _STANDINS[key] = type(name, (_Opaque,), {'_qualname': key})
@@ -271,6 +275,7 @@ def _reconstruct_record(meta) -> PersistentRecord:
     if not isinstance(state, dict): raise UnsafeCheckpointError(f"persistence record of {meta.get('class_name')!r}: state is a {type(state).__name__}, not a dict")
     return PersistentRecord(str(meta.get('class_name')), str(meta.get('module_src', '')), state, meta.get('version', 0))
 
+# %% ../nbs/02_generators.ipynb #733f4cc8
 def _rebuild_tensor(storage, storage_offset, size, stride) -> Tensor:
     if not isinstance(storage, torch.TypedStorage): raise UnsafeCheckpointError(f"a tensor rebuild got a {type(storage).__name__}, not a storage")
     return torch._utils._rebuild_tensor(storage, int(storage_offset), tuple(size), tuple(stride))
@@ -285,6 +290,7 @@ def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None
     if not torch.is_tensor(data): raise UnsafeCheckpointError(f"a parameter rebuild got a {type(data).__name__}, not a tensor")
     return nn.Parameter(data, bool(requires_grad))
 
+# %% ../nbs/02_generators.ipynb #77057029
 def _rebuild_from_type_v2(func, new_type, args, state=None):
     if func not in (_rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter) or new_type not in (torch.Tensor, nn.Parameter):
         raise UnsafeCheckpointError(f"refused _rebuild_from_type_v2({getattr(func, '__name__', func)}, {getattr(new_type, '__name__', new_type)})")
@@ -353,6 +359,7 @@ class SafeUnpickler(pickle.Unpickler):
                        ):
         raise UnsafeCheckpointError(f"{self.path}: refused a persistent id {str(pid)[:60]!r} (not a network pickle; torch.save files are not read here)")
 
+# %% ../nbs/02_generators.ipynb #5738a98d
 def read_nvidia_pkl(path, # an NVIDIA network .pkl file
                    ) -> dict:
     "The top-level dict of an NVIDIA network pickle, read safely (networks as `PersistentRecord`s)."
@@ -386,6 +393,7 @@ def class_name_of(net, # a pickled network (record, stand-in or module)
     if isinstance(net, _Opaque): return type(net).__name__
     return type(net).__name__
 
+# %% ../nbs/02_generators.ipynb #2260494d
 def class_names_in(net, # a pickled network (record, stand-in or module)
                   ) -> set:
     "Class names of a pickled network and all its submodules."
@@ -414,6 +422,7 @@ def _plain(v):
     if hasattr(v, 'item') and hasattr(v, 'dtype') and getattr(v, 'ndim', 1) == 0: return v.item()   # numpy / torch scalars
     return v
 
+# %% ../nbs/02_generators.ipynb #4532c7d8
 def init_kwargs_of(net, # a pickled persistent network
                   ) -> dict:
     "The constructor keyword arguments a persistent network recorded (`_init_kwargs` / `init_kwargs`), as plain Python."
@@ -437,6 +446,7 @@ def nvidia_arch_of(net, # a pickled network
     if cname == 'Generator' and 'SynthesisInput' in class_names_in(net): return 'stylegan3'
     return NVIDIA_CLASS_ARCH.get(cname)
 
+# %% ../nbs/02_generators.ipynb #29eccb3f
 def load_nvidia_pkl(path, # an NVIDIA network .pkl file
                     which: str = 'G_ema', # network in the pickle ('G_ema', 'G', ...)
                     strict: bool = True, # raise on any missing, unexpected or mis-shaped key

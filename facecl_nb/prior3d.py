@@ -15,6 +15,11 @@ from torch import Tensor
 from .core import atomic_write_bytes, facecl_home, resolve_weight, seed_everything
 from .cameras import label_from_angles, labels_from_landmarks, crop_landmarks
 from .eg3d import TriPlaneGenerator, small_config, rays_from_label, render_planes, sample_planes, load_eg3d
+from .generators import load_prior
+from .data import to_uint8
+from .generators import save_generator, load_prior
+from .faces import dlib_descriptors
+from .metrics import psnr
 
 # %% auto #0
 __all__ = ['HEAD_MODEL', 'TARGETS', 'raycast_head', 'inside_head', 'surface_points', 'frontal_uv', 'teacher_colour', 'decode_at',
@@ -95,7 +100,6 @@ def decode_at(G, # a tri-plane generator (its decoder and box_warp)
     out = G.decoder(sample_planes(planes, pts, G.rendering_kwargs['box_warp']))
     return out['rgb'] * 2 - 1, out['sigma'][..., 0]
 
-
 # %% ../nbs/07a_prior3d.ipynb #2c676152
 def prior3d_config(**overrides, # constructor arguments replacing the defaults
                   ) -> dict:
@@ -140,8 +144,6 @@ def distill_set(n: int = 2000, # samples drawn
     "{'z' [n, 100], 'images' [n, 3, 64, 64] in [-1, 1], 'c' [n, 25] (cameras from landmarks)} from the DigiFace prior (diagnostics)."
     path = facecl_home()/'cache'/f'prior3d_set_n{n}_s{seed}.pt'
     if cache and path.is_file(): return torch.load(path, weights_only=True)
-    from facecl_nb.generators import load_prior
-    from facecl_nb.data import to_uint8
     G = load_prior()
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
     x = torch.cat([teacher_batch(G, zz) for zz in z.split(256)])
@@ -154,7 +156,6 @@ def distill_set(n: int = 2000, # samples drawn
         path.parent.mkdir(parents=True, exist_ok=True)
         import io; buf = io.BytesIO(); torch.save(out, buf); atomic_write_bytes(path, buf.getvalue())
     return out
-
 
 # %% ../nbs/07a_prior3d.ipynb #6e720e9f
 def _occupancy_loss(sigma: Tensor, occ: Tensor, delta: float = 0.07) -> Tensor:
@@ -228,7 +229,6 @@ def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside i
                  ) -> dict:
     "Distil the demo tier's 3D prior (see the notebook); returns {'hist': losses per step, 'evals': snapshots, 'path'}. Resumes from `<out>.train.pt`."
     from tqdm.auto import tqdm
-    from facecl_nb.generators import save_generator, load_prior
     out = Path(out); state_path = out.with_suffix('.train.pt')
     T = load_prior() if T is None else T
     seed_everything(seed)
@@ -276,7 +276,6 @@ def load_prior3d(device='cpu', # device the generator is moved to
     "The demo tier's 3D prior, from the file the manifest names (`eg3d-demo`), verified by sha256."
     return load_eg3d(resolve_weight('eg3d-demo')).to(device).eval().requires_grad_(False)
 
-
 # %% ../nbs/07a_prior3d.ipynb #e5b7c2a9
 def projected_teacher(x: Tensor, # [N, 3, H, W] the teacher's images in [−1, 1]
                       c: Tensor, # [1, 25] a camera
@@ -298,9 +297,6 @@ def evaluate_prior3d(G, # a tri-plane generator (eval mode)
     frontal one (`yaw_mean` its mean); `yaw_ideal`, `yaw_ideal_mean`: the same for `projected_teacher`, the teacher's image
     on the head model (the floor of this head). Also the images: `teacher` [n, 3, 64, 64], `views` [n, 1 + len(yaws), 3, 64, 64]
     (frontal first) and `ideal` [n, len(yaws), 3, 64, 64]."""
-    from facecl_nb.generators import load_prior
-    from facecl_nb.data import to_uint8, dlib_descriptors
-    from facecl_nb.metrics import psnr
     T = load_prior() if T is None else T
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
     x = teacher_batch(T, z)
@@ -320,7 +316,6 @@ def evaluate_prior3d(G, # a tri-plane generator (eval mode)
 
 TARGETS = dict(psnr=22.0, dlib_teacher=0.4, pairwise=0.5, yaw=0.4)   # issue 16: psnr and pairwise at least, the others at most
 
-
 # %% ../nbs/07a_prior3d.ipynb #0f2b4ace
 def _main(argv=None):
     import argparse
@@ -338,4 +333,3 @@ def _main(argv=None):
     atomic_write_bytes(a.out.with_suffix('.history.json'), json.dumps({'steps': a.steps, 'polish_steps': a.polish_steps, 'loss': r['hist'], 'eval': r['evals']}).encode())
 
 if __name__ == '__main__' and not hasattr(__builtins__, '__IPYTHON__') and 'ipykernel' not in __import__('sys').modules: _main()
-

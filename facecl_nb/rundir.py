@@ -14,6 +14,7 @@ from .core import atomic_write_bytes, atomic_write_json
 from .inversion import Items
 from .strategies import ReplayMemory
 from .metrics import r_to_json, r_from_json
+from .data import to_uint8
 
 # %% auto #0
 __all__ = ['StateError', 'module_digest', 'state_bytes', 'write_state', 'read_state', 'RunState', 'RunLocked', 'RunLock',
@@ -130,7 +131,6 @@ class RunLock:
         if self.f: fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close(); self.f = None
 
 def _u8(x: torch.Tensor) -> torch.Tensor:
-    from facecl_nb.data import to_uint8
     return to_uint8(x, channels_last=False, numpy=False)   # figures keep [n, 3, H, W] uint8
 
 class RunDir:

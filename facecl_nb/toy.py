@@ -12,7 +12,8 @@ import torch
 
 from .inversion import tuning_batches
 from .metrics import psnr, average_incremental_performance, average_forgetting, backward_transfer, higher_is_better
-from .replay import select_buffer, hull_distance
+from .replay import select_buffer
+from .hull import hull_distance
 
 # %% auto #0
 __all__ = ['PHOTO_SHAPE', 'N_PIX', 'N_FEAT', 'true_photos', 'make_stream', 'as_images', 'plot_stream', 'ToyGenerator',

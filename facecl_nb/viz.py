@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_viz.ipynb #bcd65277
 from __future__ import annotations
-import os
+import io, os
 from pathlib import Path
 from typing import Sequence
 
@@ -13,8 +13,9 @@ import torch
 
 from .strategies import STRATEGIES, k_matters, strategy_label, strategy_order
 from .rundir import RunDir, collect_results
-from .core import chromium_path
-from .data import to_uint8
+from .core import PROJECT_ROOT, chromium_path
+from .data import Album, to_uint8
+from .metrics import r_from_json, r_to_json
 
 # %% auto #0
 __all__ = ['label', 'sort_runs', 'save_figure', 'r_heatmaps', 'aip_af_vs_buffer', 'teaser_grid', 'teaser_figure',
@@ -65,7 +66,6 @@ def r_heatmaps(results: Sequence[dict], # results dicts of runs (those lacking `
     results = sort_runs([r for r in results if metric in r['R']])
     if not results: raise ValueError(f"no run has metric '{metric}'")
     n = len(results); cols = min(cols, n); rows = (n + cols - 1) // cols
-    from facecl_nb.metrics import r_from_json
     mats = [r_from_json(r['R'][metric]) for r in results]
     lo, hi = np.nanmin([np.nanmin(m) for m in mats]), np.nanmax([np.nanmax(m) for m in mats])
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{label(r)} ({r['person']}, s{r['seed']})" for r in results],
@@ -204,6 +204,7 @@ def buffer_pca_over_time(run_dir, # a replay run folder (with pool files)
                       title=f'Pool, buffer and hull in PCA ({Path(run_dir).name})', xaxis_title='PC1', yaxis_title='PC2')
     return fig
 
+# %% ../nbs/08_viz.ipynb #ea7618c3
 def buffer_pca_small_multiples(run_dir, # a replay run folder (with pool files)
                                cols: int = 5, # panels per row at most
                               ):
@@ -228,7 +229,6 @@ def r_cell_figure(R: np.ndarray, # [T, T] one metric's R, NaN where undefined
                  ):
     "A heat map of R with the cell (t, k) outlined."
     import plotly.graph_objects as go
-    from facecl_nb.metrics import r_to_json
     fig = go.Figure(go.Heatmap(z=r_to_json(R), colorscale='Viridis', hovertemplate='t=%{y} k=%{x} ' + metric + '=%{z:.3f}<extra></extra>'))
     fig.add_shape(type='rect', x0=k - .5, x1=k + .5, y0=t - .5, y1=t + .5, line=dict(color='red', width=3))
     fig.update_yaxes(autorange='reversed', title='t (model)'); fig.update_xaxes(title='k (test timestamp)')
@@ -239,11 +239,70 @@ def r_cell_figure(R: np.ndarray, # [T, T] one metric's R, NaN where undefined
 def resolve_runs_dir(runs_dir, # a runs folder, absolute or relative to the cwd or the repository
                     ) -> Path:
     "A runs folder as given, else relative to the repository (notebooks run from nbs/experiments/); absolute in errors."
-    from facecl_nb.core import PROJECT_ROOT
     p = Path(runs_dir)
     if p.is_absolute() or p.exists(): return p.resolve()
     q = PROJECT_ROOT/p
     return q.resolve() if q.exists() else p.resolve()
+
+def _png(a: np.ndarray, # [H, W, 3] uint8
+        ) -> bytes:
+    "A photo as a 192-px PNG (nearest-neighbour, so pixels stay visible)."
+    from PIL import Image as PImage
+    b = io.BytesIO(); PImage.fromarray(a).resize((192, 192), PImage.NEAREST).save(b, 'PNG'); return b.getvalue()
+
+# %% ../nbs/08_viz.ipynb #1ae31fd0
+def _fig_box(fig):
+    "A plotly figure in its own Output widget (a FigureWidget would ship plotly.js, 5 MB, on every redraw, and sometimes stay blank)."
+    import ipywidgets as W
+    o = W.Output()
+    with o: fig.show(renderer='plotly_mimetype')
+    return o
+
+def _explorer_panel(r: dict, # the run shown (results with 'run_dir')
+                    album_root, # folder holding the albums the runs used
+                    t: int, k: int, photo: int, # model index, test timestamp index, photo index
+                    metric: str, # metric shown in R
+                    photo_slider, # the photo slider (its maximum follows the album)
+                   ) -> list:
+    "The widgets of one view: the test photo, its reconstruction by model t, the cell (t, k) of R, the pool and buffer chosen at t."
+    import ipywidgets as W
+    import plotly.graph_objects as go
+    album = Album(album_root, r['person']); Ts = album.timestamps[:r['T']]
+    photos = album.images(Ts[k], 'test'); photo_slider.max = len(photos) - 1
+    tgt = to_uint8(photos[photo:photo + 1])[0]
+    rec = _recon(r['run_dir'], t)
+    rimg = rec['recon'][Ts[k]][photo].permute(1, 2, 0).numpy() if (rec is not None and Ts[k] in rec['recon']) else np.full_like(tgt, 255)
+    imgs = W.HBox([W.VBox([W.HTML('<b>test photo</b>'), W.Image(value=_png(tgt))]),
+                   W.VBox([W.HTML(f'<b>model after t={t}</b>' + (' (k > t: not yet seen)' if k > t else '')), W.Image(value=_png(rimg))])])
+    figs = [_fig_box(r_cell_figure(r_from_json(r['R'][metric]), t, k, metric, label(r)))]
+    if RunDir(r['run_dir']).pool_path(t).exists():     # a pool was chosen at t
+        f = buffer_pca_over_time(r['run_dir'])
+        fr = [x for x in f.frames if x.name == str(t)]
+        g = go.Figure(data=fr[0].data if fr else f.data); g.update_layout(width=460, height=400, title=f'pool and buffer chosen at t={t}')
+        figs.append(_fig_box(g))
+    return [W.VBox([imgs, W.HBox(figs)]), imgs, *figs]
+
+def _explorer_controls(results: list[dict]) -> dict:
+    "The explorer's widgets: person, strategy, buffer k (only the k's that ran), seed, model t, test k, photo."
+    import ipywidgets as W
+    T = max(r['T'] for r in results)
+    w = {'person': W.Dropdown(options=sorted({r['person'] for r in results}), description='person'),
+         'strategy': W.Dropdown(options=sorted({r['strategy'] for r in results}, key=strategy_order), description='strategy')}
+    w['buffer'] = W.Dropdown(options=_buffers_of(results, w['strategy'].value), description='buffer k')
+    w['seed'] = W.Dropdown(options=sorted({r['seed'] for r in results}), description='seed')
+    w['t'] = W.IntSlider(min=0, max=T - 1, value=T - 1, description='model t', continuous_update=False)
+    w['k'] = W.IntSlider(min=0, max=T - 1, value=0, description='test k', continuous_update=False)
+    w['photo'] = W.IntSlider(min=0, max=0, value=0, description='photo', continuous_update=False)
+    return w
+
+# %% ../nbs/08_viz.ipynb #1ea75802
+def _buffers_of(results, st): return sorted({r['buffer'] for r in results if r['strategy'] == st}) if k_matters(st) else ['-']
+
+def _find_run(results: list[dict], w: dict) -> dict | None:
+    "The run the controls point at (any k for a strategy whose k does not matter)."
+    c = [r for r in results if r['person'] == w['person'].value and r['strategy'] == w['strategy'].value and r['seed'] == w['seed'].value]
+    c = [r for r in c if not k_matters(r['strategy']) or r['buffer'] == w['buffer'].value] or c
+    return c[0] if c else None
 
 def explorer(runs_dir, # folder of finished runs (see `resolve_runs_dir`)
              album_root, # folder holding the albums the runs used
@@ -251,72 +310,28 @@ def explorer(runs_dir, # folder of finished runs (see `resolve_runs_dir`)
             ):
     "An ipywidgets explorer over the finished runs in `runs_dir`."
     import ipywidgets as W
-    import plotly.graph_objects as go
-    from facecl_nb.metrics import r_from_json
-    from facecl_nb.data import Album
+    from IPython.display import display
     runs_dir = resolve_runs_dir(runs_dir)
     results = collect_results(runs_dir)
     if not results: raise ValueError(f"no finished runs under {runs_dir} (run `make demo` first, or pass runs_dir)")
-    persons = sorted({r['person'] for r in results})
-    w_person = W.Dropdown(options=persons, description='person')
-    w_strategy = W.Dropdown(options=sorted({r['strategy'] for r in results}, key=strategy_order), description='strategy')
-    def buffers_of(st): return sorted({r['buffer'] for r in results if r['strategy'] == st}) if k_matters(st) else ['-']
-    w_buffer = W.Dropdown(options=buffers_of(w_strategy.value), description='buffer k')
-    w_seed = W.Dropdown(options=sorted({r['seed'] for r in results}), description='seed')
-    T = max(r['T'] for r in results)
-    w_t = W.IntSlider(min=0, max=T - 1, value=T - 1, description='model t', continuous_update=False)
-    w_k = W.IntSlider(min=0, max=T - 1, value=0, description='test k', continuous_update=False)
-    w_photo = W.IntSlider(min=0, max=0, value=0, description='photo', continuous_update=False)
-    out = W.Output()
-
-    def find():
-        c = [r for r in results if r['person'] == w_person.value and r['strategy'] == w_strategy.value and r['seed'] == w_seed.value]
-        c = [r for r in c if not k_matters(r['strategy']) or r['buffer'] == w_buffer.value] or c
-        return c[0] if c else None
-
-    state = {'quiet': False, 'shown': []}
-    def fig_box(fig):
-        "A plotly figure in its own Output widget (a FigureWidget would ship plotly.js, 5 MB, on every redraw, and sometimes stay blank)."
-        o = W.Output()
-        with o: fig.show(renderer='plotly_mimetype')
-        return o
+    w, out, state = _explorer_controls(results), W.Output(), {'quiet': False, 'shown': []}
     def draw(*_):
-        from PIL import Image as PImage
-        import io
         if state['quiet']: return
-        for w in state['shown']: w.close()             # the previous redraw's widgets, so they do not pile up in the kernel
+        for x in state['shown']: x.close()             # the previous redraw's widgets, so they do not pile up in the kernel
         out.clear_output(wait=True)
         with out:
-            r = find()
+            r = _find_run(results, w)
             if r is None: print('no such run'); return
-            album = Album(album_root, r['person']); Ts = album.timestamps[:r['T']]
-            t, k = w_t.value, w_k.value
-            photo = album.images(Ts[k], 'test'); w_photo.max = len(photo) - 1
-            tgt = to_uint8(photo[w_photo.value:w_photo.value + 1])[0]
-            rec = _recon(r['run_dir'], t)
-            rimg = rec['recon'][Ts[k]][w_photo.value].permute(1, 2, 0).numpy() if (rec is not None and Ts[k] in rec['recon']) else np.full_like(tgt, 255)
-            def png(a):
-                b = io.BytesIO(); PImage.fromarray(a).resize((192, 192), PImage.NEAREST).save(b, 'PNG'); return b.getvalue()
-            R = r_from_json(r['R'][metric])
-            imgs = W.HBox([W.VBox([W.HTML('<b>test photo</b>'), W.Image(value=png(tgt))]),
-                           W.VBox([W.HTML(f'<b>model after t={t}</b>' + (' (k > t: not yet seen)' if k > t else '')), W.Image(value=png(rimg))])])
-            figs = [fig_box(r_cell_figure(R, t, k, metric, label(r)))]
-            if RunDir(r['run_dir']).pool_path(t).exists():     # a pool was chosen at t (read once, below)
-                f = buffer_pca_over_time(r['run_dir'])
-                fr = [x for x in f.frames if x.name == str(t)]
-                g = go.Figure(data=fr[0].data if fr else f.data); g.update_layout(width=460, height=400, title=f'pool and buffer chosen at t={t}')
-                figs.append(fig_box(g))
-            from IPython.display import display
-            box = W.VBox([imgs, W.HBox(figs)]); state['shown'] = [box, imgs, *figs]
-            display(box)
+            state['shown'] = _explorer_panel(r, album_root, w['t'].value, w['k'].value, w['photo'].value, metric, w['photo'])
+            display(state['shown'][0])
     def strategy_changed(ch):
-        opts = buffers_of(w_strategy.value)
-        if list(w_buffer.options) != opts:                               # no k for the lower/upper bound; only the k's that ran
+        opts = _buffers_of(results, w['strategy'].value)
+        if list(w['buffer'].options) != opts:                           # no k for the lower/upper bound; only the k's that ran
             state['quiet'] = True                                         # one redraw per strategy change (the strategy's own)
-            try: w_buffer.options = opts
+            try: w['buffer'].options = opts
             finally: state['quiet'] = False
-    w_strategy.observe(strategy_changed, 'value')
-    for w in (w_person, w_strategy, w_buffer, w_seed, w_t, w_k, w_photo): w.observe(draw, 'value')
-    ui = W.VBox([W.HBox([w_person, w_strategy, w_buffer, w_seed]), W.HBox([w_t, w_k, w_photo]), out])
+    w['strategy'].observe(strategy_changed, 'value')
+    for x in w.values(): x.observe(draw, 'value')
+    ui = W.VBox([W.HBox([w['person'], w['strategy'], w['buffer'], w['seed']]), W.HBox([w['t'], w['k'], w['photo']]), out])
     draw()
     return ui

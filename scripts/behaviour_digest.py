@@ -29,13 +29,13 @@ def main(argv=None):
     ap.add_argument('--T', type=int, default=3)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from facecl_nb import data
+    from facecl_nb.synth import default_demo_albums
     from facecl_nb.continual import RunConfig, continual_run
     try: from facecl_nb.strategies import known_strategies
     except ImportError: from facecl_nb.continual import known_strategies
     try: from facecl_nb.experiments import QUICK_OVERRIDES, albums_3d
     except ImportError: from facecl_nb.continual import QUICK_OVERRIDES, albums_3d
-    album = data.default_demo_albums()[0]
+    album = default_demo_albums()[0]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = [('demo', s, album) for s in known_strategies()]

@@ -89,7 +89,8 @@ def test_validate_and_import_bad_input(tmp_path):
 
 def test_import_cli(tmp_path):
     from facecl_nb.generators import load_prior
-    from facecl_nb.data import to_uint8, detect_landmarks
+    from facecl_nb.data import to_uint8
+    from facecl_nb.faces import detect_landmarks
     G = load_prior()
     with torch.no_grad(): x = G(torch.randn(4, 100, generator=torch.Generator().manual_seed(2)))
     src = tmp_path / 'photos'; src.mkdir()

@@ -8,7 +8,8 @@ import torch
 
 from facecl_nb import continual as C, grid as GR, rundir as RD, experiments as X
 from facecl_nb.profiles import get_profile
-from facecl_nb.data import synth_album, Album
+from facecl_nb.data import Album
+from facecl_nb.synth import synth_album
 
 MICRO = dict(projection={'steps': 8}, tuning={'epochs': 2}, free={'steps': 8}, hull={'steps': 8}, n_synth=4, hull_candidates=20,
              metrics=('psnr', 'ssim', 'id_sim', 'dlib_dist'))

@@ -11,7 +11,8 @@ from facecl_nb import continual as C, grid as GR, rundir as RD, experiments as X
 from facecl_nb.profiles import get_profile
 from facecl_nb.cameras import album_cameras
 from facecl_nb.core import ConfigError
-from facecl_nb.data import synth_album, Album
+from facecl_nb.data import Album
+from facecl_nb.synth import synth_album
 from facecl_nb.eg3d import TriPlaneGenerator, small_config
 
 MICRO = dict(projection={'steps': 4}, tuning={'steps': 4, 'batch_size': 4}, free={'steps': 4}, hull={'steps': 4}, n_synth=2, hull_candidates=10,
@@ -71,7 +72,8 @@ def test_shipped_prior3d_keeps_identity_across_views():
     """The demo tier's 3D prior: a face rendered at yaw +-20 deg stays within dlib distance 0.6 of its frontal render."""
     from facecl_nb.prior3d import load_prior3d
     from facecl_nb.cameras import label_from_angles
-    from facecl_nb.data import to_uint8, dlib_descriptors
+    from facecl_nb.data import to_uint8
+    from facecl_nb.faces import dlib_descriptors
     G = load_prior3d()
     z = torch.randn(6, G.z_dim, generator=torch.Generator().manual_seed(123))
     yaws = torch.tensor([-20.0, 0.0, 20.0]).deg2rad()

@@ -1,4 +1,4 @@
-"""Albums end to end (facecl_nb.data): importing real-looking photos with FFHQ alignment and its report, the default
+"""Albums end to end (facecl_nb.data, faces, synth): importing real-looking photos with FFHQ alignment and its report, the default
 demo albums being reused or repaired, and a check that the timestamps of a synthetic album differ in a way a
 model must learn."""
 import json, math
@@ -10,8 +10,9 @@ import torch
 import yaml
 from PIL import Image
 
-from facecl_nb.data import (Album, AlbumError, synth_album, import_photos, detect_landmarks, default_demo_albums, content_hash,
-                            to_uint8)
+from facecl_nb.data import Album, AlbumError, content_hash, to_uint8
+from facecl_nb.faces import import_photos, detect_landmarks
+from facecl_nb.synth import synth_album, default_demo_albums
 
 
 @pytest.fixture(scope='module')

@@ -95,7 +95,7 @@ def tiny_runs(tmp_path, lab):
     "A synthetic album and a finished grid none / random k=2 / hull k=2, T=2 (about 20 s on one core; `lab` boots meanwhile)."
     from facecl_nb import continual as C, grid as GR, rundir as RD, experiments as X
     from facecl_nb.profiles import get_profile
-    from facecl_nb.data import synth_album
+    from facecl_nb.synth import synth_album
     albums = tmp_path / 'albums'
     synth_album(albums, 'pat', timestamps=2, n_train=3, n_test=2, size=64, seed=5)
     runs = tmp_path / 'runs'

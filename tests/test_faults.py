@@ -11,7 +11,8 @@ import torch
 from facecl_nb import continual as C, grid as GR, rundir as RD, experiments as X
 from facecl_nb.profiles import get_profile
 from facecl_nb.core import ConfigError
-from facecl_nb.data import synth_album, Album
+from facecl_nb.data import Album
+from facecl_nb.synth import synth_album
 
 MICRO = dict(tuning={'epochs': 1}, free={'steps': 4}, hull={'steps': 4}, n_synth=2, hull_candidates=10, metrics=('psnr', 'dlib_dist'))
 quiet = lambda *a: None
@@ -138,7 +139,7 @@ def test_real_photo_of_one_person_imports_and_two_people_are_two(tmp_path):
     "scikit-image's astronaut photo (one face) imports and aligns; the photo mirrored beside itself holds two faces."
     skimage_data = pytest.importorskip('skimage.data')
     from PIL import Image
-    from facecl_nb.data import import_photos, detect_faces
+    from facecl_nb.faces import import_photos, detect_faces
     photos = tmp_path / 'photos'; photos.mkdir()
     a = skimage_data.astronaut()
     Image.fromarray(a).save(photos / 'astronaut.png')
@@ -160,7 +161,8 @@ def test_corrupt_user_weight_is_named_at_check_install(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     bad = tmp_path / 'weights' / 'alexnet-owt-7be5be79.pth'
     bad.parent.mkdir(parents=True); bad.write_bytes(os.urandom(4096))
-    from facecl_nb.core import check_install, _VERIFIED
+    from facecl_nb.core import _VERIFIED
+    from facecl_nb.install import check_install
     from facecl_nb.metrics import MetricUnavailable, lpips_loss, find_backbone
     _VERIFIED.clear()
     rep = check_install(verbose=False)
@@ -171,7 +173,7 @@ def test_corrupt_user_weight_is_named_at_check_install(tmp_path, monkeypatch):
 
 def test_failed_import_leaves_no_person_folder(tmp_path):
     from PIL import Image
-    from facecl_nb.data import import_photos
+    from facecl_nb.faces import import_photos
     photos = tmp_path / 'photos'; photos.mkdir()
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(photos / 'grey.png')
     (photos / 'broken.jpg').write_bytes(b'not a jpeg')

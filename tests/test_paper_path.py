@@ -14,7 +14,8 @@ from torch import nn
 
 from facecl_nb import continual as C
 from facecl_nb.profiles import get_profile
-from facecl_nb.data import synth_album, Album
+from facecl_nb.data import Album
+from facecl_nb.synth import synth_album
 from facecl_nb.encoders import EncoderError, PSPWEncoder, load_encoder
 from facecl_nb.generators import load_generator, persistent_pickle_bytes
 from facecl_nb.metrics import MetricUnavailable
