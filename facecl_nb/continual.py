@@ -16,8 +16,8 @@ from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig
                             code_version, get_device)
 from .inversion import Items, project, tune, describe_loss
 from .evaluation import evaluate, synthesis_scores
-from .metrics import r_to_json, higher_is_better
-from .data import content_hash
+from .metrics import RECON_METRICS, r_to_json, higher_is_better
+from .data import TaskStream
 from .profiles import PROFILES, get_profile
 from .strategies import Strategy, ReplayMemory, known_strategies, get_strategy
 from .rundir import RunDir, RunState, StateError, module_digest
@@ -43,7 +43,7 @@ class RunConfig(Config):
     hull: dict = field(default_factory=dict)
     hull_candidates: int = 5000          # C of ER-Hull
     hull_anchors: str = 'seen'           # P_beta spanned by anchors of every training photo seen so far ('seen') or of the tuning set ('tuned')
-    metrics: tuple = ('psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist')
+    metrics: tuple = RECON_METRICS
     synth_metrics: tuple = ('id_sim', 'fid')
     n_synth: int | None = None          # samples per (t, k) for synthesis (None: the protocol's)
     threads: int | None = None           # torch threads (None: leave as is)
@@ -105,7 +105,7 @@ def make_anchors(G, # the current generator
                    init='nearest' if codes is None else codes, c=None if cameras is None else cameras.to(device),
                    seed=seed, batch_size=P.batch_size, progress=progress).cpu()
 
-def new_items(album, # a `facecl_nb.data.Album`
+def new_items(stream: TaskStream, # the run's album, read once
               ts: list, # the timestamps whose training photos are new
               G, # the current generator (projection target)
               encoder, # the inversion encoder, or None
@@ -116,11 +116,11 @@ def new_items(album, # a `facecl_nb.data.Album`
               progress: bool = False, # show a progress bar
              ) -> Items:
     "Step 1: the training photos of timestamps `ts`, with their anchors, timestamps and names."
-    imgs = torch.cat([album.images(s, 'train') for s in ts])
-    names = sum([[f"{s}/{n}" for n in album.names(s, 'train')] for s in ts], [])
-    tstamps = sum([[s] * len(album.names(s, 'train')) for s in ts], [])
-    cams = album.cameras(ts[0], 'train')
-    cams = None if cams is None else torch.cat([album.cameras(s, 'train') for s in ts])
+    imgs = torch.cat([stream[s].train for s in ts])
+    names = sum([[f"{s}/{n}" for n in stream[s].names] for s in ts], [])
+    tstamps = sum([[s] * len(stream[s].names) for s in ts], [])
+    cams = stream[ts[0]].train_cameras
+    cams = None if cams is None else torch.cat([stream[s].train_cameras for s in ts])
     return Items(imgs, make_anchors(G, imgs, cams, encoder, protocol, P, seed, device, progress), cams, tstamps, names)
 
 # %% ../nbs/06_continual.ipynb #ld000001
@@ -241,20 +241,22 @@ def _check_config(rd: RunDir, cfg_d: dict, inputs: dict) -> None:
 
 # %% ../nbs/06_continual.ipynb #ld000006
 def _load_inputs(album, cfg: RunConfig, G0, E0, device):
-    "(timestamps, prior, encoder, input digests): everything a run reads, loaded and checked before its folder is touched."
+    """(stream, prior, encoder, input digests): everything a run reads, loaded and checked before its folder is touched.
+    The album is read once, into a `TaskStream`; its digest is of the photos (and cameras) the run uses."""
     Ts = album.timestamps[:cfg.T] if cfg.T else album.timestamps
     if len(Ts) < 1: raise ValueError(f"album {album.root}/{album.person} has no timestamps")
     if cfg.T and cfg.T > len(album.timestamps): raise ConfigError(f"RunConfig: T = {cfg.T} but album {album.dir} has {len(album.timestamps)} timestamps")
     prof, proto = get_profile(cfg.profile), cfg.stage('protocol')
     if prof.is_3d: check_cameras(album, Ts)
+    stream = TaskStream(album, cfg.T)
     G_prior = (G0 if G0 is not None else prof.load_prior(device)).to(device)
     if prof.is_3d and not getattr(G_prior, 'c_dim', 0):
         raise ConfigError(f"profile {cfg.profile}: the prior is a 2D generator ({getattr(G_prior, 'arch', type(G_prior).__name__)}); a 3D run needs an eg3d one")
     encoder = None if proto.anchors == 'optimize' else (E0.fits(G_prior).to(device) if E0 is not None else prof.load_encoder(G_prior, device, proto))
     for stage in ('tuning', 'free', 'projection'): describe_loss(cfg.stage(stage).lpips_weight)   # LPIPS's weights, when the loss needs them
-    inputs = {'album_content_hash': content_hash(album.dir), 'prior_sha256': module_digest(G_prior),
+    inputs = {'album_content_hash': stream.digest, 'prior_sha256': module_digest(G_prior),
               'encoder_sha256': None if encoder is None else module_digest(encoder)}
-    return Ts, G_prior, encoder, inputs
+    return stream, G_prior, encoder, inputs
 
 def continual_run(album, # a `facecl_nb.data.Album`
                   cfg: RunConfig, # strategy, k, seed, profile and any stage overrides
@@ -268,19 +270,23 @@ def continual_run(album, # a `facecl_nb.data.Album`
     """Run (or resume) one continual run on `album`; writes and returns `results.json`.
     Per timestamp: new items → buffer update → tuning → evaluation → record."""
     device = get_device()
-    Ts, G_prior, encoder, inputs = _load_inputs(album, cfg, G0, E0, device)
+    stream, G_prior, encoder, inputs = _load_inputs(album, cfg, G0, E0, device)
     threads = torch.get_num_threads()
     rd = RunDir(Path(out))
     try:
-        with rd.lock(): return _run_locked(album, cfg, rd, Ts, G_prior, encoder, inputs, device, progress, log, share)
+        with rd.lock(): return _run_locked(stream, cfg, rd, G_prior, encoder, inputs, device, progress, log, share)
     finally: torch.set_num_threads(threads)
 
 # %% ../nbs/06_continual.ipynb #ld000007
 @dataclass
 class _Run:
-    "What the steps of one run share: its config, album, timestamps, folder, fixed test data and how it reports."
-    cfg: RunConfig; album: object; rd: RunDir; Ts: list; encoder: object; inputs: dict; device: object
+    "What the steps of one run share: its config, its album's stream, folder, fixed test data and how it reports."
+    cfg: RunConfig; stream: TaskStream; rd: RunDir; encoder: object; inputs: dict; device: object
     progress: bool; log: object; tag: str; loss_desc: str; tests: dict = None; test_cams: dict = None; test_init: dict = None
+    @property
+    def Ts(self) -> list: return self.stream.timestamps
+    @property
+    def album(self): return self.stream.album
 
 def _start(run: _Run, G_prior, share) -> tuple[RunState, object, Path | None]:
     "(state, model, shared folder) to go on from: a resumed state, the grid's shared first timestamp, or the prior."
@@ -293,18 +299,19 @@ def _start(run: _Run, G_prior, share) -> tuple[RunState, object, Path | None]:
         if state is not None: return state, state.model(G_prior), shared
     return RunState(-1, {}), G_prior, shared
 
-def _run_locked(album, cfg, rd: RunDir, Ts, G_prior, encoder, inputs, device, progress, log, share=None) -> dict:
+def _run_locked(stream: TaskStream, cfg, rd: RunDir, G_prior, encoder, inputs, device, progress, log, share=None) -> dict:
+    album = stream.album
     if cfg.threads: torch.set_num_threads(cfg.threads)
     rd.prepare()
     _check_config(rd, {**cfg.to_dict(), 'album': str(album.root), 'person': album.person, 'inputs': inputs}, inputs)
-    run = _Run(cfg, album, rd, Ts, encoder, inputs, device, progress, log, f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}]",
+    run = _Run(cfg, stream, rd, encoder, inputs, device, progress, log, f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}]",
                describe_loss(cfg.stage('tuning').lpips_weight))
     state, G, shared = _start(run, G_prior, share)
-    run.tests = {t: album.images(t, 'test') for t in Ts}
-    run.test_cams = {t: album.cameras(t, 'test') for t in Ts}
-    run.test_init = None if encoder is None else {t: encoder.encode(run.tests[t].to(device)).cpu() for t in Ts}   # fixed: one code per test photo
+    run.tests = {e.t: e.test for e in stream}
+    run.test_cams = {e.t: e.test_cameras for e in stream}
+    run.test_init = None if encoder is None else {t: encoder.encode(x.to(device)).cpu() for t, x in run.tests.items()}   # fixed: one code per test photo
     st = get_strategy(cfg.strategy)
-    for i in st.steps(len(Ts), state.t + 1):
+    for i in st.steps(len(stream), state.t + 1):
         state, G = _step(run, st, i, state, G)
         if i == 0 and shared is not None: offer_first_step(rd, shared)
     return rd.results()
@@ -315,7 +322,7 @@ def _step(run: _Run, st: Strategy, i: int, state: RunState, G) -> tuple[RunState
     t = Ts[i]; clock = StepClock(t)
     ts_new = [Ts[j] for j in st.train_indices(i)]
     with clock('anchors_s'):                                                                                        # 1. new items
-        new = new_items(run.album, ts_new, G, run.encoder, cfg.stage('protocol'), cfg.stage('projection'), step_seed(cfg.seed, t, 1), run.device, run.progress)
+        new = new_items(run.stream, ts_new, G, run.encoder, cfg.stage('protocol'), cfg.stage('projection'), step_seed(cfg.seed, t, 1), run.device, run.progress)
     with clock('select_s'):                                                                                         # 2. buffer
         sel = state.memory.update(st, cfg.buffer, step_seed(cfg.seed, t, 2), cfg)
         if sel.pool is not None: run.rd.write_pool(i, sel.pool, list(sel.chosen))

@@ -5,6 +5,7 @@
 # %% ../nbs/01_data.ipynb #4f292a43
 from __future__ import annotations
 import hashlib, io, json, math, os, re
+from dataclasses import dataclass
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +18,7 @@ from PIL import Image, ImageOps
 from .core import atomic_write_bytes, atomic_write_text, atomic_write_json, sha256_file
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'SPLITS', 'AlbumError', 'Album', 'to_uint8', 'content_hash']
+__all__ = ['IMAGE_EXTS', 'SPLITS', 'AlbumError', 'Album', 'to_uint8', 'content_hash', 'Experience', 'TaskStream']
 
 # %% ../nbs/01_data.ipynb #0b0e5320
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
@@ -70,6 +71,16 @@ def _check_cameras(path: Path, stems: list[str]) -> list[tuple[str, str]]:
         ok = isinstance(v, list) and len(v) == 25 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
         if not ok: out.append((str(path), f"entry '{k}' is not 25 finite floats"))
     return out
+
+# %% ../nbs/01_data.ipynb #ts000006
+def _decode(blobs: Sequence[bytes], # the bytes of image files
+           ) -> torch.Tensor:
+    "Photos from their file bytes as float32 [N, 3, H, W] in [-1, 1]: the one decoder (`Album.images` and `TaskStream`)."
+    arrs = []
+    for b in blobs:
+        with Image.open(io.BytesIO(b)) as im: arrs.append(np.asarray(im.convert('RGB')))
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(arrs).transpose(0, 3, 1, 2)))
+    return x.float().div_(127.5).sub_(1.0)
 
 # %% ../nbs/01_data.ipynb #5e0c5b3f
 class Album:
@@ -168,11 +179,7 @@ class Album:
         if int(t) not in self.meta['timestamps']: raise KeyError(f"{self.dir}: no timestamp {t} (has {self.timestamps})")
         key = (int(t), split)
         if key not in self._cache:
-            arrs = []
-            for f in self.files(t, split):
-                with Image.open(f) as im: arrs.append(np.asarray(im.convert('RGB')))
-            x = torch.from_numpy(np.ascontiguousarray(np.stack(arrs).transpose(0, 3, 1, 2)))
-            self._cache[key] = x.float().div_(127.5).sub_(1.0)
+            self._cache[key] = _decode([f.read_bytes() for f in self.files(t, split)])
         return self._cache[key]
 
     def cameras(self, t: int, # a timestamp of the album
@@ -208,3 +215,49 @@ def content_hash(person_dir, # an album's person folder
 
 def _png_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO(); Image.fromarray(a).save(buf, format='PNG', compress_level=6); return buf.getvalue()
+
+# %% ../nbs/01_data.ipynb #ts000002
+@dataclass
+class Experience:
+    "One timestamp as a run sees it: its training photos with their names and cameras, its test photos with their cameras."
+    t: int
+    train: torch.Tensor                    # [N, 3, H, W] in [-1, 1]
+    names: list                            # the training photos' file stems, in file order
+    train_cameras: torch.Tensor | None     # [N, 25], or None (an album without cameras)
+    test: torch.Tensor                     # [M, 3, H, W] in [-1, 1]
+    test_cameras: torch.Tensor | None      # [M, 25], or None
+
+# %% ../nbs/01_data.ipynb #ts000003
+class TaskStream:
+    """An album as one run uses it: its first T timestamps, in order, each an `Experience`, every file read once — when the
+    stream is made — and decoded and hashed from the same bytes (`digest`: the album's `content_hash` over those timestamps)."""
+    def __init__(self, album: Album, # the album (validated here)
+                 T: int | None = None, # its first T timestamps (None: all)
+                ):
+        album.validate()
+        ts = album.timestamps
+        if T is not None and not 1 <= T <= len(ts): raise AlbumError([(str(album.dir), f"T = {T}, but the album has {len(ts)} timestamps")], album.dir)
+        self.album, self.timestamps, self._exp, rows = album, ts[:T] if T else ts, {}, []
+        for t in self.timestamps:
+            (tr, names, tr_c), (te, _, te_c) = (self._read(t, split, rows) for split in SPLITS)
+            self._exp[t] = Experience(t, tr, names, tr_c, te, te_c)
+        h = hashlib.sha256()
+        for rel, sha in sorted(rows): h.update(f"{rel}\0{sha}\n".encode())
+        self.digest = h.hexdigest()
+
+    def _read(self, t: int, split: str, rows: list) -> tuple:
+        "(photos, stems, cameras) of one split, each file read once; (relative path, sha256) of each appended to `rows`."
+        files = self.album.files(t, split)
+        blobs = [f.read_bytes() for f in files]
+        rows += [(f.relative_to(self.album.dir).as_posix(), hashlib.sha256(b).hexdigest()) for f, b in zip(files, blobs)]
+        stems, p, cams = [f.stem for f in files], self.album.dir/str(t)/split/'cameras.json', None
+        if p.is_file():
+            raw = p.read_bytes(); rows.append((p.relative_to(self.album.dir).as_posix(), hashlib.sha256(raw).hexdigest()))
+            cams = torch.tensor([json.loads(raw)[n] for n in stems], dtype=torch.float32)   # (validated above)
+        return _decode(blobs), stems, cams
+
+    def __len__(self) -> int: return len(self.timestamps)
+    def __getitem__(self, t: int, # a timestamp of the stream
+                   ) -> Experience: return self._exp[int(t)]
+    def __iter__(self): return (self._exp[t] for t in self.timestamps)
+    def __repr__(self): return f"TaskStream({self.album!r}, T={len(self)}, digest={self.digest[:12]}…)"

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import FreeConfig, HullConfig
-from .metrics import (MetricUnavailable, compute_metrics, default_identity_encoder, fid)
+from .core import FreeConfig, HullConfig, Protocol
+from .metrics import (MetricUnavailable, RECON_METRICS, compute_metrics, default_identity_encoder, fid)
 from .inversion import project_to_hull, reconstruct_free, synthesize
 
 # %% auto #0
@@ -42,7 +42,7 @@ def evaluate(G, # the model to evaluate (left unchanged)
              free: FreeConfig = FreeConfig(), # settings of the 'free' protocol (steps, lr, lpips_weight)
              hull: HullConfig = HullConfig(), # settings of the 'hull' protocol (beta, steps, lr)
              space: str = 'w', # 'w' or 'w+' (the 'free' protocol's latent space)
-             metrics: Sequence[str] = ('psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist'), # metric names for `compute_metrics`
+             metrics: Sequence[str] = RECON_METRICS, # metric names for `compute_metrics`
              encoder=None, # identity encoder for 'id_sim' (None: the default)
              seed: int = 0, # seeds the optimizations
              progress: bool = False, # show a progress bar
@@ -75,7 +75,7 @@ def evaluate(G, # the model to evaluate (left unchanged)
 def synthesis_scores(G, # the model that synthesizes
                      anchors: dict, # timestamp k -> k's training anchors [n_k, num_ws, w_dim]
                      tests: dict, # timestamp k -> k's test photos
-                     n_synth: int = 8, # samples per timestamp
+                     n_synth: int = Protocol.n_synth, # samples per timestamp (the protocol's default)
                      seed: int = 0, # seeds the samples (offset per timestamp)
                      cameras: dict | None = None, # timestamp -> camera labels [n, 25] (3D; the first one is used for every sample)
                      metrics: Sequence[str] = ('id_sim', 'fid'), # 'id_sim' and/or 'fid'

