@@ -14,6 +14,7 @@ from torch import Tensor
 
 # default settings come from the stage configs (the profiles override them): one place for each number
 from .core import ProjectionConfig as _P, FreeConfig as _F, TuningConfig as _T, HullConfig as _H
+from . import metrics
 
 # %% auto #0
 __all__ = ['InversionError', 'TuningDiverged', 'check_images', 'check_anchors', 'describe_loss', 'project', 'reconstruct_free',
@@ -60,7 +61,6 @@ def check_anchors(G, # the generator (num_ws, w_dim)
 def _lpips_fn(weight):
     "LPIPS(AlexNet), the authors' perceptual loss, when `weight` > 0 (MetricUnavailable naming the file when absent); None for weight 0."
     if not weight: return None
-    from facecl_nb import metrics
     try: return metrics.lpips_loss('alex')
     except metrics.MetricUnavailable as e:
         raise metrics.MetricUnavailable(f"the loss L2 + LPIPS(alex) needs LPIPS's AlexNet weights: {e}. Install them "

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from . import __version__
 from .core import atomic_write_bytes, atomic_write_text, albums_dir, load_manifest
 from .generators import load_prior
 from .data import Album, AlbumError, content_hash, to_uint8, _check_person, _png_bytes
@@ -103,7 +104,6 @@ def _rng(*key) -> np.random.Generator: return np.random.default_rng([int(k) for 
 
 def _versions() -> dict:
     import dlib, PIL, platform
-    from facecl_nb import __version__
     cap = getattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'unknown')()
     v = {'facecl': __version__, 'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__,
          'pillow': PIL.__version__, 'dlib': dlib.__version__, 'cpu_capability': cap}
