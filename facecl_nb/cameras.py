@@ -42,6 +42,7 @@ def make_label(cam2world: Tensor, # [N, 4, 4] camera-to-world matrices
     K = K.reshape(-1, 3, 3).expand(len(cam2world), 3, 3)
     return torch.cat([cam2world.reshape(-1, 16), K.reshape(-1, 9)], 1)
 
+# %% ../nbs/07_cameras.ipynb #945aa96b
 def look_at(origin: Tensor, # [N, 3] camera centres
             target: Tensor, # [N, 3] or [3] points looked at
             up=(0.0, 1.0, 0.0), # world up direction (x, y, z)
@@ -79,6 +80,7 @@ def label_from_angles(yaw, # radians; > 0 moves the camera to world +x (the subj
     m[:, :3, :3] = m[:, :3, :3] @ _rot_axis(2, roll)
     return make_label(m, K)
 
+# %% ../nbs/07_cameras.ipynb #35641172
 def angles_from_label(c: Tensor, # [N, 25] camera labels
                       pivot=FFHQ_PIVOT, # (x, y, z) point the cameras look at
                      ) -> dict:
@@ -207,6 +209,7 @@ def fit_pose(landmarks, # [N, 68, 2] in normalized image coordinates (x right, y
     m[:, :3, :3] = R.transpose(1, 2); m[:, :3, 3] = -(R.transpose(1, 2) @ t[..., None])[..., 0]
     return {'cam2world': m.float(), 'rmse': (cost / 68).sqrt().float()}
 
+# %% ../nbs/07_cameras.ipynb #cda21b92
 def normalize_camera(cam2world: Tensor, # [N, 4, 4] camera-to-world matrices
                      radius: float = FFHQ_RADIUS, # distance from the pivot after the move
                      pivot=FFHQ_PIVOT, # (x, y, z) point the cameras look at

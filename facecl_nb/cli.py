@@ -8,13 +8,29 @@ import argparse, json, sys
 from pathlib import Path
 
 from .profiles import PROFILES      # (plain data: `facecl --help` stays fast; the networks load when a command runs)
+from .core import SEED_MAX
 
 # %% auto #0
-__all__ = ['LOSSES', 'EXPERIMENTS', 'build_parser', 'protocol_overrides', 'cli_album_synth', 'cli_album_import',
-           'cli_album_cameras', 'cli_album_validate', 'cli_run', 'cli_grid', 'cli_demo', 'cli_experiment',
-           'cli_check_install', 'main']
+__all__ = ['COUNT', 'POSITIVE', 'SEED', 'LOSSES', 'EXPERIMENTS', 'build_parser', 'protocol_overrides', 'cli_album_synth',
+           'cli_album_import', 'cli_album_cameras', 'cli_album_validate', 'cli_run', 'cli_grid', 'cli_demo',
+           'cli_experiment', 'cli_check_install', 'main']
 
 # %% ../nbs/09_cli.ipynb #b853f484
+def _int_arg(lo: int = 0, # smallest value allowed
+             hi: int | None = None, # largest value allowed (None: no bound)
+            ):
+    "An argparse type: an integer in [lo, hi], else argparse's usage error naming the option — before any folder or work."
+    def integer(s):
+        try: v = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'}, got {v}"
+                                             + (' (a larger seed would repeat a smaller one)' if hi == SEED_MAX and v > hi else ''))
+        return v
+    return integer
+
+COUNT, POSITIVE, SEED = _int_arg(0), _int_arg(1), _int_arg(0, SEED_MAX)   # k and timestamps; sizes, epochs, jobs; seeds
+
 def _add_album(sub):
     p = sub.add_parser('album', help='make, import or annotate personal albums', description='Make, import or annotate personal albums (layout: <root>/<person>/album.yaml and <root>/<person>/<t>/{train,test}/<name>.png).')
     s = p.add_subparsers(dest='album_cmd', metavar='{synth,import,cameras,validate}', required=True)
@@ -23,11 +39,11 @@ def _add_album(sub):
                                  'each photo verified with dlib (distance < 0.6). Same arguments give byte-identical files.')
     q.add_argument('--album', required=True, type=Path, help='albums root folder')
     q.add_argument('--person', required=True, help='person name (a folder under the root)')
-    q.add_argument('--timestamps', type=int, default=10, help='number of timestamps T')
-    q.add_argument('--train', type=int, default=20, help='training photos per timestamp')
-    q.add_argument('--test', type=int, default=5, help='test photos per timestamp')
-    q.add_argument('--size', type=int, default=64, help='image size in pixels')
-    q.add_argument('--seed', type=int, default=0, help='seed of the whole recipe')
+    q.add_argument('--timestamps', type=POSITIVE, default=10, help='number of timestamps T')
+    q.add_argument('--train', type=POSITIVE, default=20, help='training photos per timestamp')
+    q.add_argument('--test', type=POSITIVE, default=5, help='test photos per timestamp')
+    q.add_argument('--size', type=_int_arg(16), default=64, help='image size in pixels')
+    q.add_argument('--seed', type=SEED, default=0, help='seed of the whole recipe')
     q.add_argument('--force', action='store_true', help='overwrite an existing album of that person')
     q = s.add_parser('import', help='align a folder of real photos into an album (FFHQ-style, dlib 68 landmarks)',
                      description='Detect, align (FFHQ eye/mouth quad from dlib 68 landmarks) and save photos into <album>/<person>/<t>/<split>/. '
@@ -35,9 +51,9 @@ def _add_album(sub):
     q.add_argument('photos', type=Path, help='folder of photos (jpg/png) or one photo')
     q.add_argument('--album', required=True, type=Path, help='albums root folder')
     q.add_argument('--person', required=True)
-    q.add_argument('--timestamp', required=True, type=int)
+    q.add_argument('--timestamp', required=True, type=COUNT)
     q.add_argument('--split', required=True, choices=['train', 'test'])
-    q.add_argument('--size', type=int, default=1024, help='output size in pixels')
+    q.add_argument('--size', type=_int_arg(16), default=1024, help='output size in pixels')
     q = s.add_parser('cameras', help='estimate camera labels (EG3D convention) from landmarks and write cameras.json',
                      description='Estimate a 25-float EG3D camera label for every photo of an album from dlib landmarks (PnP) and write cameras.json.')
     q.add_argument('--album', required=True, type=Path)
@@ -57,35 +73,36 @@ def _add_protocol(p):
                    help="test photos reconstructed by free latent optimization from their encoder code (the paper's), inside P_beta, or both (two R matrices; the hull one's metrics suffixed @hull)")
     g.add_argument('--replay-mix', choices=['paired', 'uniform'], default=None,
                    help="each batch of b new photos paired with b replayed items (1:1, the paper's) or batches drawn from new + buffer alike")
-    g.add_argument('--epochs', type=int, default=None, help='tuning epochs over the new photos (paper: 1000)')
+    g.add_argument('--epochs', type=POSITIVE, default=None, help='tuning epochs over the new photos (paper: 1000)')
     g.add_argument('--loss', choices=sorted(LOSSES), default=None,
                    help="the loss of tuning, projection and free reconstruction: the authors' L2 + LPIPS(AlexNet) (the default), or the "
                         "L2 + multi-scale L1 the demo tier used before LPIPS's weights were found")
 
+# %% ../nbs/09_cli.ipynb #25bda689
 def _add_run(sub):
     p = sub.add_parser('run', help='one continual run (a strategy, a buffer size, a seed)',
                        description='Personalize the prior timestamp by timestamp with a replay strategy; writes <out>/results.json, resumable.')
     p.add_argument('--album', required=True, type=Path, help='albums root folder')
     p.add_argument('--person', required=True)
     p.add_argument('--strategy', default='hull', help='none, joint, random, hull, hull-greedy, cumulative, reservoir, kmeans, herding (checked before any work)')
-    p.add_argument('--buffer', type=int, default=5, help='buffer size k (>= 0); while a pool holds fewer items, all of them are kept: '
+    p.add_argument('--buffer', type=COUNT, default=5, help='buffer size k (>= 0); while a pool holds fewer items, all of them are kept: '
                    'the size used at each timestamp is recorded in results.json (buffers[t].n_replay)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=SEED, default=0)
     p.add_argument('--out', required=True, type=Path, help='run folder')
     p.add_argument('--profile', default='demo', choices=sorted(PROFILES))
-    p.add_argument('--timestamps', type=int, default=None, help='use only the first T timestamps')
+    p.add_argument('--timestamps', type=POSITIVE, default=None, help='use only the first T timestamps')
     _add_protocol(p)
     p = sub.add_parser('grid', help='strategies x buffer sizes x persons x seeds, skipping finished runs',
                        description='Run a grid of continual runs; finished runs are skipped, a failing run is reported and the others go on.')
     p.add_argument('--album', required=True, type=Path)
     p.add_argument('--persons', nargs='+', required=True)
     p.add_argument('--strategies', nargs='+', default=['none', 'random', 'hull', 'joint'])
-    p.add_argument('--buffers', nargs='+', type=int, default=[3, 5])
-    p.add_argument('--seeds', nargs='+', type=int, default=[0])
+    p.add_argument('--buffers', nargs='+', type=COUNT, default=[3, 5])
+    p.add_argument('--seeds', nargs='+', type=SEED, default=[0])
     p.add_argument('--out', required=True, type=Path, help='folder of run folders')
     p.add_argument('--profile', default='demo', choices=sorted(PROFILES))
-    p.add_argument('--timestamps', type=int, default=None)
-    p.add_argument('--jobs', type=int, default=1, help='runs at a time on a local Ray (default 1: one after the other, no Ray)')
+    p.add_argument('--timestamps', type=POSITIVE, default=None)
+    p.add_argument('--jobs', type=POSITIVE, default=1, help='runs at a time on a local Ray (default 1: one after the other, no Ray)')
     p.add_argument('--address', default=None, help="an existing Ray cluster, HEAD_IP:6379 (started with `ray start --head`); the runs folder and albums must be on storage every node sees at the same path")
     _add_protocol(p)
     p = sub.add_parser('demo', help='the offline demo: synthetic albums, continual runs, figures',
@@ -99,6 +116,7 @@ EXPERIMENTS = {'figures': 'the full 2D demo-tier benchmark (make figures)', 'fig
                'reproduce': 'the paper tier on a GPU with user-supplied checkpoints and albums (make reproduce)',
                'protocols': "the demo grid under the paper's protocol and the one used before (the README's comparison)"}
 
+# %% ../nbs/09_cli.ipynb #f311652a
 def _add_experiment(sub):
     p = sub.add_parser('experiment', help='the long experiments behind make figures / figures3d / reproduce',
                        description='Run one of the study\'s experiments: ' + '; '.join(f'{k}: {v}' for k, v in EXPERIMENTS.items()) + '.')
@@ -126,7 +144,7 @@ def protocol_overrides(anchors=None, # --anchors: 'encoder', 'optimize' or 'enco
     "RunConfig overrides from the protocol options (only those given)."
     o = {}
     if anchors or eval_: o['protocol'] = {k: v for k, v in (('anchors', anchors), ('eval', eval_)) if v}
-    if replay_mix or epochs: o['tuning'] = {k: v for k, v in (('mix', replay_mix), ('epochs', epochs)) if v}
+    if replay_mix or epochs is not None: o['tuning'] = {k: v for k, v in (('mix', replay_mix), ('epochs', epochs)) if v is not None}   # --epochs 0 is refused, never dropped
     if loss:
         for stage in ('tuning', 'projection', 'free'): o.setdefault(stage, {})['lpips_weight'] = LOSSES[loss]
     return o
@@ -157,6 +175,7 @@ def cli_album_import(photos, # a folder of photos or one photo
     import_photos(photos, album, person, timestamp, split, size)
     return 0
 
+# %% ../nbs/09_cli.ipynb #1289658d
 def cli_album_cameras(album, # root folder of the albums (one folder per person)
                       person, # the person's folder name under it
                      ) -> int:
@@ -195,6 +214,7 @@ def cli_run(album, # album root folder
     print(json.dumps({'AIP': res['AIP'], 'AF': res.get('AF'), 'BWT': res.get('BWT')}, indent=1))
     return 0
 
+# %% ../nbs/09_cli.ipynb #c7ca5637
 def cli_grid(album, # album root folder
              persons, # person names
              strategies, # strategy names
@@ -238,6 +258,7 @@ def cli_experiment(what: str, # a key of `EXPERIMENTS`
         return 1 if r['grid']['failed'] else 0
     return X.reproduce()
 
+# %% ../nbs/09_cli.ipynb #24746fe8
 def cli_check_install() -> int:
     "`facecl check-install` (the last step of `make install`): the report, and exit 1 when the demo tier cannot run."
     from facecl_nb.install import check_install, demo_tier_problems

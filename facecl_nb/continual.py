@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_continual.ipynb #7b1ce562
 from __future__ import annotations
-import hashlib, json, time
+import hashlib, json, os, signal, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,18 +13,19 @@ import numpy as np
 import torch
 
 from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig, atomic_write_bytes,
-                            code_version, get_device)
+                            code_version, get_device, check_int, check_seed)
 from .inversion import Items, project, tune, describe_loss
 from .evaluation import evaluate, synthesis_scores
 from .metrics import RECON_METRICS, r_to_json, higher_is_better
 from .data import TaskStream
 from .profiles import PROFILES, get_profile
 from .strategies import Strategy, ReplayMemory, known_strategies, get_strategy
-from .rundir import RunDir, RunState, StateError, module_digest
+from .rundir import RunDir, RunState, StateError, module_digest, run_identity, run_differences
 
 # %% auto #0
 __all__ = ['STEP_TIMES', 'RunConfig', 'check_cameras', 'step_seed', 'make_anchors', 'new_items', 'tune_model', 'evaluate_model',
-           'record', 'StepClock', 'continual_run', 'shared_first_step', 'offer_first_step', 'adopt_first_step']
+           'record', 'fault_point', 'StepClock', 'continual_run', 'shared_first_step', 'offer_first_step',
+           'adopt_first_step']
 
 # %% ../nbs/06_continual.ipynb #e3941c93
 @dataclass(frozen=True)
@@ -51,10 +52,13 @@ class RunConfig(Config):
     def check(self):
         known = known_strategies()
         if self.strategy not in known: raise ConfigError(f"RunConfig: unknown strategy {self.strategy!r}; known: {known}")
-        if self.buffer < 0: raise ConfigError(f"RunConfig: buffer must be >= 0, got {self.buffer}")
+        check_int(self.buffer, 'RunConfig: buffer'); check_seed(self.seed, 'RunConfig: seed')
         if self.profile not in PROFILES: raise ConfigError(f"RunConfig: profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
         if self.hull_anchors not in ('seen', 'tuned'): raise ConfigError(f"RunConfig: hull_anchors must be 'seen' or 'tuned'")
-        if self.T is not None and self.T < 1: raise ConfigError(f"RunConfig: T must be >= 1, got {self.T}")
+        if self.T is not None: check_int(self.T, 'RunConfig: T', 1)
+        check_int(self.hull_candidates, 'RunConfig: hull_candidates', 1)
+        if self.n_synth is not None: check_int(self.n_synth, 'RunConfig: n_synth', 1)
+        if self.threads is not None: check_int(self.threads, 'RunConfig: threads', 1)
         for name in ('protocol', 'projection', 'tuning', 'free', 'hull'): self.stage(name)   # unknown keys and bad values fail here
 
     def stage(self, name: str, # 'protocol', 'projection', 'tuning', 'free' or 'hull'
@@ -170,6 +174,7 @@ def evaluate_model(G, # the tuned generator G_t
     rows.update(srows); unavailable.update(sun)
     return rows, recon, synth, unavailable
 
+# %% ../nbs/06_continual.ipynb #98a7aa64
 def record(state: RunState, # the run's state; its `R` is filled in place
            rows: dict, # {metric: [value per ev_ts]}
            ev_ts: list, # the timestamps the values belong to
@@ -187,6 +192,12 @@ def record(state: RunState, # the run's state; its `R` is filled in place
 # %% ../nbs/06_continual.ipynb #ld000003
 STEP_TIMES = ('anchors_s', 'select_s', 'tune_s', 'eval_s', 'total_s')
 
+def fault_point(name: str, # where the run is, e.g. 't1:tune_s' (after a step) or 't1:state' (after a write)
+               ) -> None:
+    """The fault suite's kill switch: the process kills itself (SIGKILL, as `kill -9` would) when the environment variable
+    `FACECL_KILL_AT` names this point — so a test can stop a run at every step boundary, deterministically."""
+    if os.environ.get('FACECL_KILL_AT') == name: os.kill(os.getpid(), signal.SIGKILL)
+
 class StepClock:
     "Seconds of each step of one timestamp: `with clock('tune_s'): ...`; `done()` adds the total and returns them."
     def __init__(self, t: int, # the timestamp timed
@@ -197,6 +208,7 @@ class StepClock:
         t0 = time.perf_counter()
         try: yield
         finally: self.times[key] = time.perf_counter() - t0
+        fault_point(f"t{self.times['t']}:{key}")
     def done(self) -> dict:
         self.times['total_s'] = time.perf_counter() - self._t0
         return self.times
@@ -226,18 +238,37 @@ def _results(cfg, album, T, state: RunState, loss_desc, complete, inputs=None) -
                          'inputs': inputs or {}},      # digests of the album and of the prior and encoder actually used
             'config': cfg.to_dict(), 'complete': bool(complete)}
 
-def _check_config(rd: RunDir, cfg_d: dict, inputs: dict) -> None:
-    "A folder holding another configuration, or the same one started from other inputs, is refused (results would mix two experiments)."
+def _check_config(rd: RunDir, cfg_d: dict, inputs: dict, log=print) -> dict:
+    """The run's `run_identity`, checked against the folder: a folder holding another configuration, or the same one
+    started from other inputs, is refused, naming what differs (results would mix two experiments). `config.json` is
+    written for a new run only; when it is missing or unreadable beside a run's state, it is restored — saying so — only
+    if that state records this very run, and refused otherwise. Never rewritten silently."""
+    ident, p = run_identity(cfg_d, inputs), rd/'config.json'
     old = rd.config()
-    if old is None: rd.write_config(cfg_d); return
-    strip = lambda d: {k: v for k, v in d.items() if k not in ('album', 'inputs')}
-    if strip(old) != json.loads(json.dumps(strip(cfg_d))):
-        raise ConfigError(f"{rd/'config.json'}: this run folder holds a run with another configuration; use another --out or delete it")
-    what = {'album_content_hash': 'the album (its photos or cameras)', 'prior_sha256': 'the prior generator', 'encoder_sha256': 'the inversion encoder'}
-    changed = [f"{what[k]} ({str(old.get('inputs', {}).get(k))[:12]}… → {str(v)[:12]}…)" for k, v in inputs.items() if old.get('inputs', {}).get(k) != v]
-    if changed:
-        raise ConfigError(f"{rd.path}: this run started from other inputs — changed: {'; '.join(changed)}. "
-                          f"Results would mix both; start afresh in another --out, or delete {rd.path}")
+    if old is not None:
+        diffs = run_differences(run_identity(old, old.get('inputs', {})), ident)
+        if diffs: raise ConfigError(f"{p}: this run folder holds another run — {'; '.join(diffs)}. Results would mix both; use another --out, or delete {rd.path}")
+        return ident
+    if rd.last_state() >= 0 or (rd/'results.json').exists():
+        why = 'missing' if not p.exists() else 'unreadable (truncated or damaged)'
+        rec = rd.recorded_run()
+        if rec is None:
+            raise ConfigError(f"{p}: {why}, and the folder holds a run whose state does not record its configuration, so it cannot be "
+                              f"resumed safely; restore config.json, use another --out, or delete {rd.path}")
+        diffs = run_differences(rec, ident)
+        if diffs: raise ConfigError(f"{p}: {why}, and the run in this folder is another one — {'; '.join(diffs)}; use another --out, or delete {rd.path}")
+        log(f"warning: {p} was {why}; restored from the run's own state (the same config and inputs)")
+    rd.write_config(cfg_d)
+    return ident
+
+# %% ../nbs/06_continual.ipynb #4cda115d
+def _repair_results(run, state: RunState, st: Strategy) -> None:
+    "results.json of the state a run goes on from, rebuilt when it is missing, unreadable or behind it (a kill between the two writes)."
+    T, res = len(run.Ts), run.rd.results()
+    done = not st.steps(T, state.t + 1)
+    if res is not None and len(res.get('timings', {}).get('per_timestamp', [])) == len(state.timings) and bool(res.get('complete')) == done: return
+    run.rd.write_results(_results(run.cfg, run.album, T, state, run.loss_desc, complete=done, inputs=run.inputs))
+    run.log(f"{run.tag} results.json was {'missing or unreadable' if res is None else 'behind its state'}; rebuilt from {run.rd.state_path(state.t).name}")
 
 # %% ../nbs/06_continual.ipynb #ld000006
 def _load_inputs(album, cfg: RunConfig, G0, E0, device):
@@ -269,6 +300,7 @@ def continual_run(album, # a `facecl_nb.data.Album`
                  ) -> dict:
     """Run (or resume) one continual run on `album`; writes and returns `results.json`.
     Per timestamp: new items → buffer update → tuning → evaluation → record."""
+    if Path(out).exists() and not Path(out).is_dir(): raise ConfigError(f"{out}: exists and is not a folder; the run folder (--out) must be a folder or not exist yet")
     device = get_device()
     stream, G_prior, encoder, inputs = _load_inputs(album, cfg, G0, E0, device)
     threads = torch.get_num_threads()
@@ -282,7 +314,7 @@ def continual_run(album, # a `facecl_nb.data.Album`
 class _Run:
     "What the steps of one run share: its config, its album's stream, folder, fixed test data and how it reports."
     cfg: RunConfig; stream: TaskStream; rd: RunDir; encoder: object; inputs: dict; device: object
-    progress: bool; log: object; tag: str; loss_desc: str; tests: dict = None; test_cams: dict = None; test_init: dict = None
+    progress: bool; log: object; tag: str; loss_desc: str; identity: dict = None; tests: dict = None; test_cams: dict = None; test_init: dict = None
     @property
     def Ts(self) -> list: return self.stream.timestamps
     @property
@@ -291,21 +323,23 @@ class _Run:
 def _start(run: _Run, G_prior, share) -> tuple[RunState, object, Path | None]:
     "(state, model, shared folder) to go on from: a resumed state, the grid's shared first timestamp, or the prior."
     st, T = get_strategy(run.cfg.strategy), len(run.Ts)
-    state = run.rd.resume(run.log)
-    if state is not None: run.log(f"{run.tag} resuming after timestamp {run.Ts[state.t]}"); return state, state.model(G_prior), None
+    state = run.rd.resume(run.log, run=run.identity)
+    if state is not None:
+        run.log(f"{run.tag} resuming after timestamp {run.Ts[state.t]}"); _repair_results(run, state, st)
+        return state, state.model(G_prior), None
     shared = shared_first_step(share, run.cfg, run.inputs, run.Ts, st)
     if shared is not None and shared.exists():
-        state = adopt_first_step(run.rd, shared, run.cfg, run.album, T, st, run.inputs, run.loss_desc, run.log, run.tag)
+        state = adopt_first_step(run.rd, shared, run.cfg, run.album, T, st, run.inputs, run.loss_desc, run.log, run.tag, run=run.identity)
         if state is not None: return state, state.model(G_prior), shared
-    return RunState(-1, {}), G_prior, shared
+    return RunState(-1, {}, run=run.identity), G_prior, shared
 
 def _run_locked(stream: TaskStream, cfg, rd: RunDir, G_prior, encoder, inputs, device, progress, log, share=None) -> dict:
     album = stream.album
     if cfg.threads: torch.set_num_threads(cfg.threads)
     rd.prepare()
-    _check_config(rd, {**cfg.to_dict(), 'album': str(album.root), 'person': album.person, 'inputs': inputs}, inputs)
+    ident = _check_config(rd, {**cfg.to_dict(), 'album': str(album.root), 'person': album.person, 'inputs': inputs}, inputs, log)
     run = _Run(cfg, stream, rd, encoder, inputs, device, progress, log, f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}]",
-               describe_loss(cfg.stage('tuning').lpips_weight))
+               describe_loss(cfg.stage('tuning').lpips_weight), ident)
     state, G, shared = _start(run, G_prior, share)
     run.tests = {e.t: e.test for e in stream}
     run.test_cams = {e.t: e.test_cameras for e in stream}
@@ -316,6 +350,7 @@ def _run_locked(stream: TaskStream, cfg, rd: RunDir, G_prior, encoder, inputs, d
         if i == 0 and shared is not None: offer_first_step(rd, shared)
     return rd.results()
 
+# %% ../nbs/06_continual.ipynb #0eaff41d
 def _step(run: _Run, st: Strategy, i: int, state: RunState, G) -> tuple[RunState, object]:
     "One timestamp: the five steps, then the state, reconstructions and results written."
     cfg, Ts, T = run.cfg, run.Ts, len(run.Ts)
@@ -338,11 +373,11 @@ def _step(run: _Run, st: Strategy, i: int, state: RunState, G) -> tuple[RunState
                      state.history + [{'t': t, 'buffer': [] if buf is None else list(buf.names),
                                        'buffer_timestamps': [] if buf is None else list(map(int, buf.timestamps)),
                                        'n_new': len(new), 'n_replay': 0 if buf is None else len(buf)}],
-                     {**state.unavailable, **un})
+                     {**state.unavailable, **un}, run.identity)
     record(state, rows, ev_ts, Ts, st.rows(i, T))
-    run.rd.write_recon(i, recon, synth)
-    run.rd.write_state(state, st.rows(i, T))
-    run.rd.write_results(_results(cfg, run.album, T, state, run.loss_desc, complete=(i == T - 1), inputs=run.inputs))
+    run.rd.write_recon(i, recon, synth); fault_point(f"t{t}:recon")
+    run.rd.write_state(state, st.rows(i, T)); fault_point(f"t{t}:state")
+    run.rd.write_results(_results(cfg, run.album, T, state, run.loss_desc, complete=(i == T - 1), inputs=run.inputs)); fault_point(f"t{t}:results")
     main = next((m for m in ('psnr', 'id_sim') if m in rows), next(iter(rows)))
     run.log(f"{run.tag} t={t}: {main} on k<=t: " + ' '.join(f"{v:.2f}" for v in rows[main])
             + f" | buffer ts {state.history[-1]['buffer_timestamps']} | {state.timings[-1]['total_s']:.1f}s")
@@ -378,6 +413,7 @@ def offer_first_step(rd: RunDir, # a run that has just finished its first timest
 def adopt_first_step(rd: RunDir, # the run folder (locked, fresh)
                      shared: Path, # the `shared_first_step` folder holding `t0.safetensors`
                      cfg: RunConfig, album, T: int, st: Strategy, inputs: dict, loss_desc: str, log, tag: str,
+                     run: dict | None = None, # this run's `run_identity`, which the copied state then carries
                     ) -> RunState | None:
     """This run's first timestamp copied from the grid's shared folder — state, reconstructions and results written as
     if computed here, its timings zero and marked `shared` (no time was spent on it) — or None when the copy cannot be
@@ -386,6 +422,7 @@ def adopt_first_step(rd: RunDir, # the run folder (locked, fresh)
     except (StateError, OSError) as e: log(f"{tag} warning: the shared first timestamp in {shared} is unreadable ({e}); computing it"); return None
     if state.t != 0 or len(state.timings) != 1: return None
     state.timings = [{**state.timings[0], **{k: 0.0 for k in ('anchors_s', 'select_s', 'tune_s', 'eval_s', 'total_s')}, 'shared': shared.name}]
+    state.run = run
     atomic_write_bytes(rd.state_dir/'t0.recon.safetensors', recon)
     rd.write_state(state, st.rows(0, T))
     rd.write_results(_results(cfg, album, T, state, loss_desc, complete=(T == 1), inputs=inputs))

@@ -13,12 +13,13 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['PROJECT_ROOT', 'MANIFEST_NAME', 'ANCHORS', 'EVALS', 'facecl_home', 'weights_dir', 'albums_dir', 'atomic_write_bytes',
-           'atomic_write_text', 'atomic_write_json', 'ManifestError', 'ChecksumError', 'MissingWeightError',
-           'sha256_file', 'hash_prefix_in_name', 'verify_file', 'manifest_path', 'load_manifest', 'candidate_paths',
-           'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'chromium_path', 'static_figures',
-           'ConfigError', 'Config', 'ProjectionConfig', 'TuningConfig', 'HullConfig', 'FreeConfig', 'Protocol',
-           'code_version', 'load_plain_torch', 'WeightFileError', 'UnsafeWeightsError', 'load_numpy_pickle']
+__all__ = ['PROJECT_ROOT', 'MANIFEST_NAME', 'SEED_MAX', 'ANCHORS', 'EVALS', 'facecl_home', 'weights_dir', 'albums_dir',
+           'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'ManifestError', 'ChecksumError',
+           'MissingWeightError', 'sha256_file', 'hash_prefix_in_name', 'verify_file', 'manifest_path', 'load_manifest',
+           'candidate_paths', 'resolve_weight', 'weight_available', 'seed_everything', 'get_device', 'chromium_path',
+           'static_figures', 'ConfigError', 'Config', 'check_int', 'check_seed', 'ProjectionConfig', 'TuningConfig',
+           'HullConfig', 'FreeConfig', 'Protocol', 'code_version', 'load_torch_weights', 'load_plain_torch',
+           'WeightFileError', 'UnsafeWeightsError', 'load_numpy_pickle']
 
 # %% ../nbs/90_core.ipynb #039e6490
 PROJECT_ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd().parent
@@ -46,7 +47,7 @@ def atomic_write_bytes(path, # destination file (its folder is created)
                       ) -> Path:
     "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.' + path.name + '.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.' + path.name[:120] + '.', suffix='.tmp')   # (a long name stays a legal name)
     try:
         os.fchmod(fd, 0o666 & ~_umask())            # the user's umask, as open() would give (mkstemp makes 0600)
         with os.fdopen(fd, 'wb') as f:
@@ -63,6 +64,7 @@ def atomic_write_text(path, # destination file (its folder is created)
     "Write `text` (UTF-8) to `path` atomically."
     return atomic_write_bytes(path, text.encode('utf-8'))
 
+# %% ../nbs/90_core.ipynb #290b3faa
 def atomic_write_json(path, # destination file (its folder is created)
                       obj, # JSON-serializable data (NaN/inf become null)
                       indent: int = 1, # JSON indentation
@@ -88,6 +90,7 @@ class ChecksumError(Exception):
 class MissingWeightError(FileNotFoundError):
     "A weight file the manifest describes is not on this machine."
 
+# %% ../nbs/90_core.ipynb #6a976988
 def sha256_file(path, # the file hashed
                 chunk: int = 1 << 20, # bytes read at a time
                ) -> str:
@@ -112,11 +115,12 @@ def verify_file(path, # the file checked
                 prefix: str | None = None, # leading hex digits of the sha256, checked when `expected` is None
                ) -> Path:
     """Check `path`'s sha256 against `expected` (the full hash), or at least against `prefix` (its first hex digits, as
-    published in the file's name) when the full hash is not known; cached per (path, size, mtime)."""
+    published in the file's name) when the full hash is not known; cached per (path, size, mtime, inode, ctime): a file
+    replaced or rewritten in place — even at the same size with its old mtime set back — is hashed again."""
     path = Path(path)
     if not path.is_file(): raise MissingWeightError(f"{name or path.name}: file not found: {path}")
     if not expected and not prefix: return path
-    st = path.stat(); key = (str(path), st.st_size, st.st_mtime_ns)
+    st = path.stat(); key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)   # ctime cannot be set back by a user
     actual = _VERIFIED.get(key) or sha256_file(path)
     if expected and actual != expected.lower():
         raise ChecksumError(f"{path}: sha256 mismatch for {name or path.name}: expected {expected.lower()}, actual {actual}")
@@ -174,6 +178,7 @@ def _package_dir(package: str) -> Path | None:
     if spec.submodule_search_locations: return Path(list(spec.submodule_search_locations)[0])
     return Path(spec.origin).parent if spec.origin else None
 
+# %% ../nbs/90_core.ipynb #7caee346
 def candidate_paths(entry: Mapping, # one manifest entry (a dict of `load_manifest`)
                    ) -> list[Path]:
     "Every local path where a manifest entry's file may be, in search order."
@@ -279,8 +284,29 @@ class Config:
 
 def _positive(cls, **vals):
     for k, v in vals.items():
-        if v is None or v <= 0: raise ConfigError(f"{cls}: {k} must be > 0, got {v!r}")
+        if v is None or isinstance(v, bool) or v <= 0: raise ConfigError(f"{cls}: {k} must be > 0, got {v!r}")
 
+SEED_MAX = 2**31 - 2    # a run's step seeds are taken modulo the prime 2**31 - 1: a larger seed would repeat a smaller one
+
+# %% ../nbs/90_core.ipynb #aad72e45
+def check_int(v, # the value
+              where: str, # its name in the error, e.g. 'RunConfig: buffer'
+              lo: int = 0, # smallest value allowed
+              hi: int | None = None, # largest value allowed (None: no bound)
+             ) -> int:
+    "`v` as an int in [lo, hi]; a `ConfigError` naming `where` otherwise (a bool, a float or a string is not an integer here)."
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{where} must be an integer {rng}, got {v!r}")
+    return int(v)
+
+def check_seed(seed, # the seed
+               where: str = 'seed', # its name in the error
+              ) -> int:
+    "A seed in [0, SEED_MAX] (2**31 - 2): a larger one would give the same numbers as a smaller one, two 'different' seeds the same run."
+    return check_int(seed, f"{where} (a larger seed would repeat a smaller one)" if isinstance(seed, int) and seed > SEED_MAX else where, 0, SEED_MAX)
+
+# %% ../nbs/90_core.ipynb #7f834f72
 @dataclass(frozen=True)
 class ProjectionConfig(Config):
     "Inverting photos into the latent space (anchors)."
@@ -320,6 +346,7 @@ class HullConfig(Config):
         if self.beta < 0: raise ConfigError(f"HullConfig: beta must be >= 0, got {self.beta}")
         _positive('HullConfig', steps=self.steps, lr=self.lr)
 
+# %% ../nbs/90_core.ipynb #564883fe
 @dataclass(frozen=True)
 class FreeConfig(Config):
     "Reconstruction by free latent optimization from the test photo's encoder code (the `free` evaluation)."
@@ -364,13 +391,47 @@ def code_version() -> dict:
     return out
 
 # %% ../nbs/90_core.ipynb #9da82b0d
+def _nonfinite(obj, name='') -> str | None:
+    "The name of the first floating tensor in a nest of dicts/lists holding NaN or inf, else None."
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return name or 'tensor' if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = _nonfinite(v, f"{name}.{k}" if name else str(k))
+        if bad: return bad
+    return None
+
+def load_torch_weights(f, # a `torch.save` file: a path, or its bytes
+                       name: str | None = None, # what the errors call it (default: the path)
+                       finite: bool = True, # refuse NaN or infinite values in floating tensors
+                      ):
+    """`torch.load` of a file that may hold tensors and plain data only — torch's weights-only unpickler refuses
+    anything else before it runs. Errors name the file and say what is wrong: `UnsafeWeightsError` for a file that
+    asks for other Python objects (nothing in it ran), `WeightFileError` for an unreadable file or NaN/inf weights."""
+    import io, pickle, re, torch
+    name = name or str(f)
+    try: obj = torch.load(io.BytesIO(bytes(f)) if isinstance(f, (bytes, bytearray, memoryview)) else f, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if what is None:                                   # not a refused object: a damaged or foreign file (torch's advice is left out)
+            why = re.search(r'WeightsUnpickler error:\s*(.+)', str(e))
+            raise WeightFileError(f"{name}: not a readable torch weights file (the unpickler stopped: {why.group(1).strip()[:120] if why else 'unreadable'})") from None
+        raise UnsafeWeightsError(f"{name}: refused — the file asks Python to build {what.group(1) if what else 'an object'}, which a weights file never "
+                                 f"needs (it may be an attack); nothing in it was run. facecl reads weight files as tensors and plain data only") from None
+    except Exception as e:
+        raise WeightFileError(f"{name}: not a readable torch weights file ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+    bad = _nonfinite(obj) if finite else None
+    if bad: raise WeightFileError(f"{name}: {bad} holds NaN or infinite values — the file is damaged, or was saved from a training that diverged")
+    return obj
+
 def load_plain_torch(path, # a `torch.save` file
                     ):
     """`torch.load` of a file that may hold only tensors and plain data (an argparse Namespace is read as a dict): torch's
     weights-only unpickler refuses anything else before it runs (`pickle.UnpicklingError`)."""
     import argparse, torch
     with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        obj = load_torch_weights(path, finite=False)
     def plain(v):
         if isinstance(v, argparse.Namespace): return {k: plain(x) for k, x in vars(v).items()}
         if isinstance(v, dict): return {k: plain(x) for k, x in v.items()}
@@ -396,6 +457,7 @@ def _np_reconstruct(path):
         return np.ndarray((0,), np.uint8)
     return rebuild
 
+# %% ../nbs/90_core.ipynb #94e26262
 def _np_dtype(path):
     def make(spec, align=False, copy=True):
         d = np.dtype(spec, align, copy)

@@ -18,7 +18,8 @@ from PIL import Image, ImageOps
 from .core import atomic_write_bytes, atomic_write_text, atomic_write_json, sha256_file
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'SPLITS', 'AlbumError', 'Album', 'to_uint8', 'content_hash', 'Experience', 'TaskStream']
+__all__ = ['IMAGE_EXTS', 'SPLITS', 'YAML_MAX_BYTES', 'NEAR_DUPLICATE', 'AlbumError', 'load_yaml', 'dump_yaml', 'Album',
+           'to_uint8', 'content_hash', 'Experience', 'TaskStream']
 
 # %% ../nbs/01_data.ipynb #0b0e5320
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
@@ -42,11 +43,35 @@ def _check_person(person) -> str:
     return p
 
 # %% ../nbs/01_data.ipynb #b482afba
+YAML_MAX_BYTES = 4 << 20     # an album.yaml with provenance for thousands of photos is well under this
+
+class _PlainLoader(yaml.SafeLoader):
+    "YAML's safe loader without aliases: `*name` can make a small file expand into an enormous structure."
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"an alias (*{self.peek_event().anchor}) at {self.peek_event().start_mark}; album files may not use aliases")
+        return super().compose_node(parent, index)
+
+class _PlainDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data): return True      # what we write, we can read back
+
+def load_yaml(path: Path, # a YAML file written by facecl (album.yaml)
+             ):
+    "A YAML file read with bounds: at most `YAML_MAX_BYTES`, no aliases, no tags but YAML's own (a `ValueError`/`YAMLError` otherwise)."
+    n = path.stat().st_size
+    if n > YAML_MAX_BYTES: raise ValueError(f"{n} bytes, more than the {YAML_MAX_BYTES} an album.yaml may have")
+    return yaml.load(path.read_text(), Loader=_PlainLoader)
+
+# %% ../nbs/01_data.ipynb #cb9f3aa2
+def dump_yaml(obj) -> str:
+    "YAML text of plain data, without aliases (so that `load_yaml` reads it back)."
+    return yaml.dump(obj, Dumper=_PlainDumper, sort_keys=False)
+
 def _read_meta(path: Path) -> tuple[dict | None, list[tuple[str, str]]]:
     "album.yaml as (dict, []) or (None, problems)."
     if not path.is_file(): return None, [(str(path), 'album.yaml not found')]
-    try: m = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e: return None, [(str(path), f"not valid YAML ({' '.join(str(e).split())})")]
+    try: m = load_yaml(path)
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e: return None, [(str(path), f"not valid YAML ({' '.join(str(e).split())})")]
     if not isinstance(m, dict): return None, [(str(path), f"expected a mapping with 'timestamps', got {type(m).__name__}")]
     ts = m.get('timestamps')
     if not isinstance(ts, list) or not ts: return None, [(str(path), "needs a non-empty list 'timestamps'")]
@@ -70,6 +95,50 @@ def _check_cameras(path: Path, stems: list[str]) -> list[tuple[str, str]]:
         if k in extra: continue
         ok = isinstance(v, list) and len(v) == 25 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
         if not ok: out.append((str(path), f"entry '{k}' is not 25 finite floats"))
+    return out
+
+# %% ../nbs/01_data.ipynb #614a59d5
+def _thumb(im: Image.Image) -> np.ndarray:
+    "A 16×16 grey thumbnail (float32, 0–255): what two files of the same photo share after resizing or re-encoding."
+    return np.asarray(im.convert('L').resize((16, 16), Image.BILINEAR), dtype=np.float32).reshape(-1)
+
+NEAR_DUPLICATE = 2.0    # mean absolute difference of the thumbnails (0–255) under which two photos are one photo
+
+def _leak_problems(seen: dict, # photo -> (split, sha256, thumbnail)
+                  ) -> list[tuple[str, str]]:
+    """A test photo that is also a training photo — the same bytes, or the same picture re-encoded or resized — measures
+    memory, not generalization: one problem per such test photo, naming the training photo it repeats."""
+    tr = [(f, v) for f, v in seen.items() if v[0] == 'train']; te = [(f, v) for f, v in seen.items() if v[0] == 'test']
+    if not tr or not te: return []
+    by_sha = {v[1]: f for f, v in tr}
+    d = np.abs(np.stack([v[2] for _, v in te])[:, None, :] - np.stack([v[2] for _, v in tr])[None]).mean(-1)   # [test, train]
+    out = []
+    for i, (f, v) in enumerate(te):
+        if v[1] in by_sha: out.append((str(f), f"byte-identical to the training photo {by_sha[v[1]]} (a test photo must not be trained on)"))
+        elif d[i].min() < NEAR_DUPLICATE: out.append((str(f), f"the same picture as the training photo {tr[int(d[i].argmin())][0]} "
+                                                               f"(thumbnails differ by {d[i].min():.2f}/255; a test photo must not be trained on)"))
+    return out
+
+def _provenance_problems(pdir: Path, # the album's person folder
+                         meta: dict, # its album.yaml
+                         sha: dict, # relative path -> sha256 of every readable photo
+                        ) -> list[tuple[str, str]]:
+    """What album.yaml records against what is there. An imported album lists every photo under `provenance` (an entry
+    missing: an import was interrupted, or a file was added by hand); a synthetic one records the `content_hash` of its photos."""
+    src, y, out = meta.get('source'), str(pdir/'album.yaml'), []
+    if src == 'import':
+        prov = meta.get('provenance') or {}
+        if not isinstance(prov, dict): return [(y, "provenance must be a mapping {photo: {source, sha256, ...}}")]
+        out += [(str(pdir/r), "no provenance in album.yaml: an interrupted import, or a file added by hand — import the photo again, or delete it")
+                for r in sorted(set(sha) - set(prov))]
+        out += [(y, f"provenance lists {r}, which is not in the album") for r in sorted(set(prov) - set(sha)) if not (pdir/r).exists()]
+        out += [(str(pdir/r), f"changed since it was imported (sha256 {sha[r][:12]}…, recorded {p['saved_sha256'][:12]}…)")
+                for r, p in prov.items() if r in sha and isinstance(p, dict) and p.get('saved_sha256') not in (None, sha[r])]
+    elif src == 'synthetic' and meta.get('content_hash'):
+        now = content_hash(pdir, cameras=False)
+        if now != meta['content_hash']:
+            out.append((y, f"content_hash {str(meta['content_hash'])[:12]}… does not match the photos ({now[:12]}…): a photo was changed, added or "
+                           f"removed after the album was made — make it again with the command in its recipe"))
     return out
 
 # %% ../nbs/01_data.ipynb #ts000006
@@ -139,6 +208,7 @@ class Album:
         ts = sorted(meta['timestamps']) if meta else [int(n) for n in on_disk]   # without album.yaml, still check what is there
         want = meta.get('size') if meta else None
         sizes: dict[Path, tuple[int, int]] = {}
+        seen: dict[Path, tuple[str, str, np.ndarray]] = {}     # readable photo -> (split, sha256, thumbnail)
         for t in ts:
             td = self.dir/str(t)
             if not td.is_dir(): probs.append((str(td), 'timestamp folder missing (listed in album.yaml)')); continue
@@ -152,7 +222,8 @@ class Album:
                 probs += [(str(sd), f"duplicate names: {', '.join(sorted(ns))}") for ns in by_stem.values() if len(ns) > 1]
                 for f in fs:
                     try:
-                        with Image.open(f) as im: im.load(); mode, sz = im.mode, im.size
+                        raw = f.read_bytes()
+                        with Image.open(io.BytesIO(raw)) as im: im.load(); mode, sz = im.mode, im.size; seen[f] = (split, hashlib.sha256(raw).hexdigest(), _thumb(im))
                     except Exception as e:
                         probs.append((str(f), f"unreadable or truncated image ({type(e).__name__}: {' '.join(str(e).split())})")); continue
                     if mode != 'RGB': probs.append((str(f), f'mode {mode}, expected RGB'))
@@ -166,6 +237,8 @@ class Album:
         if meta:
             extra = [n for n in on_disk if n not in {str(t) for t in ts}]
             probs += [(str(self.dir/n), 'timestamp folder not listed in album.yaml') for n in extra]
+            probs += _provenance_problems(self.dir, meta, {f.relative_to(self.dir).as_posix(): v[1] for f, v in seen.items()})
+        probs += _leak_problems(seen)
         if probs: raise AlbumError(probs, self.dir)
         self._meta, self._valid = meta, True
         return self
@@ -205,10 +278,11 @@ def to_uint8(x: torch.Tensor, # images in [-1, 1], [N, 3, H, W]
     return u.cpu().numpy() if numpy else u
 
 def content_hash(person_dir, # an album's person folder
+                 cameras: bool = True, # include the cameras.json files (False: the photos only)
                 ) -> str:
-    "sha256 over (relative path, sha256) of every image and cameras.json of an album, in sorted path order."
+    "sha256 over (relative path, sha256) of every image (and cameras.json) of an album, in sorted path order."
     person_dir = Path(person_dir); h = hashlib.sha256()
-    files = sorted((p for p in person_dir.rglob('*') if p.is_file() and (p.suffix.lower() in IMAGE_EXTS or p.name == 'cameras.json')),
+    files = sorted((p for p in person_dir.rglob('*') if p.is_file() and (p.suffix.lower() in IMAGE_EXTS or (cameras and p.name == 'cameras.json'))),
                    key=lambda p: p.relative_to(person_dir).as_posix())
     for p in files: h.update(f"{p.relative_to(person_dir).as_posix()}\0{sha256_file(p)}\n".encode())
     return h.hexdigest()

@@ -81,6 +81,7 @@ def _res_down(n: int) -> list:
     "A down-sampling residual block: relu(block_stride2(x) + avgpool2(x)), shapes merged by zero padding."
     return [('relu',), ('add_prev', 2), ('avg_pool', 2, 2), ('skip', 1), ('tag', 2), *_block(n, 2), ('tag', 1)]
 
+# %% ../nbs/93_dlib_resnet.ipynb #9e81592d
 def net_spec() -> list[tuple]:
     "The face-recognition ResNet's layers from the output down to the input (dlib's `anet_type`)."
     L = [('fc', 128), ('avg_pool', 0, 1)]                               # 128-d descriptor of the global average
@@ -120,6 +121,7 @@ def _relu(r, s):
     if r.expect('relu_', 'relu_2') == 'relu_2': r.bool()
     return dict(kind='relu')
 
+# %% ../nbs/93_dlib_resnet.ipynb #5ba6d4d6
 def _pool(r, s):
     r.expect(s[0] + '_2')
     got = [r.int() for _ in range(6)]
@@ -143,6 +145,7 @@ def _fc(r, s):
 
 _READ = dict(con=_con, affine=_affine, relu=_relu, max_pool=_pool, avg_pool=_pool, add_prev=_add_prev, fc=_fc)
 
+# %% ../nbs/93_dlib_resnet.ipynb #bb3a99c0
 def read_dlib_resnet(path, # dlib_face_recognition_resnet_model_v1.dat
                     ) -> tuple[dict, list[dict]]:
     "Parse the network file: (input {'mean_rgb', 'size'}, layers from the input up, each a dict of its kind and arrays)."

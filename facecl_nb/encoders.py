@@ -14,11 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import atomic_write_bytes, atomic_write_json, resolve_weight, seed_everything, load_plain_torch
+from .core import atomic_write_bytes, atomic_write_json, resolve_weight, seed_everything, load_plain_torch, load_torch_weights
 from .irse50 import irse_input_layer, irse_body, IRSE_WIDTHS
 from .stylegan2 import FullyConnectedLayer
 from .generators import GeneratorError, UnsafeCheckpointError, load_weights, save_generator, read_facecl_file
-from .core import MissingWeightError, ChecksumError, ManifestError
+from .core import MissingWeightError, ChecksumError, ManifestError, UnsafeWeightsError
 from .synth import draw_style, jitter_style, apply_style
 from .metrics import psnr
 from .generators import load_prior
@@ -121,6 +121,7 @@ def read_torch_checkpoint(path, # a `torch.save` file
     path = Path(path)
     if not path.is_file(): raise EncoderError(f"{path}: no such file")
     try: return load_plain_torch(path)
+    except UnsafeWeightsError as e: raise UnsafeCheckpointError(str(e)) from None
     except pickle.UnpicklingError as e:
         msg = str(e).split('\n')
         why = next((l.strip() for l in msg if 'GLOBAL' in l or 'global' in l), None)
@@ -129,6 +130,7 @@ def read_torch_checkpoint(path, # a `torch.save` file
     except Exception as e:
         raise EncoderError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
+# %% ../nbs/02b_encoders.ipynb #b742af4e
 def load_psp_w_encoder(path, # the pSp/e4e/HyperStyle checkpoint (`faces_w_encoder.pt`)
                        strict: bool = True, # raise on any missing, unexpected or mis-shaped key
                       ) -> PSPWEncoder:
@@ -209,6 +211,7 @@ def _load_safetensors_encoder(path: Path) -> InversionEncoder:
     if la is not None: E.latent_avg.copy_(la)
     return E.eval().requires_grad_(False)
 
+# %% ../nbs/02b_encoders.ipynb #7e584d8c
 def load_encoder(path_or_name, # a file (.safetensors: facecl's format; .pt/.pth: a pSp checkpoint) or a manifest entry name
                  G=None, # when given, the encoder must give codes of G's shape
                  device='cpu', # device the encoder is moved to
@@ -268,7 +271,7 @@ def train_demo_encoder(out, # .safetensors path of the result; `<out>.train.pt` 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     start, hist, evals = 0, [], []
     if state_path.is_file():
-        st = torch.load(state_path, map_location='cpu', weights_only=True)   # tensors and plain data only
+        st = load_torch_weights(state_path, finite=False)   # tensors and plain data only
         E.load_state_dict(st['E']); opt.load_state_dict(st['opt']); sched.load_state_dict(st['sched'])
         start, hist, evals = int(st['step']), st['hist'], st['evals']
         log(f"demo encoder: resuming at step {start} of {steps}")
@@ -297,6 +300,7 @@ def train_demo_encoder(out, # .safetensors path of the result; `<out>.train.pt` 
     log(f"demo encoder: {steps} steps ({time.perf_counter() - t0:.0f} s this call) -> {out}")
     return {'hist': hist, 'evals': evals, 'path': str(out)}
 
+# %% ../nbs/02b_encoders.ipynb #3f9d8b39
 def _main(argv=None):
     ap = argparse.ArgumentParser(description="Train the demo tier's inversion encoder for the DigiFace DCGAN (see nbs/02b_encoders.ipynb).")
     ap.add_argument('--out', type=Path, default=Path(__file__).parent/'assets'/'dcgan_encoder.safetensors')

@@ -11,7 +11,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .core import PROJECT_ROOT, albums_dir, atomic_write_json
+from .core import PROJECT_ROOT, ConfigError, albums_dir, atomic_write_json
 from .data import Album, content_hash
 from .synth import default_demo_albums
 from .cameras import album_cameras
@@ -22,8 +22,9 @@ from .rundir import collect_results
 from .grid import run_grid, summary_table, format_table
 
 # %% auto #0
-__all__ = ['DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'experiments_dir', 'run_experiment_notebook',
-           'demo', 'time_breakdown', 'albums_3d', 'demo3d', 'compare_protocols', 'paper_tier_missing', 'reproduce']
+__all__ = ['DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'experiments_dir', 'check_parameters',
+           'run_experiment_notebook', 'demo', 'time_breakdown', 'albums_3d', 'demo3d', 'compare_protocols',
+           'paper_tier_missing', 'reproduce']
 
 # %% ../nbs/06d_experiments.ipynb #99ba3ecb
 DEMO = dict(persons=['alice'], strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5], seeds=[0], T=None)
@@ -39,6 +40,24 @@ def experiments_dir() -> Path:
     "Folder of the experiment notebooks (in the source checkout)."
     return PROJECT_ROOT/'nbs'/'experiments'
 
+def check_parameters(nb, # an experiment notebook (its `parameters` cell gives names and defaults)
+                     parameters: dict, # the values to run it with
+                    ) -> None:
+    """Refuse, naming the notebook and the parameter, values the notebook does not take: an unknown name, or a value of
+    another type than its default's (an int may stand for a float, a list for a tuple; a default of None takes anything)."""
+    import ast, papermill as pm
+    spec = pm.inspect_notebook(str(nb))
+    unknown = sorted(set(parameters) - set(spec))
+    if unknown: raise ConfigError(f"{nb}: unknown parameter(s) {unknown}; the notebook takes {sorted(spec)}")
+    for k, v in parameters.items():
+        try: d = ast.literal_eval(spec[k]['default'])
+        except (ValueError, SyntaxError): continue                      # a default that is an expression: not checked
+        ok = (d is None or v is None or (isinstance(d, bool) == isinstance(v, bool) and
+              (isinstance(v, type(d)) or (isinstance(d, float) and isinstance(v, int)) or
+               (isinstance(d, (list, tuple)) and isinstance(v, (list, tuple))))))
+        if not ok: raise ConfigError(f"{nb}: parameter {k} = {v!r} is a {type(v).__name__}; the notebook expects a {type(d).__name__} (default {d!r})")
+
+# %% ../nbs/06d_experiments.ipynb #3e19abb9
 def run_experiment_notebook(name: str, # notebook name under nbs/experiments, without '.ipynb'
                             parameters: dict, # papermill parameters
                             reports='reports', # folder of the executed notebook
@@ -49,12 +68,14 @@ def run_experiment_notebook(name: str, # notebook name under nbs/experiments, wi
     import papermill as pm                 # (imports Jupyter's machinery: only when a notebook is executed)
     src = experiments_dir()/f'{name}.ipynb'
     if not src.is_file(): raise FileNotFoundError(f"{src}: experiment notebook not found")
+    check_parameters(src, parameters)                                    # a wrong name or type fails here, before the notebook writes anything
     dst = Path(reports)/f'{name}.ipynb'; dst.parent.mkdir(parents=True, exist_ok=True)
     log(f"papermill: {src} -> {dst}")
     pm.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd or Path.cwd()), progress_bar=False, kernel_name='python3',
                        execution_timeout=3600)   # a cell that hangs (a lost kernel message) fails after an hour instead of never
     return dst
 
+# %% ../nbs/06d_experiments.ipynb #531ecb5a
 def demo(out='runs/demo', # grid folder
          quick: bool = False, # a fast smoke run: 2 timestamps and few optimization steps
          figures='figures', # folder of the figures
@@ -104,6 +125,7 @@ def time_breakdown(results: Sequence[dict], # results dicts (their `timings`)
 
 DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=[3], seeds=[0], T=4)
 
+# %% ../nbs/06d_experiments.ipynb #2fe9c850
 def albums_3d(root=None, # where the 3D albums go (None: `<albums>/demo3d`)
               persons=None, # persons to copy (None: all)
               log=print, # called with each progress line

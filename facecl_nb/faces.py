@@ -4,7 +4,7 @@
 
 # %% ../nbs/01a_faces.ipynb #fa000003
 from __future__ import annotations
-import io, math, os, re, shutil
+import hashlib, io, math, os, re, shutil
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,7 +14,7 @@ import yaml
 from PIL import Image, ImageOps
 
 from .core import atomic_write_bytes, atomic_write_text, atomic_write_json, resolve_weight, sha256_file
-from .data import AlbumError, IMAGE_EXTS, SPLITS, _check_person, _check_split, _png_bytes, _read_meta
+from .data import AlbumError, IMAGE_EXTS, SPLITS, _check_person, _check_split, _png_bytes, _read_meta, dump_yaml
 
 # %% auto #0
 __all__ = ['DETECT_THRESHOLD', 'DETECT_RELATIVE', 'DETECTOR_DESC', 'ffhq_quad', 'align_face', 'detect_faces', 'detect_landmarks',
@@ -184,7 +184,7 @@ def import_photos(photos, # a folder of photos (.jpg/.jpeg/.png) or one photo
         buf = io.BytesIO(); align_face(img, lms, size).save(buf, 'PNG')
         dst = out_dir/(names[f] + '.png')
         atomic_write_bytes(dst, buf.getvalue())
-        report['imported'].append({'file': str(f.resolve()), 'saved': dst.name, 'sha256': sha256_file(f), 'score': round(score, 4),
+        report['imported'].append({'file': str(f.resolve()), 'saved': dst.name, 'sha256': sha256_file(f), 'saved_sha256': hashlib.sha256(buf.getvalue()).hexdigest(), 'score': round(score, 4),
                                    'landmarks': np.round(lms, 2).tolist()})
     atomic_write_json(out_dir/'import_report.json', report)
     log(f"import: {len(report['imported'])} of {len(files)} photos aligned into {out_dir}; {len(report['skipped'])} skipped (see {out_dir/'import_report.json'})")
@@ -197,8 +197,8 @@ def import_photos(photos, # a folder of photos (.jpg/.jpeg/.png) or one photo
     meta['source'], meta['size'] = 'import', size
     prov = meta.setdefault('provenance', {})
     for r in report['imported']:
-        prov[f"{timestamp}/{split}/{r['saved']}"] = {'source': r['file'], 'sha256': r['sha256'], 'detector': DETECTOR_DESC}
-    atomic_write_text(ypath, yaml.safe_dump(meta, sort_keys=False))
+        prov[f"{timestamp}/{split}/{r['saved']}"] = {'source': r['file'], 'sha256': r['sha256'], 'saved_sha256': r['saved_sha256'], 'detector': DETECTOR_DESC}
+    atomic_write_text(ypath, dump_yaml(meta))
     return report
 
 # %% ../nbs/01a_faces.ipynb #5d90ee93

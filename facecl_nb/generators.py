@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
 
-from .core import resolve_weight, atomic_write_bytes
+from .core import resolve_weight, atomic_write_bytes, load_torch_weights
 
 # %% auto #0
 __all__ = ['ARCHS', 'ARCH_MODULES', 'NVIDIA_CLASS_ARCH', 'GeneratorError', 'register_arch', 'get_arch', 'Generator',
@@ -153,7 +153,7 @@ def load_prior(name: str = 'digiface-dcgan', # weight name in the manifest
               ) -> Generator:
     "The demo tier's pretrained prior, read from the file the manifest names and verified by sha256."
     path = resolve_weight(name)
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+    sd = load_torch_weights(path)
     if 'netG_state_dict' not in sd: raise GeneratorError(f"{path}: no 'netG_state_dict' in the DigiFace checkpoint (keys: {sorted(sd)[:8]})")
     G = DCGANGenerator()
     G.load_state_dict(sd['netG_state_dict'])

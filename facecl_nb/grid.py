@@ -4,7 +4,7 @@
 
 # %% ../nbs/06c_grid.ipynb #gr000002
 from __future__ import annotations
-import os, socket, sys, time, traceback
+import os, re, signal, socket, sys, threading, time, traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .core import ConfigError, atomic_write_json, atomic_write_text
+from .core import ConfigError, atomic_write_json, atomic_write_text, check_int
 from .data import Album
 from .profiles import get_profile
 from .strategies import known_strategies, get_strategy, k_matters, strategy_order
@@ -22,8 +22,8 @@ from .rundir import RunDir, collect_results
 from .continual import RunConfig, continual_run
 
 # %% auto #0
-__all__ = ['grid_specs', 'run_name', 'run_is_complete', 'GridTask', 'GridError', 'RayStartError', 'check_address', 'ray_env',
-           'run_grid', 'summary_table', 'format_table']
+__all__ = ['grid_specs', 'run_name', 'run_is_complete', 'GridTask', 'GridError', 'RayStartError', 'probe_ray_gcs',
+           'check_address', 'ray_env', 'run_grid', 'summary_table', 'format_table']
 
 # %% ../nbs/06c_grid.ipynb #74c59b33
 def grid_specs(persons, # person names
@@ -98,17 +98,75 @@ class GridError(RuntimeError):
 class RayStartError(GridError):
     "Ray itself did not start here (or did not connect), before any run."
 
+def _h2_frame(typ: int, flags: int, stream: int, payload: bytes = b'') -> bytes:
+    "One HTTP/2 frame: 24-bit length, type, flags, stream id, payload."
+    return len(payload).to_bytes(3, 'big') + bytes([typ, flags]) + stream.to_bytes(4, 'big') + payload
+
+# %% ../nbs/06c_grid.ipynb #4f19912f
+def _hpack_literal(name: str, value: str) -> bytes:
+    "An HPACK header field 'literal, not indexed, new name', without Huffman coding (RFC 7541 §6.2.2)."
+    def length(n: int) -> bytes:                              # a 7-bit-prefix integer (§5.1)
+        if n < 127: return bytes([n])
+        out, n = [127], n - 127
+        while n >= 128: out.append((n & 127) | 128); n >>= 7
+        return bytes(out + [n])
+    return b'\x00' + length(len(name)) + name.encode() + length(len(value)) + value.encode()
+
+def probe_ray_gcs(host: str, # the head's host
+                  port: int, # its GCS port
+                  timeout: float = 5.0, # seconds for the whole exchange
+                 ) -> str | None:
+    """None when a Ray GCS answers at host:port, else why not — within `timeout` seconds. It makes the one gRPC call a
+    client makes before anything else, `ray.rpc.NodeInfoGcsService/GetClusterId`, over a bare HTTP/2 connection: a Ray
+    GCS answers with data, or with a gRPC status other than 'unimplemented' (e.g. asking for its token); any other server
+    answers otherwise (an HTTP/1 reply, 'unimplemented', a reset) or not at all."""
+    deadline = time.monotonic() + timeout
+    try: s = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e: return f"nothing answers there ({type(e).__name__}: {e})"
+    call = b''.join(_hpack_literal(k, v) for k, v in ((':method', 'POST'), (':scheme', 'http'), (':path', '/ray.rpc.NodeInfoGcsService/GetClusterId'),
+                                                      (':authority', f'{host}:{port}'), ('content-type', 'application/grpc'), ('te', 'trailers')))
+    try:
+        s.sendall(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n' + _h2_frame(4, 0, 0) + _h2_frame(1, 4, 1, call) + _h2_frame(0, 1, 1, b'\0\0\0\0\0'))
+        buf, first = b'', True
+        while True:
+            while len(buf) < 9 or len(buf) < 9 + int.from_bytes(buf[:3], 'big'):
+                left = deadline - time.monotonic()
+                if left <= 0: return f"no answer within {timeout:.0f} s to a Ray GCS call"
+                s.settimeout(left); got = s.recv(65536)
+                if not got: return "the server closed the connection: not a Ray GCS" if not first else "the server closed the connection without an HTTP/2 answer: not a Ray GCS"
+                buf += got
+            n, typ, flags, sid = int.from_bytes(buf[:3], 'big'), buf[3], buf[4], int.from_bytes(buf[5:9], 'big') & 0x7FFFFFFF
+            block, buf = buf[9:9 + n], buf[9 + n:]
+            if first and (typ != 4 or sid != 0): return "it does not speak HTTP/2 (gRPC): not a Ray GCS (perhaps an HTTP server or another service)"
+            first = False
+            if typ == 4 and not flags & 1: s.sendall(_h2_frame(4, 1, 0))           # acknowledge the server's settings
+            elif typ == 0 and sid == 1 and n > 5: return None                       # the reply's message: a GCS answered
+            elif typ == 1 and sid == 1 and flags & 1:                            # a reply of headers only: its gRPC status says
+                st = re.search(rb'grpc-status.([0-9]{1,2})', block)
+                if st and int(st.group(1)) == 12: return "a gRPC server without Ray's GCS service (unimplemented): not a Ray GCS"
+                return None                                                     # the service is there (e.g. it asks for Ray's token): a GCS
+            elif typ in (3, 7): return "the server reset the call: not a Ray GCS"
+    except OSError as e: return f"the connection failed ({type(e).__name__}: {e})"
+    finally: s.close()
+
 def check_address(address: str, # a Ray cluster's address, 'host:port' (the head's GCS port, 6379 by default) or 'ray://host:port'
-                  timeout: float = 5.0, # seconds to wait for a TCP connection
+                  timeout: float = 5.0, # seconds for the whole check
                  ) -> None:
-    "Refuse, within `timeout` seconds and before any run starts, an address where nothing answers."
+    "Refuse, within `timeout` seconds and before any run starts, an address where no Ray GCS answers (`probe_ray_gcs`)."
     hp = address.split('://', 1)[-1]
     host, _, port = hp.rpartition(':')
     if not host or not port.isdigit(): raise GridError(f"--address {address!r}: expected host:port (e.g. 10.0.0.1:6379)")
-    try: socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e: raise GridError(f"--address {address}: no Ray cluster answers there ({type(e).__name__}: {e}); start one with `ray start --head` "
-                                         f"on that machine, or leave --address out for a local Ray") from None
+    if address.startswith('ray://'): why = None if _reachable(host, int(port), timeout) else "nothing answers there"   # a Ray client server: only reachability
+    else: why = probe_ray_gcs(host, int(port), timeout)
+    if why: raise GridError(f"--address {address}: {why}. Start a cluster with `ray start --head` on that machine and give its GCS address "
+                            f"(host:6379 by default), or leave --address out for a local Ray")
 
+# %% ../nbs/06c_grid.ipynb #ad163c36
+def _reachable(host, port, timeout) -> bool:
+    try: socket.create_connection((host, port), timeout=timeout).close(); return True
+    except OSError: return False
+
+# %% ../nbs/06c_grid.ipynb #079ad9d6
 def ray_env(local: bool = True, # a single-node Ray on this machine (False: joining a cluster)
            ) -> dict:
     "Environment for Ray in this project: no usage statistics, and a single-node Ray kept on the loopback interface."
@@ -133,6 +191,8 @@ def _ray_init(address, jobs: int, log):
 def _run_on_ray(todo: list, profile: str, address, jobs: int, retries: int, status: dict, log) -> None:
     "Each run one Ray task with the profile's resources; failures retried (`retries` times; a run resumes), then reported."
     ray = _ray_init(address, jobs, log)
+    main_thread = threading.current_thread() is threading.main_thread()
+    prev = signal.signal(signal.SIGTERM, _interrupted) if main_thread else None     # SIGTERM ends a grid as Ctrl-C does (within a second)
     try:
         res = get_profile(profile).resources
         task = ray.remote(_run_task).options(num_cpus=res['num_cpus'], num_gpus=res['num_gpus'], max_retries=retries, retry_exceptions=True)
@@ -155,7 +215,13 @@ def _run_on_ray(todo: list, profile: str, address, jobs: int, retries: int, stat
             except KeyboardInterrupt:       # the running tasks end with the Ray shut down below (cancelling each one races Ray's own bookkeeping)
                 log(f"grid: interrupted — {len(pending)} runs stopped; every finished run is kept, and the same command finishes the rest")
                 raise
-    finally: ray.shutdown()
+    finally:
+        ray.shutdown()
+        if main_thread: signal.signal(signal.SIGTERM, prev)
+
+# %% ../nbs/06c_grid.ipynb #47a25364
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 # %% ../nbs/06c_grid.ipynb #gr000012
 def run_grid(album_root, # folder holding one album per person
@@ -175,13 +241,17 @@ def run_grid(album_root, # folder holding one album per person
             ) -> dict:
     "Run a grid (skipping finished runs, reporting failures); writes `<out>/grid.json` and returns it."
     specs = grid_specs(persons, strategies, buffers, seeds, also)
-    RunConfig.from_dict(overrides or {}, profile=profile, T=T)        # bad overrides fail here, before any run
-    if address: check_address(address)                               # and an address where nothing answers
+    for (p, st, k, s) in specs:                                       # every run's config (k, seed, overrides) is checked before any folder
+        RunConfig.from_dict(overrides or {}, strategy=st, buffer=k, seed=s, person=p, profile=profile, T=T)
+    check_int(jobs, 'grid: jobs', 1); check_int(retries, 'grid: retries', 0)
+    if Path(out).exists() and not Path(out).is_dir(): raise ConfigError(f"{out}: exists and is not a folder; the grid folder (--out) must be a folder or not exist yet")
+    if address: check_address(address)                               # and an address where no Ray cluster answers
     out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
     todo, status = [], {}
     for (p, st, k, s) in specs:
         d = out/run_name(st, k, s, p)
         if run_is_complete(d): status[str(d)] = {'status': 'skipped (finished)'}; continue
+        if RunDir(d).results() is None and RunDir(d).last_state() >= 0: log(f"grid: {d}: results.json is missing; the run rebuilds it from its state")
         todo.append(GridTask(str(Path(album_root).resolve()), p, st, k, s, str(d), profile, T, overrides or {}, str(out/'.shared')))
     todo.sort(key=lambda a: -len(get_strategy(a.strategy).train_indices(99)))   # runs whose steps tune on most timestamps (the upper bound) first, so parallel workers finish together
     on_ray = bool(address) or (jobs > 1 and len(todo) > 1)

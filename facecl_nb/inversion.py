@@ -44,6 +44,7 @@ def check_images(G, # the generator (img_channels, img_resolution)
         raise InversionError(f"{what}: values must be in [-1, 1], found min {lo:.4g} max {hi:.4g}")
     return images
 
+# %% ../nbs/03_inversion.ipynb #c6cc99a1
 def check_anchors(G, # the generator (num_ws, w_dim)
                   anchors: Tensor, # [K, num_ws, w_dim], or [K, w_dim] broadcast over layers
                   n: int | None = None, # required number of anchors (None: any)
@@ -95,6 +96,7 @@ def _loss_fn(lpips_weight):
     loss.target = target
     return loss
 
+# %% ../nbs/03_inversion.ipynb #0c6c8d19
 def _rows(feats, idx):
     "Rows `idx` of every feature map of `loss.target` (None stays None)."
     return None if feats is None else [f[idx] for f in feats]
@@ -121,6 +123,7 @@ def _nearest_samples(G, images, c, n_samples, seed):
         idx = torch.cdist(F.avg_pool2d(images, 2).flatten(1), F.avg_pool2d(r, 2).flatten(1)).argmin(1)
     return cand[idx].clone()
 
+# %% ../nbs/03_inversion.ipynb #9c930292
 def project(G, # the generator to invert into (left unchanged)
             images: Tensor, # [N, 3, R, R] in [-1, 1]
             space: str = _P.space, # 'w' (one w for all layers) or 'w+' (one per layer)
@@ -195,7 +198,6 @@ def reconstruct_free(G, # the generator (left unchanged)
     c = G.check_c(c.to(ws.device), len(ws)) if getattr(G, 'c_dim', 0) else None
     with torch.no_grad(): rec = torch.cat([G.synthesis(ws[i:i + batch_size], None if c is None else c[i:i + batch_size]) for i in range(0, len(ws), batch_size)])
     return rec, ws
-
 
 # %% ../nbs/03_inversion.ipynb #ee7d73ad
 @dataclass
@@ -295,6 +297,7 @@ def tuning_batches(n_new: int, # new photos
             for i in range(0, n_new, batch_size):
                 b = perm[i:i + batch_size]; yield b, take(rep, len(b))
 
+# %% ../nbs/03_inversion.ipynb #1186370a
 def tune(G, # the generator to start from (copied, left unchanged)
          items: Items, # the new photos with their anchors
          replay: Items | None = None, # the replayed items (the buffer), or None
@@ -340,7 +343,6 @@ def tune(G, # the generator to start from (copied, left unchanged)
         if progress and step % 10 == 0: bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     return Gt.eval().requires_grad_(False)
-
 
 # %% ../nbs/03_inversion.ipynb #b2974c7f
 @dataclass
@@ -406,6 +408,7 @@ def project_to_hull(G, # the generator (left unchanged)
         for p, r in zip(G.parameters(), req): p.requires_grad_(r)
     return HullProjection(torch.cat(outs_img), torch.cat(outs_ws), torch.cat(outs_a))
 
+# %% ../nbs/03_inversion.ipynb #c8d92c44
 def synthesize(G, # the generator
                anchors: Tensor, # [K, num_ws, w_dim] anchors to mix
                n: int, # number of samples

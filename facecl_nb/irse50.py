@@ -38,6 +38,7 @@ def irse_input_layer() -> nn.Sequential:
     "The IR-SE stem: 3×3 conv to 64 channels, BN, PReLU (keys `input_layer.0/1/2`)."
     return nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
 
+# %% ../nbs/94_irse50.ipynb #15011b74
 def irse_body(units: Sequence[int] = IRSE50_UNITS, # bottlenecks per stage; (3, 4, 14, 3) is IR-SE50
              ) -> nn.Sequential:
     "The IR-SE body as one flat sequence of bottlenecks (keys `body.0` … `body.23` for IR-SE50); each stage halves the resolution."

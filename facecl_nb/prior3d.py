@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import atomic_write_bytes, facecl_home, resolve_weight, seed_everything
+from .core import atomic_write_bytes, facecl_home, resolve_weight, seed_everything, load_torch_weights
 from .cameras import label_from_angles, labels_from_landmarks, crop_landmarks
 from .eg3d import TriPlaneGenerator, small_config, rays_from_label, render_planes, sample_planes, load_eg3d
 from .generators import load_prior
@@ -85,6 +85,7 @@ def frontal_uv(p: Tensor, # [N, M, 3] world points
     uv = (q[..., :2] / q[..., 2:3]) @ K[:2, :2].T + K[:2, 2]    # normalized image coordinates in [0, 1]
     return uv * 2 - 1
 
+# %% ../nbs/07a_prior3d.ipynb #fac8048f
 def teacher_colour(x: Tensor, # [N, 3, H, W] the teacher's images in [−1, 1]
                    p: Tensor, # [N or 1, M, 3] world points
                   ) -> Tensor:
@@ -130,6 +131,7 @@ def new_prior3d(T, # the teacher (`load_prior()`), whose first layers the backbo
     G.backbone.grid.copy_(head_grid(G.backbone.plane_resolution, G.rendering_kwargs['box_warp']))
     return G
 
+# %% ../nbs/07a_prior3d.ipynb #9d548450
 def teacher_batch(T, # the DigiFace DCGAN (`load_prior()`)
                   z: Tensor, # [N, 100] latents
                   ) -> Tensor:
@@ -143,7 +145,7 @@ def distill_set(n: int = 2000, # samples drawn
                ) -> dict:
     "{'z' [n, 100], 'images' [n, 3, 64, 64] in [-1, 1], 'c' [n, 25] (cameras from landmarks)} from the DigiFace prior (diagnostics)."
     path = facecl_home()/'cache'/f'prior3d_set_n{n}_s{seed}.pt'
-    if cache and path.is_file(): return torch.load(path, weights_only=True)
+    if cache and path.is_file(): return load_torch_weights(path)
     G = load_prior()
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
     x = torch.cat([teacher_batch(G, zz) for zz in z.split(256)])
@@ -211,6 +213,7 @@ def _save_state(path: Path, G, opt, step: int, hist: list, gen: torch.Generator,
     torch.save({'G': G.state_dict(), 'opt': opt.state_dict(), 'step': step, 'hist': hist, 'gen': gen.get_state(), 'evals': evals}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
+# %% ../nbs/07a_prior3d.ipynb #b372e5f9
 def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside it holds the resumable state)
                   steps: int = 1200, # distillation steps (before polishing)
                   batch_size: int = 8, # latents per step
@@ -241,7 +244,7 @@ def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside i
     gen = torch.Generator().manual_seed(seed + 1)
     start, hist, evals = 0, [], []
     if state_path.is_file():
-        st = torch.load(state_path, weights_only=True)
+        st = load_torch_weights(state_path, finite=False)
         G.load_state_dict(st['G']); opt.load_state_dict(st['opt']); start, hist, evals = st['step'], st['hist'], st.get('evals', [])
         gen.set_state(st['gen'])                              # latents and cameras go on where they stopped
         log(f"resuming at step {start}")

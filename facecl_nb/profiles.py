@@ -33,6 +33,7 @@ def stylegan2_prior(device=None, # torch device (None: `get_device()`)
     from facecl_nb.generators import load_generator
     return load_generator(resolve_weight('stylegan2-ffhq')).to(device or get_device()).eval().requires_grad_(False)
 
+# %% ../nbs/05b_profiles.ipynb #5e21d7f8
 def eg3d_prior(device=None, # torch device (None: `get_device()`)
               ):
     "The user's EG3D FFHQ checkpoint (manifest entry `eg3d-ffhq`), frozen."

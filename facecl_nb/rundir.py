@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from .core import atomic_write_bytes, atomic_write_json
+from .core import ConfigError, atomic_write_bytes, atomic_write_json
 from .inversion import Items
 from .strategies import ReplayMemory
 from .metrics import r_to_json, r_from_json
 from .data import to_uint8
 
 # %% auto #0
-__all__ = ['StateError', 'module_digest', 'state_bytes', 'write_state', 'read_state', 'RunState', 'RunLocked', 'RunLock',
-           'RunDir', 'collect_results']
+__all__ = ['StateError', 'module_digest', 'state_bytes', 'write_state', 'read_state', 'run_identity', 'run_key',
+           'run_differences', 'RunState', 'RunLocked', 'RunLock', 'RunDir', 'collect_results']
 
 # %% ../nbs/06a_rundir.ipynb #d4c91e4d
 class StateError(RuntimeError):
@@ -38,6 +38,7 @@ def module_digest(m: torch.nn.Module, # the network (its state dict is hashed)
     "sha256 of a network's state dict (names, shapes, values): pins the exact prior or encoder a run started from."
     return _hash_tensors(hashlib.sha256(), m.state_dict(), dtype=False)
 
+# %% ../nbs/06a_rundir.ipynb #f3b38599
 def state_bytes(tensors: dict, # name -> tensor
                 meta: dict, # JSON-able side-data
                ) -> bytes:
@@ -74,6 +75,29 @@ def read_state(path, # a .safetensors file written by `write_state`
 # %% ../nbs/06a_rundir.ipynb #c9b79e49
 def _prefixed(d: dict, prefix: str) -> dict: return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
 
+def run_identity(config: dict, # the run's config (config.json's fields; the album's folder and `inputs` are left out)
+                 inputs: dict, # digests of the album, prior and encoder the run uses
+                ) -> dict:
+    "What a run is: its config and the digests of its inputs, as JSON would return them. Every state file carries it."
+    return json.loads(json.dumps({'config': {k: v for k, v in config.items() if k not in ('album', 'inputs')}, 'inputs': inputs}, default=str))
+
+def run_key(run: dict | None, # a `run_identity`
+           ) -> str | None:
+    "sha256 of a `run_identity` (None for None)."
+    return None if run is None else hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+
+# %% ../nbs/06a_rundir.ipynb #1b9b23b1
+def run_differences(old: dict, # the `run_identity` found (a state file's, config.json's)
+                    new: dict, # the `run_identity` of the run asked for
+                   ) -> list[str]:
+    "What differs between two runs, one phrase per config field or input: `buffer: 2 → 3`, `the album (3fa2… → 9c1e…)`."
+    what = {'album_content_hash': 'the album (its photos or cameras)', 'prior_sha256': 'the prior generator', 'encoder_sha256': 'the inversion encoder'}
+    oc, nc = old.get('config', {}), new.get('config', {})
+    out = [f"{k}: {json.dumps(oc.get(k))} → {json.dumps(nc.get(k))}" for k in sorted(set(oc) | set(nc)) if oc.get(k) != nc.get(k)]
+    oi, ni = old.get('inputs', {}), new.get('inputs', {})
+    out += [f"{what.get(k, k)} ({str(oi.get(k))[:12]}… → {str(ni.get(k))[:12]}…)" for k in sorted(set(oi) | set(ni)) if oi.get(k) != ni.get(k)]
+    return out
+
 @dataclass
 class RunState:
     "Everything a run needs to continue after timestamp index `t`, and its record so far."
@@ -84,13 +108,14 @@ class RunState:
     timings: list = field(default_factory=list)      # per timestamp: seconds of each step
     history: list = field(default_factory=list)      # per timestamp: the buffer's names and timestamps
     unavailable: dict = field(default_factory=dict)  # metric -> why it could not be computed
+    run: dict | None = None                          # the run it belongs to: {'config', 'inputs'} (see `run_identity`); None in files of old versions
 
     def to_bytes(self) -> bytes:
         "The state file's contents (`state_bytes`): weights and memories as tensors, the rest as JSON."
         tens, mem = self.memory.to_parts()
         tens = {**{f'G/{k}': v for k, v in self.weights.items()}, **tens}
         meta = {'t': self.t, 'memory': mem, 'R': {k: r_to_json(v) for k, v in self.R.items()}, 'timings': self.timings,
-                'history': self.history, 'unavailable': self.unavailable}
+                'history': self.history, 'unavailable': self.unavailable, 'run': self.run, 'run_key': run_key(self.run)}
         return state_bytes(tens, meta)
 
     def save(self, path, # the state file to write (atomically)
@@ -101,10 +126,10 @@ class RunState:
             ) -> 'RunState':
         "Read a state file (`StateError` naming it when it cannot be trusted)."
         tens, meta = read_state(path)
-        t = meta.get('t', int(Path(path).name[1:].split('.')[0]))      # files written before 't' was recorded: from the name
+        t = meta['t'] if 't' in meta else int(Path(path).name[1:].split('.')[0])      # files written before 't' was recorded: from the name
         return cls(t, _prefixed(tens, 'G/'), ReplayMemory.from_parts(tens, meta['memory']),
                    R={k: r_from_json(m) for k, m in meta['R'].items()}, timings=meta['timings'], history=meta['history'],
-                   unavailable=meta['unavailable'])
+                   unavailable=meta['unavailable'], run=meta.get('run'))
 
     def model(self, G_prior, # the prior generator the run started from (copied)
              ):
@@ -120,7 +145,12 @@ class RunLock:
     def __init__(self, out): self.path = Path(out)/'.lock'; self.f = None
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.path, 'a+')
+        try: fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)    # never through a planted symbolic link
+        except OSError as e:
+            if self.path.is_symlink(): raise ConfigError(f"{self.path}: a symbolic link (to {os.readlink(self.path)}); the lock file must be a plain file "
+                                                         f"of the run folder — delete the link") from None
+            raise
+        self.f = os.fdopen(fd, 'r+')
         try: fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.f.seek(0); who = self.f.read().strip() or 'another process'; self.f.close(); self.f = None
@@ -133,6 +163,7 @@ class RunLock:
 def _u8(x: torch.Tensor) -> torch.Tensor:
     return to_uint8(x, channels_last=False, numpy=False)   # figures keep [n, 3, H, W] uint8
 
+# %% ../nbs/06a_rundir.ipynb #5bb2b271
 class RunDir:
     "A continual run's folder: the one reader (and writer) of the files listed above."
     def __init__(self, path): self.path = Path(path)
@@ -188,29 +219,57 @@ class RunDir:
         return sorted(out, key=lambda x: x[0])
 
     # --- resuming
+    def recorded_run(self) -> dict | None:
+        "The `run_identity` that the newest state file records (its header only is read), or None."
+        from safetensors import safe_open
+        for t in sorted({int(p.name[1:].split('.')[0]) for p in self.state_dir.glob('t*.safetensors') if p.name[1:].split('.')[0].isdigit()}, reverse=True):
+            try:
+                with safe_open(str(self.state_path(t)), framework='pt') as f: run = json.loads((f.metadata() or {}).get('facecl_state', '{}')).get('run')
+            except Exception: continue
+            if run: return run
+        return None
+
     def resume(self, log=print, # called with a warning per state file moved aside
+               run: dict | None = None, # the `run_identity` of the run resuming: a state of another run is refused (None: not checked)
               ) -> RunState | None:
         """The newest readable state (None: start from the beginning). A corrupt or altered state file is named, moved
-        aside (`*.bad`), and the run falls back to the timestamp before it; an old pickle state is refused unread."""
+        aside (`*.bad`), and the run falls back to the timestamp before it; an old pickle state is refused unread; a state
+        written by another run (another config, other inputs) is refused, naming what differs."""
         old = sorted(self.state_dir.glob('t*.pt'))
         if old: raise StateError(f"{old[0]}: an old-format (pickle) state file — refused, nothing in it was run; start afresh in another --out "
                                  f"or delete {self.state_dir}")
         t = self.last_state()
         while t >= 0:
             p = self.state_path(t)
-            try: return RunState.load(p)
+            try: st = RunState.load(p)
             except StateError as e:
                 bad = p.with_name(p.name + '.bad'); os.replace(p, bad)
                 log(f"warning: {e}; moved to {bad.name}, resuming from the state before it")
-                t = self.last_state()
+                t = self.last_state(); continue
+            if run is not None and st.run is not None and st.run != run:
+                raise StateError(f"{p}: this state belongs to another run — {'; '.join(run_differences(st.run, run))}. Resuming it would mix two "
+                                 f"experiments; start afresh in another --out, or delete {self.path}")
+            return st
         return None
 
     # --- the runner's writes
     def lock(self) -> RunLock: return RunLock(self.path)
+    def check_links(self) -> None:
+        """Refuse symbolic links where a run reads, writes or deletes — its own files, `state/` and everything in it — so
+        that nothing outside the run folder is ever written, truncated or deleted, and no other run's state is resumed."""
+        cands = [self.path/n for n in ('.lock', 'config.json', 'results.json', 'error.txt', 'state')]
+        if self.state_dir.is_dir() and not self.state_dir.is_symlink(): cands += sorted(self.state_dir.iterdir())
+        links = [p for p in cands if p.is_symlink()]
+        if links:
+            more = f" (and {len(links) - 1} more: {', '.join(p.name for p in links[1:4])})" if len(links) > 1 else ''
+            raise ConfigError(f"{links[0]}: a symbolic link inside the run folder (to {os.readlink(links[0])}){more}; a run reads and writes "
+                              f"only its own files — put the file itself there, or use another --out")
     def prepare(self) -> None:
-        "Create the folder and drop temporary files of a killed write."
+        "Check for links, create the folder and drop temporary files of a killed write (in `state/` itself, never through a link)."
+        self.check_links()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        for p in self.state_dir.glob('.*.tmp'): p.unlink()
+        for p in self.state_dir.glob('.*.tmp'):
+            if p.is_file() and not p.is_symlink(): p.unlink()
     def write_config(self, cfg: dict, # the run's config as a JSON-able dict
                     ) -> Path: return atomic_write_json(self.path/'config.json', cfg)
     def write_results(self, res: dict, # the results dict (JSON-able)

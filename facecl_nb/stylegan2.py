@@ -45,6 +45,7 @@ def _pad4(padding) -> tuple[int, int, int, int]:
 
 def _pair(v) -> tuple[int, int]: return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
+# %% ../nbs/91_stylegan2.ipynb #9ea84faf
 def _fsize(f: Tensor | None) -> tuple[int, int]:
     "(width, height) of a filter; 1-D taps act along both axes."
     return (1, 1) if f is None else (int(f.shape[-1]), int(f.shape[0]))
@@ -80,6 +81,7 @@ def upfirdn2d(x: Tensor, # [N, C, H, W] images
     x = _fir_pass(x, k[None, :], (up[0], 1), (down[0], 1), (px0, px1, 0, 0))
     return _fir_pass(x, k[:, None], (1, up[1]), (1, down[1]), (0, 0, py0, py1))
 
+# %% ../nbs/91_stylegan2.ipynb #9040d7a1
 def upsample2d(x: Tensor, # [N, C, H, W] images
                f: Tensor | None, # filter of `setup_filter` (None: no filtering)
                up=2, # upsampling factor (int or (x, y))
@@ -243,6 +245,7 @@ class FullyConnectedLayer(nn.Module):
         if self.activation == 'linear' and b is not None: return torch.addmm(b[None], x, w.t())
         return bias_act(x.matmul(w.t()), b, act=self.activation)
 
+# %% ../nbs/91_stylegan2.ipynb #8401136b
 class Conv2dLayer(nn.Module):
     "Convolution with equalized learning rate, optional up/downsampling, bias, activation and clamping (the `resnet` skip path)."
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True, activation: str = 'linear',
@@ -341,6 +344,7 @@ class SynthesisLayer(nn.Module):
                              flip_weight=(self.up == 1), fused_modconv=fused_modconv)
         return bias_act(x, self.bias, act=self.activation, gain=self.act_gain * gain, clamp=_clamp(self.conv_clamp, gain))
 
+# %% ../nbs/91_stylegan2.ipynb #ddff48a2
 class ToRGBLayer(nn.Module):
     "Modulated 1×1 convolution to RGB, without demodulation; bias; clamping."
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, kernel_size: int = 1,

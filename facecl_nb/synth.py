@@ -4,7 +4,7 @@
 
 # %% ../nbs/01b_synth.ipynb #sn000002
 from __future__ import annotations
-import math, os, re, shutil, time
+import glob, hashlib, math, os, re, shutil, time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,9 +15,9 @@ import yaml
 from PIL import Image
 
 from . import __version__
-from .core import atomic_write_bytes, atomic_write_text, albums_dir, load_manifest
+from .core import atomic_write_bytes, atomic_write_text, albums_dir, load_manifest, check_seed
 from .generators import load_prior
-from .data import Album, AlbumError, content_hash, to_uint8, _check_person, _png_bytes
+from .data import Album, AlbumError, content_hash, dump_yaml, to_uint8, _check_person, _png_bytes
 from .faces import dlib_descriptors, _hog_score
 
 # %% auto #0
@@ -116,9 +116,13 @@ def _round(v, nd=6):
     return v
 
 # %% ../nbs/01b_synth.ipynb #6f2543a7
+def _tmp_tag(person: str) -> str:
+    "The person's part of hidden work-folder names: short enough that a 250-character person name stays a legal file name."
+    return f"{person[:40]}-{hashlib.sha256(person.encode()).hexdigest()[:10]}"
+
 def _clean_stale_tmp(root: Path, person: str) -> None:
     "Remove the hidden work folders of earlier synth runs of `person` that were killed (their process is gone)."
-    for d in Path(root).glob(f".{person}.tmp-*") if Path(root).is_dir() else []:
+    for d in Path(root).glob(glob.escape(f".{_tmp_tag(person)}") + ".tmp-*") if Path(root).is_dir() else []:
         pid = d.name.rsplit('-', 1)[-1]
         alive = pid.isdigit() and Path(f'/proc/{pid}').exists() and int(pid) != os.getpid()
         if not alive: shutil.rmtree(d, ignore_errors=True)
@@ -127,7 +131,7 @@ def _check_synth_args(root: Path, person: str, timestamps, n_train, n_test, size
     "Every argument of `synth_album` checked before any work; returns the recipe with the overrides."
     for name, v, lo in (('timestamps', timestamps, 1), ('train', n_train, 1), ('test', n_test, 1), ('size', size, 16)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo: raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0: raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_seed(seed, 'synth_album: seed')
     unknown = sorted(set(recipe or {}) - set(SYNTH_RECIPE))
     if unknown: raise ValueError(f"recipe: unknown key(s) {unknown}; known: {sorted(SYNTH_RECIPE)}")
     pdir = root/person
@@ -137,6 +141,7 @@ def _check_synth_args(root: Path, person: str, timestamps, n_train, n_test, size
                                      f"{timestamps * (n_train + n_test)} upsampled photos of {3 * size * size / 2**20:.0f} MB each in memory)")
     return {**SYNTH_RECIPE, **(recipe or {})}
 
+# %% ../nbs/01b_synth.ipynb #916191d3
 def _pick_identity(G, seed: int, rc: dict) -> tuple[np.ndarray, np.ndarray, int, float]:
     "(z_id, the identity's dlib descriptor, candidate index, HOG score): the first candidate that renders a clear frontal face."
     for k in range(rc['identity_max_draws']):
@@ -203,13 +208,14 @@ def _synth_meta(person, timestamps, n_train, n_test, size, seed, rc, G, k_id, sc
 
 def _swap_in(root: Path, person: str, files: dict, make_meta) -> dict:
     "Write every file into a hidden folder, then swap it in: a failure (or a kill) never leaves half an album. Returns the meta."
-    pdir, tmpdir = root/person, root/f".{person}.tmp-{os.getpid()}"
+    tag = _tmp_tag(person)
+    pdir, tmpdir = root/person, root/f".{tag}.tmp-{os.getpid()}"
     if tmpdir.exists(): shutil.rmtree(tmpdir)
     try:
         for rel, b in files.items(): atomic_write_bytes(tmpdir/rel, b)
         meta = make_meta(tmpdir)
-        atomic_write_text(tmpdir/'album.yaml', yaml.safe_dump(meta, sort_keys=False))
-        old = root/f".{person}.old-{os.getpid()}"
+        atomic_write_text(tmpdir/'album.yaml', dump_yaml(meta))
+        old = root/f".{tag}.old-{os.getpid()}"
         if pdir.exists(): os.replace(pdir, old)
         os.replace(tmpdir, pdir)
         if old.exists(): shutil.rmtree(old)

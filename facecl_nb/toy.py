@@ -210,6 +210,7 @@ def run_toy(strategy: str, # 'none', 'joint', or a buffer strategy: 'random', 'h
         R[t, :t + 1] = [toy_psnr(G, e['z_test'], e['y_test']) for e in stream[:t + 1]]
     return R
 
+# %% ../nbs/00_continual_learning.ipynb #71c3a27d
 def summarize(R, # [T, T] PSNR matrix of a run (`run_toy`)
               strategy: str, # the run's strategy ('joint': the upper bound)
              ) -> dict:

@@ -67,7 +67,7 @@ def test_resume_identical(album, tmp_path):
 def test_other_config_in_same_folder_is_refused(album, tmp_path):
     cfg = C.RunConfig.from_dict(MICRO, strategy='none', buffer=0, seed=0, person='pat', T=1)
     C.continual_run(album, cfg, tmp_path / 'r', progress=False, log=lambda *a: None)
-    with pytest.raises(Exception, match='another configuration'):
+    with pytest.raises(Exception, match='holds another run'):
         C.continual_run(album, cfg.replace(seed=3), tmp_path / 'r', progress=False, log=lambda *a: None)
 
 
@@ -148,7 +148,7 @@ def test_protocol_options_recorded_and_paired_replay(album, tmp_path):
 def test_grid_address_that_does_not_answer(album, tmp_path):
     import time
     t0 = time.time()
-    with pytest.raises(GR.GridError, match='no Ray cluster answers there'):
+    with pytest.raises(GR.GridError, match='nothing answers there'):
         GR.run_grid(album.root, ['pat'], ['none'], [2], [0], tmp_path / 'g', T=2, overrides=MICRO, address='127.0.0.1:9', log=lambda *a: None)
     assert time.time() - t0 < 15 and not (tmp_path / 'g').exists()          # refused within seconds, before any run
     with pytest.raises(GR.GridError, match='expected host:port'):
@@ -270,10 +270,16 @@ def test_photos_enter_once_a_file_changed_mid_run_does_not(album, tmp_path):
     def overwrite_after_first(msg):
         if 't=0' in msg and victim.read_bytes() != b'': victim.write_bytes((root / 'pat' / '0' / 'train' / '000.png').read_bytes())
     changed = C.continual_run(a, cfg, tmp_path / 'changed', progress=False, log=overwrite_after_first)
-    assert changed['versions']['inputs']['album_content_hash'] == used != TaskStream(Album(root, 'pat'), 2).digest
+    assert changed['versions']['inputs']['album_content_hash'] == used                     # the digest of what the run read
+    from facecl_nb.data import AlbumError, load_yaml, dump_yaml, content_hash
+    with pytest.raises(AlbumError, match='does not match the photos'): TaskStream(Album(root, 'pat'), 2)   # the album on disk changed
     clean = C.continual_run(album, cfg, tmp_path / 'clean', progress=False, log=lambda *x: None)
     assert changed['R'] == clean['R'] and changed['buffers'] == clean['buffers']
-    # resuming that folder now is refused: the album it started from is not the one on disk
+    # resuming that folder now is refused: the album on disk no longer matches the content hash it records ...
     (tmp_path / 'changed' / 'results.json').unlink(); shutil.rmtree(tmp_path / 'changed' / 'state'); (tmp_path / 'changed' / 'state').mkdir()
-    with pytest.raises(C.ConfigError, match='started from other inputs'):
+    with pytest.raises(AlbumError, match='does not match the photos'):
+        C.continual_run(Album(root, 'pat'), cfg, tmp_path / 'changed', progress=False, log=lambda *x: None)
+    # ... and with its hash recorded anew (a valid album of other photos), it is another input of the run, named
+    y = root / 'pat' / 'album.yaml'; meta = load_yaml(y); meta['content_hash'] = content_hash(root / 'pat', cameras=False); y.write_text(dump_yaml(meta))
+    with pytest.raises(C.ConfigError, match=r'holds another run — the album \(its photos or cameras\)'):
         C.continual_run(Album(root, 'pat'), cfg, tmp_path / 'changed', progress=False, log=lambda *x: None)

@@ -68,6 +68,11 @@ def test_import_aligns_and_reports(tmp_path, faces):
     assert any('3 of 6 photos aligned' in l for l in lines) and sum('skipped' in l for l in lines) == 4   # summary + one line per skip
     # the album: a test split too, then it validates; album.yaml has the provenance of every file
     import_photos(src / 'a.jpg', tmp_path / 'alb', 'me', 0, 'test', size=64, log=lambda *a: None)
+    with pytest.raises(AlbumError, match=r'0/test/a.png: byte-identical to the training photo .*a_jpg.png'):   # a training photo as a test photo
+        Album(tmp_path / 'alb', 'me').validate()
+    (tmp_path / 'alb' / 'me' / '0' / 'test' / 'a.png').unlink()
+    other = tmp_path / 'other'; other.mkdir(); on_canvas(faces[ok[0]].transpose(Image.FLIP_LEFT_RIGHT)).save(other / 'a.jpg', quality=95)
+    import_photos(other / 'a.jpg', tmp_path / 'alb', 'me', 0, 'test', size=64, log=lambda *a: None)   # another picture (mirrored)
     a = Album(tmp_path / 'alb', 'me').validate()
     assert a.timestamps == [0] and a.images(0, 'train').shape == (3, 3, 64, 64) and a.meta['source'] == 'import'
     prov = a.meta['provenance']

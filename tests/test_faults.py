@@ -77,12 +77,12 @@ def test_changed_album_is_refused_on_resume(tmp_path):
     cfg = C.RunConfig.from_dict(MICRO, strategy='none', buffer=0, T=1)
     C.continual_run(Album(tmp_path / 'a', 'gus'), cfg, tmp_path / 'run', progress=False, log=quiet)
     synth_album(tmp_path / 'a', 'gus', timestamps=2, n_train=3, n_test=2, seed=4, force=True, log=quiet)   # another album, same name
-    with pytest.raises(ConfigError, match='changed: the album'):
+    with pytest.raises(ConfigError, match='holds another run — the album'):
         C.continual_run(Album(tmp_path / 'a', 'gus'), cfg, tmp_path / 'run', progress=False, log=quiet)
 
 
-@pytest.mark.parametrize('bad, match', [(dict(strategy='hul'), "unknown strategy 'hul'"), (dict(T=0), 'T must be >= 1'),
-                                        (dict(T=7), 'T = 7 but album'), (dict(buffer=-1), 'buffer must be >= 0'),
+@pytest.mark.parametrize('bad, match', [(dict(strategy='hul'), "unknown strategy 'hul'"), (dict(T=0), 'T must be an integer >= 1'),
+                                        (dict(T=7), 'T = 7 but album'), (dict(buffer=-1), 'buffer must be an integer >= 0'),
                                         (dict(tuning={'epochs': 0}), 'epochs must be > 0')])
 def test_bad_arguments_fail_before_any_work(album, tmp_path, bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -94,7 +94,7 @@ def test_bad_arguments_fail_before_any_work(album, tmp_path, bad, match):
 
 def test_cli_refuses_bad_arguments_without_output(album, tmp_path):
     for args, msg in ((['--strategy', 'hul'], "unknown strategy 'hul'"), (['--timestamps', '9'], 'T = 9 but album'),
-                      (['--timestamps', '0'], 'T must be >= 1')):
+                      (['--timestamps', '0'], 'argument --timestamps: must be an integer >= 1')):
         r = subprocess.run([sys.executable, '-m', 'facecl_nb.cli', 'run', '--album', str(album.root), '--person', 'fay', '--out', str(tmp_path / 'o')] + args,
                            capture_output=True, text=True)
         assert r.returncode != 0 and msg in r.stderr, (args, r.stderr[-500:])
@@ -109,30 +109,6 @@ def test_second_process_on_the_same_folder_is_refused(album, tmp_path):
         with pytest.raises(RD.RunLocked, match=f'in use by pid {os.getpid()}'):
             C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='none', buffer=0, T=1), tmp_path / 'run', progress=False, log=quiet)
     C.continual_run(album, C.RunConfig.from_dict(MICRO, strategy='none', buffer=0, T=1), tmp_path / 'run', progress=False, log=quiet)   # free again
-
-
-def test_kill_9_then_rerun_ends_identical(album, finished, tmp_path):
-    "A run killed (SIGKILL) at a random moment, re-run, gives the results of the uninterrupted run."
-    code = ("import sys, json; from facecl_nb import continual as C; from facecl_nb.data import Album; "
-            f"C.continual_run(Album({str(album.root)!r}, 'fay'), C.RunConfig.from_dict(json.loads(sys.argv[1]), strategy='random', buffer=2, T=3), "
-            f"{str(tmp_path / 'run')!r}, progress=False, log=lambda *a: None)")
-    rng = random.Random(int(os.environ.get('FACECL_FAULT_SEED', '0')))
-    for attempt in range(2):
-        p = subprocess.Popen([sys.executable, '-c', code, json.dumps(MICRO)])
-        time.sleep(rng.uniform(4, 12))
-        p.send_signal(signal.SIGKILL); p.wait()
-    r = subprocess.run([sys.executable, '-c', code, json.dumps(MICRO)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((tmp_path / 'run' / 'results.json').read_text())
-    # bit-identical but for synthesis's identity score, which after some kill points differs in the 6th decimal (a known
-    # hole of resume, listed in the hostile-inputs issue; an exact comparison made this test fail CI at random)
-    ref = finished[1]
-    for grp in ('R', 'AIP', 'AF', 'BWT'):
-        a, b = res[grp].pop('synth_id_sim'), ref[grp].pop('synth_id_sim')
-        assert np.allclose(np.array(a, dtype=float), np.array(b, dtype=float), rtol=0, atol=1e-5, equal_nan=True), (grp, a, b)
-        ref[grp]['synth_id_sim'] = b
-        res[grp]['synth_id_sim'] = b
-    assert _same(res, ref)
 
 
 def test_real_photo_of_one_person_imports_and_two_people_are_two(tmp_path):
@@ -207,4 +183,4 @@ def test_kill_9_during_synth_then_rerun_is_identical(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'facecl_nb.cli', 'album', 'synth', '--album', str(tmp_path / 'a'), '--force'] + args, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-1000:]
     assert content_hash(kit) == content_hash(tmp_path / 'ref' / 'kit')
-    assert not list((tmp_path / 'a').glob('.kit.tmp-*'))               # the killed run's work folder is gone
+    assert not list((tmp_path / 'a').glob('.kit*.tmp-*'))               # the killed run's work folder is gone
