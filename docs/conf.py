@@ -65,6 +65,7 @@ exclude_patterns = ["runs", "data", "**/.ipynb_checkpoints", "_build", "**/_buil
 nb_execution_mode = "off"
 nb_merge_streams = True
 nb_ipywidgets_js = {}            # no require.js / widget manager from a CDN: the site is offline
+nb_render_markdown_format = "myst"   # Markdown outputs (the tables the notebooks print) rendered as MyST: tables are tables
 myst_enable_extensions = ["colon_fence"]
 myst_heading_anchors = 3
 
@@ -80,6 +81,8 @@ html_theme_options = {
 }
 html_context = {"default_mode": "auto"}    # pydata-sphinx-theme otherwise logs "Got invalid theme mode" as a console error
 html_show_sourcelink = False
+html_static_path = ["_static"]
+html_css_files = ["facecl.css"]
 
 # ---- notebook preprocessing (nbdev directives -> myst-nb tags) ---------------------------------------------------
 _DIRECTIVE = re.compile(r"^\s*#\|\s*([\w-]+)\s*(:?)\s*(.*?)\s*$")
@@ -107,6 +110,16 @@ def _directives(source: str) -> tuple[dict[str, str], str]:
         i += 1
     body = [l for l in lines[i:] if not _HIDE_LINE.search(l)]
     return dirs, "\n".join(body)
+
+
+_TEST_LINE = re.compile(r"^\s*(test_eq|test_fail|test_close|test_ne|test_is|assert\b|with pytest\.raises|with ExceptionExpected)")
+
+
+def is_test_cell(cell) -> bool:
+    "A cell of tests (no output; at least half of its code lines are assertions): collapsed on the site, still run by nbdev_test."
+    if cell.get("cell_type") != "code" or cell.get("outputs"): return False
+    lines = [l for l in _src(cell).splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    return bool(lines) and sum(bool(_TEST_LINE.match(l)) for l in lines) >= len(lines) / 2
 
 
 def _tags_for(dirs: dict[str, str]) -> set[str]:
@@ -146,8 +159,12 @@ def preprocess_notebook(text: str, docname: str, course: list[tuple[str, list[st
             dirs, body = _directives(_src(cell))
             if dirs or _HIDE_LINE.search(_src(cell)): cell["source"] = body
             tags |= _tags_for(dirs)
+            if is_test_cell(cell) and "remove-cell" not in tags: tags.add("hide-cell")     # tests: one click away, not in the way
             uid = "plotly-" + re.sub(r"\W", "-", docname) + f"-{ci}"
             cell["outputs"] = [_static_output(o, f"{uid}-{oi}") for oi, o in enumerate(cell.get("outputs", []))]
+        if cell.get("cell_type") == "markdown" and docname == root_doc:     # the README's image paths are from the repository root
+            src = re.sub(r"\]\((figures/)", r"](../\1", _src(cell))
+            cell["source"] = re.sub(r"\]\(nbs/([^)]+)\.ipynb\)", r"](\1.ipynb)", src)     # chapters: pages of this site
         jup = md.get("jupyter") or {}
         if jup.get("source_hidden") and jup.get("outputs_hidden"): tags.add("hide-cell")
         elif jup.get("source_hidden"): tags.add("hide-input")

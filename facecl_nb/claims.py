@@ -53,6 +53,7 @@ def paired(df: pd.DataFrame, # `results_frame` rows
 class Verdict:
     "A claim's test on one metric."
     claim: str; metric: str; n: int; mean: float; lo: float; hi: float; holds_in: int; verdict: str
+    values: tuple = ()      # every pair's difference (what the forest plot draws as dots)
 
 def verdict(d: pd.Series, # paired differences that the claim says are positive
             claim: str, # the claim in words
@@ -74,7 +75,7 @@ def verdict(d: pd.Series, # paired differences that the claim says are positive
     elif lo > 0: word = 'holds'
     elif hi < 0: word = 'does not hold'
     else: word = 'not resolved'
-    return Verdict(claim, metric, n, mean, lo, hi, int((v > 0).sum()), word)
+    return Verdict(claim, metric, n, mean, lo, hi, int((v > 0).sum()), word, tuple(float(x) for x in v))
 
 # %% ../nbs/06b_claims.ipynb #d58342f0
 def claims(df: pd.DataFrame, # `results_frame` rows

@@ -317,7 +317,7 @@ def evaluate_prior3d(G, # a tri-plane generator (eval mode)
                 pairwise=pair(df), teacher_pairwise=pair(dt), yaw=float(dy.max()), yaw_mean=float(dy.mean()),
                 yaw_ideal=float(di.max()), yaw_ideal_mean=float(di.mean()), teacher=x, views=views, ideal=ideal)
 
-TARGETS = dict(psnr=22.0, dlib_teacher=0.4, pairwise=0.5, yaw=0.4)   # issue 16: psnr and pairwise at least, the others at most
+TARGETS = dict(psnr=22.0, dlib_teacher=0.4, pairwise=0.5, yaw=0.4)   # targets of the demo prior: psnr and pairwise at least, the others at most
 
 # %% ../nbs/07a_prior3d.ipynb #0f2b4ace
 def _main(argv=None):

@@ -16,8 +16,8 @@ from . import replay
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'MEMORY_PARTS', 'Strategy', 'LowerBound', 'Replay', 'Cumulative', 'Joint', 'register',
-           'known_strategies', 'get_strategy', 'strategy_label', 'k_matters', 'strategy_order', 'own_spread',
-           'pool_spread', 'Selection', 'ReplayMemory']
+           'known_strategies', 'get_strategy', 'strategy_label', 'strategy_style', 'k_matters', 'strategy_order',
+           'own_spread', 'pool_spread', 'Selection', 'ReplayMemory']
 
 # %% ../nbs/05c_strategies.ipynb #st000006
 class Strategy:
@@ -30,6 +30,9 @@ class Strategy:
     replays: bool = False      # keeps and replays a buffer
     k_matters: bool = False    # its runs depend on the buffer size k (one run per k in a grid)
     measures: tuple = ('AIP', 'AF', 'BWT')   # what its results report
+    colour: str = '#555555'    # its colour in every figure (2D, 3D, explorer, toy chapter)
+    dash: str = 'solid'        # its line style (plotly's dash names)
+    marker: str = 'circle'     # its marker (plotly's symbol names)
 
     def steps(self, T: int, # number of timestamps in the run
               start: int, # first step index still to run (0 for a fresh run)
@@ -69,7 +72,7 @@ class Strategy:
 
 class LowerBound(Strategy):
     "Sequential tuning without replay: what forgetting looks like."
-    name, label, order = 'none', 'Lower bound', 0
+    name, label, order, colour, dash, marker = 'none', 'Lower bound', 0, '#D55E00', 'dot', 'x'
 
 # %% ../nbs/05c_strategies.ipynb #st000008
 class Replay(Strategy):
@@ -81,8 +84,12 @@ class Replay(Strategy):
                  order: int = 50, # its place in tables and legends
                  selector=None, # a name in `replay.SELECTORS` or a function fn(X, ts, k, rng, **options) (None: the selector called `name`)
                  options: dict | None = None, # selector option -> config field, e.g. {'C': 'hull_candidates'}
+                 colour: str = '#555555', # its colour in every figure
+                 dash: str = 'solid', # its line style
+                 marker: str = 'circle', # its marker
                 ):
         self.name, self.label, self.order, self.options = name, label or name, order, dict(options or {})
+        self.colour, self.dash, self.marker = colour, dash, marker
         self.selector = name if selector is None else selector
         if isinstance(self.selector, str) and self.selector not in replay.SELECTORS:
             raise ValueError(f"Replay({name!r}): unknown selector {self.selector!r}; built-in: {list(replay.SELECTORS)} (or pass a function)")
@@ -103,7 +110,9 @@ class Replay(Strategy):
 class Cumulative(Replay):
     "Replay everything seen so far (the buffer is the whole pool; k does not matter)."
     k_matters = False
-    def __init__(self): self.name, self.label, self.order, self.selector, self.options = 'cumulative', 'Cumulative', 80, None, {}
+    def __init__(self):
+        self.name, self.label, self.order, self.selector, self.options = 'cumulative', 'Cumulative', 80, None, {}
+        self.colour, self.dash, self.marker = '#777777', 'dashdot', 'star'
     def size(self, k, # ignored: the buffer is the whole pool
              pool, # the candidate items
             ): return len(pool)
@@ -112,7 +121,7 @@ class Cumulative(Replay):
 class Joint(Strategy):
     """The upper bound: one model tuned on every timestamp's photos together (for the same epochs), evaluated on every
     timestamp; it fills every row of R, so it has an AIP (of its one row) but no forgetting."""
-    name, label, order, measures = 'joint', 'Upper bound', 90, ('AIP',)
+    name, label, order, measures, colour, dash, marker = 'joint', 'Upper bound', 90, ('AIP',), '#000000', 'dash', 'square'
     def steps(self, T, # number of timestamps
               start, # first step index still to run
              ): return [T - 1] if start < T else []
@@ -141,9 +150,13 @@ def register(s: Strategy, # a Strategy; its `name` is what a run's config names
     STRATEGIES[s.name] = s
     return s
 
-for s in (LowerBound(), Replay('random', 'ER-Rand', 10), Replay('hull', 'ER-Hull', 20, options={'C': 'hull_candidates'}),
-          Replay('hull-greedy', 'ER-Hull (greedy)', 30), Replay('reservoir', 'Reservoir', 40), Replay('kmeans', 'k-means', 50),
-          Replay('herding', 'Herding', 60), Cumulative(), Joint()):
+# colours: Okabe & Ito's palette, which readers with any common colour-vision deficiency tell apart
+for s in (LowerBound(), Replay('random', 'ER-Rand', 10, colour='#0072B2', marker='circle'),
+          Replay('hull', 'ER-Hull', 20, options={'C': 'hull_candidates'}, colour='#E69F00', marker='diamond'),
+          Replay('hull-greedy', 'ER-Hull (greedy)', 30, colour='#CC79A7', marker='square-open'),
+          Replay('reservoir', 'Reservoir', 40, colour='#56B4E9', marker='triangle-up'),
+          Replay('kmeans', 'k-means', 50, colour='#009E73', marker='triangle-down'),
+          Replay('herding', 'Herding', 60, colour='#882255', marker='pentagon'), Cumulative(), Joint()):
     register(s)
 
 def known_strategies() -> list[str]:
@@ -163,6 +176,13 @@ def strategy_label(r: dict, # a run's results (needs 'strategy' and 'buffer')
     s = STRATEGIES.get(r['strategy'])
     if s is None: return r['strategy']
     return f"{s.label} k={r['buffer']}" if s.k_matters else s.label
+
+def strategy_style(name: str, # a strategy name
+                  ) -> dict:
+    """{'color', 'dash', 'symbol'} of a strategy in plotly's words, from the registry: every figure draws a strategy so,
+    whatever else it shows. An unknown name gets a grey that no registered strategy uses."""
+    s = STRATEGIES.get(name)
+    return dict(color='#AAAAAA', dash='solid', symbol='circle-open') if s is None else dict(color=s.colour, dash=s.dash, symbol=s.marker)
 
 def k_matters(name: str, # a strategy name
              ) -> bool:

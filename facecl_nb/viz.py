@@ -11,16 +11,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .strategies import STRATEGIES, k_matters, strategy_label, strategy_order
+from .strategies import STRATEGIES, k_matters, strategy_label, strategy_order, strategy_style
 from .rundir import RunDir, collect_results
 from .core import PROJECT_ROOT, chromium_path
 from .data import Album, to_uint8
-from .metrics import r_from_json, r_to_json
+from .metrics import r_from_json, r_to_json, higher_is_better
 
 # %% auto #0
-__all__ = ['label', 'sort_runs', 'save_figure', 'r_heatmaps', 'aip_af_vs_buffer', 'teaser_grid', 'teaser_figure',
-           'buffer_composition', 'buffer_pca_over_time', 'buffer_pca_small_multiples', 'r_cell_figure',
-           'resolve_runs_dir', 'explorer']
+__all__ = ['VERDICT_COLOURS', 'label', 'sort_runs', 'save_figure', 'metric_range', 'heat_scale', 'r_heatmaps', 'aip_af_vs_buffer',
+           'teaser_grid', 'teaser_figure', 'claims_forest', 'buffer_composition', 'buffer_pca_over_time',
+           'buffer_pca_small_multiples', 'r_cell_figure', 'resolve_runs_dir', 'explorer']
 
 # %% ../nbs/08_viz.ipynb #d1c5e7b5
 def label(r: dict, # a run's results (needs 'strategy' and 'buffer')
@@ -37,7 +37,7 @@ def sort_runs(results: Sequence[dict], # results dicts of runs
 def save_figure(fig, # a plotly figure
                 stem, # output path without suffix; '.html' and '.png' are added
                 png: bool = True, # also write a PNG (needs Chromium)
-                width: int = 1000, # PNG width in pixels
+                width: int | None = None, # PNG width in pixels (None: the figure's own, else 1000; a figure sized by its content keeps its legend)
                 height: int | None = None, # PNG height in pixels (None: the figure's, else 600)
                ) -> dict:
     "Write `fig` to `<stem>.html` (plotly.js beside it) and, when possible, `<stem>.png`; returns what was written or why not."
@@ -50,43 +50,57 @@ def save_figure(fig, # a plotly figure
         else:
             try:
                 os.environ.setdefault('BROWSER_PATH', chromium_path())
-                fig.write_image(str(stem.with_suffix('.png')), width=width, height=height or fig.layout.height or 600)
+                fig.write_image(str(stem.with_suffix('.png')), width=width or fig.layout.width or 1000, height=height or fig.layout.height or 600)
                 out['png'] = str(stem.with_suffix('.png'))
             except Exception as e: out['png'] = f'failed: {type(e).__name__}: {e}'
     return out
 
 # %% ../nbs/08_viz.ipynb #91b1077e
+def metric_range(results: Sequence[dict], # results dicts of runs
+                 metric: str, # metric name
+                ) -> tuple[float, float] | None:
+    "(min, max) of a metric over every R of `results`: one colour scale for all the runs of a grid (None if none has it)."
+    vals = [v for r in results if metric in r['R'] for row in r['R'][metric] for v in row if v is not None and np.isfinite(v)]
+    return (float(min(vals)), float(max(vals))) if vals else None
+
+def heat_scale(metric: str, # metric name
+              ) -> dict:
+    "Heat-map colours of a metric: Viridis, reversed where lower is better, so that yellow is always the good end."
+    return dict(colorscale='Viridis', reversescale=not higher_is_better(metric))
+
 def r_heatmaps(results: Sequence[dict], # results dicts of runs (those lacking `metric` are left out)
                metric: str = 'psnr', # metric name, e.g. 'psnr'
                cols: int = 4, # heat maps per row at most
+               zrange: tuple | None = None, # the colour scale's (min, max) (None: over these runs; pass `metric_range` of a whole grid)
               ):
-    "One heat map of R (model after t × evaluated timestamp k) per run, on a shared colour scale."
+    "One heat map of R (model after t, top to bottom × evaluated timestamp k) per run, on one colour scale; each panel titled in its strategy's colour."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     results = sort_runs([r for r in results if metric in r['R']])
     if not results: raise ValueError(f"no run has metric '{metric}'")
     n = len(results); cols = min(cols, n); rows = (n + cols - 1) // cols
     mats = [r_from_json(r['R'][metric]) for r in results]
-    lo, hi = np.nanmin([np.nanmin(m) for m in mats]), np.nanmax([np.nanmax(m) for m in mats])
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{label(r)} ({r['person']}, s{r['seed']})" for r in results],
-                        horizontal_spacing=0.06, vertical_spacing=0.12)
+    lo, hi = zrange or (np.nanmin([np.nanmin(m) for m in mats]), np.nanmax([np.nanmax(m) for m in mats]))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"<span style='color:{strategy_style(r['strategy'])['color']}'>■</span> {label(r)} ({r['person']}, s{r['seed']})" for r in results],
+                        horizontal_spacing=0.08, vertical_spacing=0.16)
     for i, (r, m) in enumerate(zip(results, mats)):
         T = len(m)
         txt = [[('' if np.isnan(v) else f"{v:.2f}") for v in row] for row in m]
-        fig.add_trace(go.Heatmap(z=m, x=list(range(T)), y=list(range(T)), zmin=lo, zmax=hi, colorscale='Viridis', text=txt,
+        fig.add_trace(go.Heatmap(z=m, x=list(range(T)), y=list(range(T)), zmin=lo, zmax=hi, **heat_scale(metric), text=txt,
                                  texttemplate='%{text}' if T <= 6 else None, showscale=(i == 0),
                                  hovertemplate='model after t=%{y}<br>test timestamp k=%{x}<br>' + metric + '=%{z:.3f}<extra></extra>'),
                       row=i // cols + 1, col=i % cols + 1)
-    fig.update_yaxes(autorange='reversed', title_text='t (model)', col=1)
-    fig.update_xaxes(title_text='k (test timestamp)', row=rows)
-    fig.update_layout(title=f"R[t, k] — {metric}", height=300 * rows + 80, width=300 * cols + 100)
+    fig.update_yaxes(autorange='reversed', title_text='t (model)', title_standoff=2)          # every panel: t grows downwards
+    fig.update_xaxes(title_text='k (test timestamp)', title_standoff=2)
+    fig.update_layout(title=f"R[t, k] — {metric} ({'higher' if higher_is_better(metric) else 'lower'} is better; yellow: the better end)",
+                      height=320 * rows + 90, width=300 * cols + 120, margin=dict(l=60, r=40, t=90, b=50))
     return fig
 
 # %% ../nbs/08_viz.ipynb #b761b855
 def aip_af_vs_buffer(table, # a `summary_table` DataFrame
                      metric: str = 'psnr', # the metric named in the subplot titles
                     ):
-    "AIP and AF (mean ± std over persons and seeds) against buffer size; buffer-free strategies as horizontal lines."
+    "AIP and AF (mean ± std over persons and seeds) against buffer size, each strategy in its registry style; buffer-free strategies as horizontal lines."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     fig = make_subplots(rows=1, cols=2, subplot_titles=[f'AIP ({metric}, higher is better)' if metric != 'lpips' else 'AIP', f'AF ({metric}, lower is better)'])
@@ -94,15 +108,18 @@ def aip_af_vs_buffer(table, # a `summary_table` DataFrame
     for st in sorted(set(table.strategy), key=strategy_order):
         d = table[table.strategy == st]
         for c, (m, s) in enumerate([('AIP_mean', 'AIP_std'), ('AF_mean', 'AF_std')], 1):
+            sty = strategy_style(st); name = label({'strategy': st, 'buffer': 0}).split(' k=')[0]
             if not k_matters(st):
                 if not np.isfinite(d[m].iloc[0]): continue
-                fig.add_trace(go.Scatter(x=ks, y=[d[m].iloc[0]] * len(ks), mode='lines', line=dict(dash='dash'), name=label({'strategy': st, 'buffer': 0}),
-                                         legendgroup=st, showlegend=(c == 1)), row=1, col=c)
+                fig.add_trace(go.Scatter(x=ks, y=[d[m].iloc[0]] * len(ks), mode='lines', line=dict(color=sty['color'], dash=sty['dash'] if sty['dash'] != 'solid' else 'dash'),
+                                         name=name, legendgroup=st, showlegend=(c == 1)), row=1, col=c)
             else:
-                fig.add_trace(go.Scatter(x=d.buffer, y=d[m], error_y=dict(type='data', array=d[s].fillna(0)), mode='lines+markers',
-                                         name=label({'strategy': st, 'buffer': 0}).split(' k=')[0], legendgroup=st, showlegend=(c == 1)), row=1, col=c)
+                fig.add_trace(go.Scatter(x=d.buffer, y=d[m], error_y=dict(type='data', array=d[s].fillna(0), color=sty['color']), mode='lines+markers',
+                                         line=dict(color=sty['color'], dash=sty['dash']), marker=dict(color=sty['color'], symbol=sty['symbol'], size=9),
+                                         name=name, legendgroup=st, showlegend=(c == 1)), row=1, col=c)
     fig.update_xaxes(title_text='buffer size k', tickvals=ks)
-    fig.update_layout(height=420, width=1000)
+    fig.update_yaxes(title_text=metric, col=1); fig.update_yaxes(title_text=f'AF {metric}', col=2)
+    fig.update_layout(height=440, width=1080, legend=dict(title='strategy'), margin=dict(r=180))
     return fig
 
 # %% ../nbs/08_viz.ipynb #d120a50a
@@ -148,6 +165,40 @@ def teaser_figure(results, # results dicts (`collect_results`), each with 'run_d
     fig.update_layout(title=f'Test photo of timestamp {k} reconstructed by the model after each later timestamp', height=90 * n + 140, width=90 * (T - k + 1) + 220)
     return fig
 
+# %% ../nbs/08_viz.ipynb #cd33aa15
+VERDICT_COLOURS = {'holds': '#009E73', 'does not hold': '#D55E00', 'not resolved': '#8C8C8C'}
+
+def claims_forest(t, # `claims.claims` rows (claim, metric, n, mean, lo, hi, verdict, values)
+                  title: str = "The paper's claims: paired differences (> 0: the claim holds)", # figure title
+                 ):
+    "A forest plot of the claims: one panel per metric, one row per claim; pairs as dots, mean and 95 % interval, verdict as colour."
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    metrics = list(dict.fromkeys(t.metric)); claims_ = list(dict.fromkeys(t.claim))
+    fig = make_subplots(rows=1, cols=len(metrics), shared_yaxes=True, subplot_titles=metrics, horizontal_spacing=0.02)
+    shown = set()
+    for c, m in enumerate(metrics, 1):
+        for r in t[t.metric == m].itertuples():
+            y = claims_.index(r.claim); col = VERDICT_COLOURS[r.verdict]
+            vals = list(getattr(r, 'values', ()) or ())
+            if vals:
+                jit = (np.arange(len(vals)) % 5 - 2) * 0.06
+                fig.add_trace(go.Scatter(x=vals, y=y + jit, mode='markers', marker=dict(size=4, color='rgba(90,90,90,0.45)'), showlegend=False,
+                                         hovertemplate=f'{r.claim}<br>{m}: one pair %{{x:.4f}}<extra></extra>'), row=1, col=c)
+            if np.isfinite(r.mean):
+                err = dict(type='data', symmetric=False, array=[r.hi - r.mean if np.isfinite(r.hi) else 0], arrayminus=[r.mean - r.lo if np.isfinite(r.lo) else 0],
+                           color=col, thickness=2.5, width=6)
+                fig.add_trace(go.Scatter(x=[r.mean], y=[y], mode='markers', marker=dict(size=10, color=col, symbol='diamond'), error_x=err,
+                                         name=r.verdict, legendgroup=r.verdict, showlegend=r.verdict not in shown,
+                                         hovertemplate=f'{r.claim}<br>{m}: mean %{{x:.4f}} [{r.lo:.4f}, {r.hi:.4f}], {r.verdict}<extra></extra>'), row=1, col=c)
+                shown.add(r.verdict)
+        fig.add_vline(x=0, line=dict(color='black', width=1), row=1, col=c)
+    fig.update_yaxes(tickvals=list(range(len(claims_))), ticktext=claims_, autorange='reversed', col=1)
+    fig.update_xaxes(title_text='difference', zeroline=False)
+    fig.update_layout(title=title, height=110 + 34 * len(claims_), width=360 + 230 * len(metrics), legend=dict(title='verdict'),
+                      margin=dict(l=20, r=20, t=80, b=50))
+    return fig
+
 # %% ../nbs/08_viz.ipynb #b1ab8836
 def buffer_composition(results: Sequence[dict], # results dicts of runs (only replay runs are drawn)
                       ):
@@ -185,12 +236,12 @@ def buffer_pca_over_time(run_dir, # a replay run folder (with pool files)
     X = torch.cat([d['latents'] for _, d in pools]).double()
     mu = X.mean(0); _, _, V = torch.linalg.svd(X - mu, full_matrices=False); basis = V[:2].T
     T = max(max(d['timestamps']) for _, d in pools) + 2
-    colors = px.colors.sample_colorscale('Turbo', [i / max(T - 1, 1) for i in range(T)])
     frames, steps = [], []
     for t, d in pools:
         Y = ((d['latents'].double() - mu) @ basis).numpy(); ts = np.array(d['timestamps']); ch = np.array(d['chosen'], int)
         hull = _hull2d(Y[ch]); hull = np.vstack([hull, hull[:1]]) if len(hull) else hull
-        tr = [go.Scatter(x=Y[:, 0], y=Y[:, 1], mode='markers', marker=dict(color=[colors[s] for s in ts], size=8), text=[f't={s}' for s in ts], name='pool'),
+        tr = [go.Scatter(x=Y[:, 0], y=Y[:, 1], mode='markers', text=[f't={s}' for s in ts], name='pool (colour: its timestamp)',
+                         marker=dict(color=ts, colorscale='Turbo', cmin=0, cmax=T - 1, size=8, colorbar=dict(title='timestamp', len=0.55, y=0.3))),
               go.Scatter(x=Y[ch, 0], y=Y[ch, 1], mode='markers', marker=dict(symbol='star', size=16, color='black'), name='buffer'),
               go.Scatter(x=hull[:, 0] if len(hull) else [], y=hull[:, 1] if len(hull) else [], mode='lines', line=dict(color='black'), fill='toself',
                          fillcolor='rgba(0,0,0,0.08)', name='buffer hull')]
@@ -226,10 +277,12 @@ def r_cell_figure(R: np.ndarray, # [T, T] one metric's R, NaN where undefined
                   k: int, # column (test timestamp index)
                   metric: str, # metric name for the hover text
                   title: str = '', # prefix of the title
+                  zrange: tuple | None = None, # the colour scale's (min, max), shared by every run shown (None: this R's own)
                  ):
     "A heat map of R with the cell (t, k) outlined."
     import plotly.graph_objects as go
-    fig = go.Figure(go.Heatmap(z=r_to_json(R), colorscale='Viridis', hovertemplate='t=%{y} k=%{x} ' + metric + '=%{z:.3f}<extra></extra>'))
+    lo, hi = zrange or (None, None)
+    fig = go.Figure(go.Heatmap(z=r_to_json(R), **heat_scale(metric), zmin=lo, zmax=hi, hovertemplate='t=%{y} k=%{x} ' + metric + '=%{z:.3f}<extra></extra>'))
     fig.add_shape(type='rect', x0=k - .5, x1=k + .5, y0=t - .5, y1=t + .5, line=dict(color='red', width=3))
     fig.update_yaxes(autorange='reversed', title='t (model)'); fig.update_xaxes(title='k (test timestamp)')
     v = R[t, k]
@@ -246,9 +299,9 @@ def resolve_runs_dir(runs_dir, # a runs folder, absolute or relative to the cwd 
 
 def _png(a: np.ndarray, # [H, W, 3] uint8
         ) -> bytes:
-    "A photo as a 192-px PNG (nearest-neighbour, so pixels stay visible)."
+    "A photo as a 192-px PNG (Lanczos: a 64-px face enlarged reads as a face, not as blocks)."
     from PIL import Image as PImage
-    b = io.BytesIO(); PImage.fromarray(a).resize((192, 192), PImage.NEAREST).save(b, 'PNG'); return b.getvalue()
+    b = io.BytesIO(); PImage.fromarray(a).resize((192, 192), PImage.LANCZOS).save(b, 'PNG'); return b.getvalue()
 
 # %% ../nbs/08_viz.ipynb #1ae31fd0
 def _fig_box(fig):
@@ -263,6 +316,7 @@ def _explorer_panel(r: dict, # the run shown (results with 'run_dir')
                     t: int, k: int, photo: int, # model index, test timestamp index, photo index
                     metric: str, # metric shown in R
                     photo_slider, # the photo slider (its maximum follows the album)
+                    zrange: tuple | None = None, # R's colour scale, the same for every run of the explorer
                    ) -> list:
     "The widgets of one view: the test photo, its reconstruction by model t, the cell (t, k) of R, the pool and buffer chosen at t."
     import ipywidgets as W
@@ -274,7 +328,7 @@ def _explorer_panel(r: dict, # the run shown (results with 'run_dir')
     rimg = rec['recon'][Ts[k]][photo].permute(1, 2, 0).numpy() if (rec is not None and Ts[k] in rec['recon']) else np.full_like(tgt, 255)
     imgs = W.HBox([W.VBox([W.HTML('<b>test photo</b>'), W.Image(value=_png(tgt))]),
                    W.VBox([W.HTML(f'<b>model after t={t}</b>' + (' (k > t: not yet seen)' if k > t else '')), W.Image(value=_png(rimg))])])
-    figs = [_fig_box(r_cell_figure(r_from_json(r['R'][metric]), t, k, metric, label(r)))]
+    figs = [_fig_box(r_cell_figure(r_from_json(r['R'][metric]), t, k, metric, label(r), zrange=zrange))]
     if RunDir(r['run_dir']).pool_path(t).exists():     # a pool was chosen at t
         f = buffer_pca_over_time(r['run_dir'])
         fr = [x for x in f.frames if x.name == str(t)]
@@ -322,7 +376,7 @@ def explorer(runs_dir, # folder of finished runs (see `resolve_runs_dir`)
         with out:
             r = _find_run(results, w)
             if r is None: print('no such run'); return
-            state['shown'] = _explorer_panel(r, album_root, w['t'].value, w['k'].value, w['photo'].value, metric, w['photo'])
+            state['shown'] = _explorer_panel(r, album_root, w['t'].value, w['k'].value, w['photo'].value, metric, w['photo'], metric_range(results, metric))
             display(state['shown'][0])
     def strategy_changed(ch):
         opts = _buffers_of(results, w['strategy'].value)

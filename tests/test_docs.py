@@ -182,3 +182,58 @@ def test_chapter_renders_with_images(site, base_url, browser, chapter):
     assert not errors, errors
     assert not external, f"the site is not offline; it requested: {external}"
     page.close()
+
+
+def _course_notebooks():
+    conf = _conf()
+    return [NBS / f"{d}.ipynb" for _, docs in conf.course_docs(NBS) for d in docs if (NBS / f"{d}.ipynb").exists()]
+
+
+def _output_texts(nb_path: Path):
+    "(cell index, output type, text) of every stored text output a reader sees (HTML markup is not counted)."
+    for i, cell in enumerate(json.loads(nb_path.read_text())["cells"]):
+        for o in cell.get("outputs", []):
+            if "text" in o: yield i, o.get("output_type"), "".join(o["text"])
+            for k in ("text/plain", "text/markdown"):
+                v = (o.get("data") or {}).get(k)
+                if v is not None: yield i, k, "".join(v) if isinstance(v, list) else v
+
+
+def test_outputs_are_short_and_name_no_machine_paths():
+    "A stored output over ~100 lines is a dump, not a lesson; a path of the machine that ran it means nothing to a reader."
+    long, paths = [], []
+    for nb in _course_notebooks():
+        for i, kind, text in _output_texts(nb):
+            if text.count("\n") > 100: long.append(f"{nb.name} cell {i}: {text.count(chr(10))} lines")
+            for pat in (str(ROOT), "/root/", "/tmp/", "/home/"):
+                if pat in text: paths.append(f"{nb.name} cell {i}: {pat}")
+    assert not long, long
+    assert not paths, paths
+
+
+def test_markdown_tables_are_displayed_not_printed():
+    "A Markdown table printed as text shows as one line of pipes on the site: display(Markdown(...)) renders it."
+    sep = re.compile(r"^\|(\s*:?-{3,}:?\s*\|)+\s*$", re.MULTILINE)
+    raw = [f"{nb.name} cell {i}" for nb in _course_notebooks() for i, kind, text in _output_texts(nb) if kind == "stream" and sep.search(text)]
+    assert not raw, raw
+
+
+def test_test_cells_are_collapsed_on_the_site():
+    conf = _conf()
+    assert conf.is_test_cell(_code("test_eq(f(1), 2)\nassert g()\n# a comment"))
+    assert not conf.is_test_cell(_code("x = f(1)\ny = g(x)\nassert y"))
+    out = json.loads(conf.preprocess_notebook(json.dumps({"cells": [_code("test_eq(1, 1)"), _code("print(1)")], "metadata": {}}), "some_chapter", []))
+    assert out["cells"][0]["metadata"].get("tags") == ["hide-cell"] and "tags" not in out["cells"][1]["metadata"]
+
+
+@needs_browser
+@pytest.mark.parametrize("page_name", ["index", "06b_claims", "experiments/continual_2d"])
+def test_markdown_outputs_render_as_tables(site, base_url, browser, page_name):
+    "Tables the notebooks display as Markdown (results, claims) are HTML tables on the site, never raw '|---|' text."
+    page, errors, _ = _open(browser, base_url + f"{page_name}.html")
+    text = page.evaluate("(() => { const a = document.querySelector('article').cloneNode(true); "
+                         "a.querySelectorAll('div.highlight, pre, code').forEach(e => e.remove()); return a.innerText; })()")   # prose and outputs, not code
+    assert not re.search(r"\|\s*-{3,}\s*\|", text), f"{page_name}: raw Markdown table text on the page"
+    if page_name != "index" or (ROOT / "figures" / "full" / "claims.md").exists():
+        assert page.locator("article table").count() > 0, f"{page_name}: no table rendered"
+    page.close()
