@@ -90,8 +90,8 @@ def r_heatmaps(results: Sequence[dict], # results dicts of runs (those lacking `
                                  texttemplate='%{text}' if T <= 6 else None, showscale=(i == 0),
                                  hovertemplate='model after t=%{y}<br>test timestamp k=%{x}<br>' + metric + '=%{z:.3f}<extra></extra>'),
                       row=i // cols + 1, col=i % cols + 1)
-    fig.update_yaxes(autorange='reversed', title_text='t (model)', title_standoff=2)          # every panel: t grows downwards
-    fig.update_xaxes(title_text='k (test timestamp)', title_standoff=2)
+    fig.update_yaxes(autorange='reversed', title_text='t (model)', title_standoff=2, dtick=1)          # every panel: t grows downwards
+    fig.update_xaxes(title_text='k (test timestamp)', title_standoff=2, dtick=1)
     fig.update_layout(title=f"R[t, k] — {metric} ({'higher' if higher_is_better(metric) else 'lower'} is better; yellow: the better end)",
                       height=320 * rows + 90, width=300 * cols + 120, margin=dict(l=60, r=40, t=90, b=50))
     return fig
