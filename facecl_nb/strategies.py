@@ -189,6 +189,7 @@ def k_matters(name: str, # a strategy name
     "Whether a strategy's runs depend on the buffer size k (unknown names: assume they do)."
     return STRATEGIES[name].k_matters if name in STRATEGIES else True
 
+# %% ../nbs/05c_strategies.ipynb #35cd15cd
 def strategy_order(name: str, # a strategy name
                   ) -> int:
     "Display position of a strategy (unknown names last)."
