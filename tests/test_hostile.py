@@ -3,7 +3,7 @@ what must happen. A run is tied to its own state (config and input digests in ev
 folder is written or deleted through a symbolic link, a lost results.json is rebuilt, numbers are checked before any
 folder exists, album files are parsed with bounds and their provenance checked, a Ray address is identified within
 seconds, and a run killed at any step boundary resumes bit for bit."""
-import hashlib, http.server, json, os, shutil, signal, socket, socketserver, subprocess, sys, threading, time
+import hashlib, http.server, json, os, re, shutil, signal, socket, socketserver, subprocess, sys, threading, time
 from pathlib import Path
 
 import numpy as np
@@ -115,20 +115,14 @@ def test_state_folder_linked_to_another_run_is_refused_and_left_alone(album, fin
     assert {p.name: p.read_bytes() for p in (victim / 'state').iterdir()} == before    # nothing deleted, nothing written
 
 
-def test_planted_lock_link_truncates_nothing(album, tmp_path):
-    precious = tmp_path / 'precious.txt'; precious.write_text('do not truncate me')
-    run = tmp_path / 'run'; run.mkdir(); (run / '.lock').symlink_to(precious)
-    with pytest.raises(ConfigError, match=r'\.lock: a symbolic link'):
+@pytest.mark.parametrize('name, content', [('.lock', 'do not truncate me'), ('results.json', '{}')])
+def test_planted_link_in_the_run_folder_touches_nothing(album, tmp_path, name, content):
+    "A planted .lock or results.json link to a file outside the run folder is refused by name; the file is left as it was."
+    precious = tmp_path / 'precious'; precious.write_text(content)
+    run = tmp_path / 'run'; run.mkdir(); (run / name).symlink_to(precious)
+    with pytest.raises(ConfigError, match=re.escape(name) + ': a symbolic link'):
         _run(album, run, T=1)
-    assert precious.read_text() == 'do not truncate me'
-
-
-def test_results_link_out_of_the_folder_is_refused(album, tmp_path):
-    precious = tmp_path / 'precious.json'; precious.write_text('{}')
-    run = tmp_path / 'run'; run.mkdir(); (run / 'results.json').symlink_to(precious)
-    with pytest.raises(ConfigError, match=r'results.json: a symbolic link'):
-        _run(album, run, T=1)
-    assert precious.read_text() == '{}'
+    assert precious.read_text() == content
 
 
 # --- numbers are checked once, before any folder ------------------------------------------------------------------
