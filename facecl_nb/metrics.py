@@ -235,12 +235,12 @@ class DISTSMetric(nn.Module):
         w = load_torch_weights(wpath)
         self.model.alpha.data.copy_(w['alpha']); self.model.beta.data.copy_(w['beta'])
         self.weights_path = wpath
-        self.model.eval().requires_grad_(False)
+        self.model.eval().requires_grad_(False).to(memory_format=torch.channels_last)   # VGG16's convolutions ~1.3x faster on a CPU in this layout
         self._cache = {}
     def features(self, x: Tensor, # [N, 3, H, W] in [-1, 1]
                 ) -> list:
         "The image and its five VGG16 stages, as DISTS compares them."
-        with torch.no_grad(): return self.model.forward_once((x.float() + 1) / 2)
+        with torch.no_grad(): return self.model.forward_once(((x.float() + 1) / 2).contiguous(memory_format=torch.channels_last))
     def from_features(self, fa: list, # `features` of the first images
                       fb: list, # `features` of the second images, same N
                      ) -> Tensor:
