@@ -208,16 +208,20 @@ def buffer_composition(results: Sequence[dict], # results dicts of runs (only re
     runs = [r for r in sort_runs(results) if STRATEGIES.get(r['strategy'], STRATEGIES['random']).replays]
     if not runs: raise ValueError('no replay runs among the results')
     T = max(r['T'] for r in runs)
-    fig = make_subplots(rows=1, cols=len(runs), subplot_titles=[label(r) for r in runs], shared_yaxes=True)
+    cols = min(5, len(runs)); rows = -(-len(runs) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[label(r) for r in runs], shared_yaxes=True, vertical_spacing=0.6 / (rows + 2))
     import plotly.express as px
     colors = px.colors.sample_colorscale('Turbo', [i / max(T - 1, 1) for i in range(T)])
-    for c, r in enumerate(runs, 1):
+    for i, r in enumerate(runs):
         for s in range(T):
             counts = [sum(1 for b in h['buffer_timestamps'] if b == s) for h in r['buffers']]
             fig.add_trace(go.Bar(x=[h['t'] for h in r['buffers']], y=counts, name=f'from t={s}', marker_color=colors[s],
-                                 legendgroup=str(s), showlegend=(c == 1)), row=1, col=c)
-    fig.update_layout(barmode='stack', height=380, width=max(500, 280 * len(runs)), title='Buffer composition by source timestamp')
-    fig.update_xaxes(title_text='t')
+                                 legendgroup=str(s), showlegend=(i == 0)), row=i // cols + 1, col=i % cols + 1)
+    fig.update_layout(barmode='stack', height=max(250 * rows + 110, 30 * T + 200), width=230 * cols + 190,   # sized so every legend entry shows
+                      title='Buffer composition by source timestamp', legend=dict(title='source'), margin=dict(t=90))
+    fig.update_annotations(font_size=13)
+    fig.update_xaxes(title_text='t', title_standoff=4)
+    fig.update_yaxes(title_text='buffer items', col=1)
     return fig
 
 def _hull2d(p):

@@ -237,3 +237,59 @@ def test_markdown_outputs_render_as_tables(site, base_url, browser, page_name):
     if page_name != "index" or (ROOT / "figures" / "full" / "claims.md").exists():
         assert page.locator("article table").count() > 0, f"{page_name}: no table rendered"
     page.close()
+
+
+# ---- figures: a legend that does not fit is cut (plotly scrolls it in a page, and a PNG export shows only its top) ----
+_LEGEND_JS = """() => [...document.querySelectorAll('g.legend')].map(l => {
+    const box = l.querySelector('.scrollbox'), bg = l.querySelector('rect.bg');
+    return {content: box ? box.getBBox().height : 0, visible: bg ? bg.getBBox().height : 0,
+            entries: l.querySelectorAll('g.traces').length};})"""
+
+
+def _legend_overflow(page, url, size):
+    "Legends of the plotly figure at `url` drawn at `size` (w, h) whose entries are taller than the space they are given."
+    page.set_viewport_size({"width": size[0], "height": size[1]})
+    page.goto(url, wait_until="load")
+    page.wait_for_selector("g.main-svg, svg.main-svg", timeout=15000)
+    page.wait_for_timeout(200)
+    return [l for l in page.evaluate(_LEGEND_JS) if l["content"] > l["visible"] + 1]
+
+
+def _figure_size(html: Path):
+    "The size the figure's PNG was written at (the PNG beside it), else save_figure's default."
+    png = html.with_suffix(".png")
+    if png.exists():
+        from PIL import Image
+        with Image.open(png) as im: return im.size
+    return (1000, 600)
+
+
+def _committed_figures():
+    r = subprocess.run(["git", "-C", str(ROOT), "ls-files", "figures"], capture_output=True, text=True)
+    return [ROOT / f for f in r.stdout.split() if f.endswith(".html")] if r.returncode == 0 else sorted((ROOT / "figures").rglob("*.html"))
+
+
+@needs_browser
+def test_legend_check_detects_a_cut_legend(browser, tmp_path):
+    "The check below is not blind: 20 entries in a 300-px figure overflow, 4 do not."
+    import plotly.graph_objects as go
+    page = browser.new_page()
+    for n, cut in ((20, True), (4, False)):
+        fig = go.Figure([go.Scatter(x=[0, 1], y=[i, i], name=f"trace {i}") for i in range(n)]).update_layout(width=500, height=300)
+        fig.write_html(str(tmp_path / f"f{n}.html"), include_plotlyjs=True)
+        assert bool(_legend_overflow(page, (tmp_path / f"f{n}.html").as_uri(), (500, 300))) == cut
+    page.close()
+
+
+@needs_browser
+def test_committed_figures_have_whole_legends(browser):
+    "Every committed figure, drawn at the size of its PNG, shows all its legend entries (none scrolled out of view)."
+    figs = _committed_figures()
+    if not figs: pytest.skip("no committed plotly figures (figures/**/*.html)")
+    page = browser.new_page()
+    cut = {}
+    for html in figs:
+        bad = _legend_overflow(page, html.as_uri(), _figure_size(html))
+        if bad: cut[str(html.relative_to(ROOT))] = bad
+    page.close()
+    assert not cut, f"legends taller than their figure (entries cut in the PNG): {cut}"

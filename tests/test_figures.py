@@ -63,3 +63,24 @@ def test_forest_plot_of_the_grid_claims(grid):
     assert len(means) == int(np.isfinite(t['mean']).sum())
     assert all(tr.marker.color == viz.VERDICT_COLOURS[tr.name] for tr in means)
     assert sum(len(tr.x) for tr in fig.data if tr not in means) == sum(len(v) for v in t['values'])
+
+
+def test_legends_fit_their_figures(grid, tmp_path):
+    "Drawn as save_figure exports them (the figure's own size), every legend of the grid's figures shows all its entries."
+    from test_docs import CHROMIUM, _legend_overflow, sync_playwright
+    if sync_playwright is None or CHROMIUM is None: pytest.skip("needs playwright and chromium")
+    t = CL.claims(CL.results_frame(grid), metrics=['psnr', 'dlib_dist'], small=(1, 2), n_boot=200)
+    replay = next(r for r in grid if r['strategy'] == 'hull' and r['buffer'] == 2)
+    figs = {'aip_af_vs_buffer': viz.aip_af_vs_buffer(summary_table(grid, 'psnr'), 'psnr'),
+            'claims_forest': viz.claims_forest(t),
+            'buffer_composition': viz.buffer_composition(grid),
+            'buffer_pca_panels': viz.buffer_pca_small_multiples(replay['run_dir'])}
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page, cut = b.new_page(), {}
+        for name, fig in figs.items():
+            fig.write_html(str(tmp_path / f"{name}.html"), include_plotlyjs=True)
+            bad = _legend_overflow(page, (tmp_path / f"{name}.html").as_uri(), (fig.layout.width or 1000, fig.layout.height or 600))
+            if bad: cut[name] = bad
+        b.close()
+    assert not cut, f"legends taller than their figure: {cut}"
