@@ -13,7 +13,7 @@ from .core import Config, ConfigError, _positive
 from .inversion import check_images
 
 # %% auto #0
-__all__ = ['WPlusConfig', 'projector_schedule', 'w_stats', 'project_wplus']
+__all__ = ['WPlusConfig', 'projector_schedule', 'w_stats', 'eg3d_project']
 
 # %% ../nbs/03a_projector.ipynb #9f6a92ca
 @dataclass(frozen=True)
@@ -70,20 +70,22 @@ def _camera_stats(G, c, cfg):
     return torch.cat([a for a, _ in stats])[inv], torch.tensor([s for _, s in stats])[inv]
 
 # %% ../nbs/03a_projector.ipynb #91757149
-def project_wplus(G, # the generator (left unchanged)
-                  images: Tensor, # [N, 3, R, R] photos in [-1, 1]
-                  c: Tensor | None = None, # [N, 25] their cameras (3D), or None
-                  cfg: WPlusConfig = WPlusConfig(), # settings (EG3D-projector's by default)
-                  seed: int = 0, # seeds the perturbations
-                  progress: bool = False, # show a progress bar
-                 ) -> Tensor:
-    "EG3D-projector's W+ projection: latents [N, num_ws, w_dim] from w̄, LPIPS-VGG loss, its schedule; the last step's w."
+def eg3d_project(G, # the generator (left unchanged)
+                 images: Tensor, # [N, 3, R, R] photos in [-1, 1]
+                 c: Tensor | None = None, # [N, 25] their cameras (3D), or None
+                 cfg: WPlusConfig = WPlusConfig(), # settings (EG3D-projector's by default)
+                 space: str = 'w+', # 'w+' (one w per layer, the evaluation's) or 'w' (one w for all layers, the anchors')
+                 seed: int = 0, # seeds the perturbations
+                 progress: bool = False, # show a progress bar
+                ) -> Tensor:
+    "EG3D-projector's projection: latents [N, num_ws, w_dim] from w̄, LPIPS-VGG loss, its schedule; the last step's w."
+    if space not in ('w', 'w+'): raise ValueError(f"eg3d_project: space must be 'w' or 'w+', got {space!r}")
     from tqdm.auto import tqdm
     check_images(G, images)
     N, dev = len(images), next(G.parameters()).device
     c = None if not getattr(G, 'c_dim', 0) else G.check_c(c.to(dev) if c is not None else None, N)
     avg, std = _camera_stats(G, c, cfg)
-    w = avg.to(dev).expand(N, -1, -1).repeat(1, G.num_ws, 1).requires_grad_(True)     # [N, num_ws, w_dim]
+    w = avg.to(dev).expand(N, -1, -1).repeat(1, G.num_ws if space == 'w+' else 1, 1).requires_grad_(True)   # [N, num_ws or 1, w_dim]
     std = std.to(dev).expand(N)[:, None, None]
     lp, x = _vgg_lpips(), images.to(dev).float()
     with torch.no_grad(): target = lp.features(x)
@@ -91,14 +93,14 @@ def project_wplus(G, # the generator (left unchanged)
     gen = torch.Generator(device=dev).manual_seed(seed)
     req = [p.requires_grad for p in G.parameters()]; G.eval().requires_grad_(False)
     try:
-        for step in tqdm(range(cfg.steps), desc='project W+', disable=not progress, leave=False):
+        for step in tqdm(range(cfg.steps), desc=f'project {space.upper()}', disable=not progress, leave=False):
             lr, noise = projector_schedule(step, cfg)
             for g in opt.param_groups: g['lr'] = lr
-            ws = w + torch.randn(w.shape, generator=gen, device=dev) * (std * noise)
+            ws = (w + torch.randn(w.shape, generator=gen, device=dev) * (std * noise)).expand(-1, G.num_ws, -1)   # 'w': the same w (and noise) at every layer
             synth = G.synthesis(ws, c) if c is not None else G.synthesis(ws)
             loss = lp.from_features(lp.features(synth), target).sum()
-            if not torch.isfinite(loss): raise FloatingPointError(f"project_wplus: the loss became {loss.item()} at step {step}")
+            if not torch.isfinite(loss): raise FloatingPointError(f"eg3d_project: the loss became {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     finally:
         for p, r in zip(G.parameters(), req): p.requires_grad_(r)
-    return w.detach()
+    return w.detach().expand(-1, G.num_ws, -1).clone()
