@@ -77,7 +77,7 @@ def label_from_angles(yaw, # radians; > 0 moves the camera to world +x (the subj
     piv = torch.tensor(pivot, dtype=torch.float32)
     d = torch.stack([torch.sin(yaw) * torch.cos(pitch), torch.sin(pitch), torch.cos(yaw) * torch.cos(pitch)], -1)
     m = look_at(piv + radius * d, piv)
-    m[:, :3, :3] = m[:, :3, :3] @ _rot_axis(2, roll)
+    m = torch.cat([torch.cat([m[:, :3, :3] @ _rot_axis(2, roll), m[:, :3, 3:]], 2), m[:, 3:]], 1)   # not in place: differentiable in the angles
     return make_label(m, K)
 
 # %% ../nbs/07_cameras.ipynb #35641172

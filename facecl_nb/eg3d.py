@@ -18,7 +18,8 @@ from .stylegan2 import (StyleGAN2Generator, SynthesisBlock, SynthesisLayer, Full
 # %% auto #0
 __all__ = ['FFHQ_RENDERING', 'SR_MODULES', 'split_label', 'rays_from_label', 'plane_axes', 'plane_coords', 'sample_planes',
            'OSGDecoder', 'ray_march', 'sample_pdf', 'render_planes', 'SynthesisBlockNoUp', 'Superresolution',
-           'build_superresolution', 'ConvTransposeBackbone', 'TriPlaneGenerator', 'small_config', 'load_eg3d']
+           'build_superresolution', 'ConvTransposeBackbone', 'PosedConvTransposeBackbone', 'TriPlaneGenerator',
+           'small_config', 'load_eg3d']
 
 # %% ../nbs/92_eg3d.ipynb #209868db
 def split_label(c: Tensor, # [N, 25] camera labels
@@ -341,6 +342,61 @@ class ConvTransposeBackbone(nn.Module):
         return torch.zeros(1, 1, self.z_dim, device=self.const.device, dtype=self.const.dtype)
 
 
+# %% ../nbs/92_eg3d.ipynb #posed-cls1
+class PosedConvTransposeBackbone(ConvTransposeBackbone):
+    """`ConvTransposeBackbone` conditioned on the camera: w = [z, yaw, pitch, roll] (w_dim = z_dim + 3), the angles those
+    of the conditioning camera (`mapping(z, c)`); plane xy reads the feature image through `surface` (world points, one
+    per plane cell; set by whoever knows the head's shape) projected into the camera the angles describe."""
+    pose_dims = 3
+    def __init__(self, z_dim: int = 100, plane_resolution: int = 32, plane_channels: int = 32, ngf: int = 64, head_channels: int = 64):
+        super().__init__(z_dim, plane_resolution, plane_channels, ngf, head_channels)
+        self.w_dim = z_dim + self.pose_dims
+        u = ((torch.arange(plane_resolution) + 0.5) / plane_resolution - 0.5)
+        yy, xx = torch.meshgrid(u, u, indexing='ij')
+        self.register_buffer('surface', torch.stack([xx, yy, torch.zeros_like(xx)], -1).reshape(1, -1, 3))   # the plane z = 0 until set
+
+    def mapping(self, z: Tensor, # [N, z_dim] latents
+                c: Tensor | None = None, # [N or 1, 25] the conditioning camera (required)
+                truncation_psi: float = 1.0, # scale of z towards 0 (the angles are not truncated)
+                truncation_cutoff: int | None = None, update_emas: bool = False, # ignored
+               ) -> Tensor:
+        "z [N, z_dim], c → ws [N, 1, z_dim + 3]: z (scaled by `truncation_psi`) and c's yaw, pitch, roll (radians)."
+        if z.ndim != 2 or z.shape[1] != self.z_dim: raise GeneratorError(f"z: expected shape [N, {self.z_dim}], got {list(z.shape)}")
+        return torch.cat([z * truncation_psi, self.pose_of(c, len(z)).to(z)], 1)[:, None, :]
+
+    def pose_of(self, c: Tensor | None, # [N or 1, 25] camera labels
+                n: int, # batch size
+               ) -> Tensor:
+        "The cameras' [yaw, pitch, roll] [n, 3] (radians), as `label_from_angles` takes them."
+        if c is None: raise GeneratorError("the convtranspose-posed backbone needs the conditioning camera c [N, 25]")
+        from facecl_nb.cameras import angles_from_label
+        a = angles_from_label(c.expand(n, -1))
+        return torch.stack([a['yaw'], a['pitch'], a['roll']], -1)
+
+    def pose_grid(self, pose: Tensor, # [N, 3] yaw, pitch, roll (radians)
+                 ) -> Tensor:
+        "Where each plane-xy cell's surface point falls in the image of the camera `pose` ([N, P, P, 2], grid_sample coordinates); differentiable in the angles."
+        from facecl_nb.cameras import label_from_angles, project_points
+        uv = project_points(label_from_angles(pose[:, 0], pose[:, 1], pose[:, 2]), self.surface)
+        return (uv * 2 - 1).reshape(len(pose), self.plane_resolution, self.plane_resolution, 2)
+
+    def synthesis(self, ws: Tensor, # [N, 1, z_dim + 3]
+                  **kwargs, # ignored
+                 ) -> Tensor:
+        "The planes [N, 3 · plane_channels, P, P]: the features of z read into plane xy as the camera of w's angles saw them."
+        w = ws[:, 0]
+        f = self.features(w[:, None, :self.z_dim])
+        xy = F.grid_sample(f, self.pose_grid(w[:, self.z_dim:]), mode='bilinear', padding_mode='border', align_corners=False)
+        return torch.cat([xy, self.const.flatten(0, 1)[None].expand(len(f), -1, -1, -1)], 1)
+
+    def mean_ws(self, c: Tensor | None = None, # [1, 25] a conditioning camera (None: the frontal angles, 0)
+               ) -> Tensor:
+        "z's mean (0) and the camera's angles: [1, 1, z_dim + 3]."
+        w = torch.zeros(1, 1, self.w_dim, device=self.const.device, dtype=self.const.dtype)
+        if c is not None: w[0, 0, self.z_dim:] = self.pose_of(c[:1], 1)[0].to(w)
+        return w
+
+
 # %% ../nbs/92_eg3d.ipynb #44d690c3
 @register_arch('eg3d')
 class TriPlaneGenerator(Generator):
@@ -367,15 +423,19 @@ class TriPlaneGenerator(Generator):
         self.plane_channels, self.stochastic_rendering, self.noise_mode = plane_channels, stochastic_rendering, noise_mode
         self.neural_rendering_resolution = int(neural_rendering_resolution)   # a plain attribute, as in NVIDIA's pickles
         synthesis_kwargs.pop('fused_modconv_default', None)   # ours: fused in eval, per-sample weights in training ('inference_only')
-        if backbone == 'convtranspose':
-            if w_dim != z_dim: raise GeneratorError(f"eg3d: the convtranspose backbone's mapping is the identity, so w_dim must equal z_dim ({z_dim}), got {w_dim}")
+        if backbone in ('convtranspose', 'convtranspose-posed'):
+            posed = backbone == 'convtranspose-posed'
+            want = z_dim + (PosedConvTransposeBackbone.pose_dims if posed else 0)
+            if w_dim != want: raise GeneratorError(f"eg3d: the {backbone} backbone's w is z" + (" and the camera's 3 angles" if posed else '') + f", so w_dim must be {want}, got {w_dim}")
+            if posed and (self.rendering_kwargs['c_gen_conditioning_zero'] or self.rendering_kwargs.get('c_scale', 0) != 1):
+                raise GeneratorError("eg3d: the convtranspose-posed backbone reads the conditioning camera, so rendering_kwargs need c_gen_conditioning_zero=False and c_scale=1")
             backbone_kwargs = _plain_kwargs(backbone_kwargs)
-            self.backbone = ConvTransposeBackbone(z_dim, plane_resolution, plane_channels, **backbone_kwargs)
+            self.backbone = (PosedConvTransposeBackbone if posed else ConvTransposeBackbone)(z_dim, plane_resolution, plane_channels, **backbone_kwargs)
             self._kwargs.update(backbone=backbone, backbone_kwargs=backbone_kwargs)
         elif backbone == 'stylegan2':
             self.backbone = StyleGAN2Generator(z_dim, c_dim, w_dim, img_resolution=plane_resolution, img_channels=3 * plane_channels,
                                                mapping_kwargs=mapping_kwargs, synthesis_kwargs=synthesis_kwargs, noise_mode=noise_mode)
-        else: raise GeneratorError(f"eg3d: unknown backbone {backbone!r} (known: 'stylegan2', EG3D's; 'convtranspose', the demo tier's)")
+        else: raise GeneratorError(f"eg3d: unknown backbone {backbone!r} (known: 'stylegan2', EG3D's; 'convtranspose' and 'convtranspose-posed', the demo tier's)")
         self.num_ws = self.backbone.num_ws
         self.superresolution = build_superresolution(self.rendering_kwargs['superresolution_module'], plane_channels, img_resolution,
                                                      w_dim, sr_num_fp16_res=sr_num_fp16_res,
