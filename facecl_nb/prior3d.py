@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import atomic_write_bytes, facecl_home, resolve_weight, seed_everything, load_torch_weights
-from .cameras import label_from_angles, labels_from_landmarks, crop_landmarks
-from .eg3d import TriPlaneGenerator, small_config, rays_from_label, render_planes, sample_planes, load_eg3d
+from .cameras import label_from_angles, labels_from_landmarks, crop_landmarks, project_points
+from .eg3d import (TriPlaneGenerator, PosedConvTransposeBackbone, small_config, rays_from_label, render_planes, sample_planes,
+                            load_eg3d, split_label)
 from .generators import load_prior
 from .data import to_uint8
 from .generators import save_generator, load_prior
@@ -24,7 +25,8 @@ from .metrics import psnr
 # %% auto #0
 __all__ = ['HEAD_MODEL', 'TARGETS', 'raycast_head', 'inside_head', 'surface_points', 'frontal_uv', 'teacher_colour', 'decode_at',
            'prior3d_config', 'head_grid', 'new_prior3d', 'teacher_batch', 'distill_set', 'prior3d_losses',
-           'train_prior3d', 'load_prior3d', 'projected_teacher', 'evaluate_prior3d']
+           'train_prior3d', 'load_prior3d', 'projected_teacher', 'evaluate_prior3d', 'head_surface', 'camera_colour',
+           'visible_from', 'new_prior3d_posed', 'prior3d_losses_posed']
 
 # %% ../nbs/07a_prior3d.ipynb #b193107a
 HEAD_MODEL = dict(ellipsoids=[((0.002, -0.116, -0.354), (0.328, 0.600, 0.600)),     # face and skull (fit to the template)
@@ -229,13 +231,15 @@ def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside i
                   polish_lr: float = 1e-3, # learning rate of the polish steps
                   freeze_copied: bool = True, # keep the layers copied from the teacher fixed while distilling
                   eval_every: int = 0, # steps between `evaluate_prior3d` snapshots (0: none); not counted in the training time
+                  posed: int = 0, # > 0: the camera-consistent prior, distilled from this many teacher samples at their landmark cameras (`distill_set`)
                  ) -> dict:
     "Distil the demo tier's 3D prior (see the notebook); returns {'hist': losses per step, 'evals': snapshots, 'path'}. Resumes from `<out>.train.pt`."
     from tqdm.auto import tqdm
     out = Path(out); state_path = out.with_suffix('.train.pt')
     T = load_prior() if T is None else T
     seed_everything(seed)
-    G = new_prior3d(T).train()
+    G = (new_prior3d_posed(T) if posed else new_prior3d(T)).train()
+    ds = distill_set(posed, seed=seed, log=log) if posed else None   # cached: the landmarks are computed once
     copied = [p for n, p in G.named_parameters() if n.startswith(('backbone.convs.', 'backbone.scales.', 'backbone.shifts.'))]
     if freeze_copied:
         for p in copied: p.requires_grad_(False)                # the teacher's own layers: z → face is not relearned
@@ -253,8 +257,12 @@ def train_prior3d(out, # .safetensors path of the result (a `.train.pt` beside i
     t0 = time.perf_counter(); t_before = hist[-1]['t'] if hist else 0.0   # 't': training seconds, summed over resumed calls
     for step in bar:
         for g in opt.param_groups: g['lr'] = lr * sched(step) if step < steps else polish_lr
-        z = torch.randn(batch_size, G.z_dim, generator=gen)   # a fresh teacher batch every step: no fixed set to overfit
-        L = prior3d_losses(G, T, z, gen, volume=step >= steps)
+        if ds is None:
+            z = torch.randn(batch_size, G.z_dim, generator=gen)   # a fresh teacher batch every step: no fixed set to overfit
+            L = prior3d_losses(G, T, z, gen, volume=step >= steps)
+        else:
+            i = torch.randint(len(ds['z']), (batch_size,), generator=gen)
+            L = prior3d_losses_posed(G, ds['z'][i], ds['images'][i], ds['c'][i], gen, volume=step >= steps)
         loss = L['image'] + L['raw'] + w_proj * L['proj'] + w_occ * L['occupancy']
         if not torch.isfinite(loss): raise RuntimeError(f"prior3d: loss is {loss.item()} at step {step}; last good state in {state_path}")
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
@@ -281,12 +289,14 @@ def load_prior3d(device='cpu', # device the generator is moved to
 
 # %% ../nbs/07a_prior3d.ipynb #e5b7c2a9
 def projected_teacher(x: Tensor, # [N, 3, H, W] the teacher's images in [−1, 1]
-                      c: Tensor, # [1, 25] a camera
+                      c: Tensor, # [1 or N, 25] the viewing camera(s)
                       res: int = 64, # rays per side
+                      src: Tensor | None = None, # [N, 25] the cameras the images were taken from (None: the frontal camera)
                      ) -> Tensor:
-    "The head model seen from camera c with the teacher's image projected onto it from the frontal camera ([N, 3, res, res]): the best a prior on this head can show."
+    "The head model seen from camera c with the teacher's image projected onto it from its own camera ([N, 3, res, res]): the best a prior on this head can show."
     p, _ = surface_points(c, res)
-    return teacher_colour(x, p).transpose(1, 2).reshape(len(x), 3, res, res)
+    col = teacher_colour(x, p) if src is None else camera_colour(x, p, src)
+    return col.transpose(1, 2).reshape(len(x), 3, res, res)
 
 def evaluate_prior3d(G, # a tri-plane generator (eval mode)
                      T=None, # the teacher (`load_prior()` if None)
@@ -303,10 +313,15 @@ def evaluate_prior3d(G, # a tri-plane generator (eval mode)
     T = load_prior() if T is None else T
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
     x = teacher_batch(T, z)
+    if isinstance(G.backbone, PosedConvTransposeBackbone):        # the camera-consistent prior: each latent at its landmark camera, turned from there
+        c = labels_from_landmarks(crop_landmarks(to_uint8(x))[0])[0]
+        a = G.backbone.pose_of(c, n)
+        cams, src = [c] + [label_from_angles(a[:, 0] + math.radians(y), a[:, 1], a[:, 2]) for y in yaws], c
+    else: cams, src = [label_from_angles(torch.full((n,), math.radians(y))) for y in (0.0, *yaws)], None
     with torch.no_grad():
-        ws = G.mapping(z, label_from_angles(torch.zeros(n)))
-        views = torch.stack([G.synthesis(ws, label_from_angles(torch.full((n,), math.radians(y)))) for y in (0.0, *yaws)], 1).clamp(-1, 1)
-    ideal = torch.stack([projected_teacher(x, label_from_angles(math.radians(y))) for y in yaws], 1)
+        ws = G.mapping(z, cams[0])
+        views = torch.stack([G.synthesis(ws, cc) for cc in cams], 1).clamp(-1, 1)
+    ideal = torch.stack([projected_teacher(x, cc, src=src) for cc in cams[1:]], 1)
     k = 2 + len(yaws)
     d = dlib_descriptors(to_uint8(torch.cat([x[:, None], views, ideal], 1).flatten(0, 1))).reshape(n, k + len(yaws), -1)
     dt, df = d[:, 0], d[:, 1]
@@ -329,10 +344,95 @@ def _main(argv=None):
     ap.add_argument('--polish-steps', type=int, default=400); ap.add_argument('--w-occ', type=float, default=0.5)
     ap.add_argument('--polish-lr', type=float, default=1e-3)
     ap.add_argument('--eval-every', type=int, default=400)
+    ap.add_argument('--posed', type=int, default=0, help='> 0: the camera-consistent prior, from this many teacher samples at their landmark cameras')
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     r = train_prior3d(a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, polish_steps=a.polish_steps,
-                      w_occ=a.w_occ, polish_lr=a.polish_lr, eval_every=a.eval_every, progress=False)
+                      w_occ=a.w_occ, polish_lr=a.polish_lr, eval_every=a.eval_every, progress=False, posed=a.posed)
     atomic_write_bytes(a.out.with_suffix('.history.json'), json.dumps({'steps': a.steps, 'polish_steps': a.polish_steps, 'loss': r['hist'], 'eval': r['evals']}).encode())
 
 if __name__ == '__main__' and not hasattr(__builtins__, '__IPYTHON__') and 'ipykernel' not in __import__('sys').modules: _main()
+
+# %% ../nbs/07a_prior3d.ipynb #posed-geom
+def head_surface(P: int = 32, # plane resolution
+                 box_warp: float = 1.0, # side of the cube the planes span
+                ) -> Tensor:
+    "The head model's front surface under each cell of plane xy ([1, P², 3] world points): where plane xy's features belong."
+    u = ((torch.arange(P) + 0.5) / P * 2 - 1) * box_warp / 2
+    yy, xx = torch.meshgrid(u, u, indexing='ij')
+    o = torch.stack([xx, yy, torch.full_like(xx, 2.0)], -1).reshape(1, -1, 3)      # from far in front, straight back
+    d = torch.tensor([0., 0., -1.]).expand_as(o)
+    t, _ = raycast_head(o, d, 0.0, 4.0)
+    return o + t[..., None] * d
+
+def camera_colour(x: Tensor, # [N, 3, H, W] photos in [−1, 1]
+                  p: Tensor, # [N or 1, M, 3] world points
+                  c: Tensor, # [N, 25] the photos' cameras
+                 ) -> Tensor:
+    "The colour [N, M, 3] each photo projects onto world points from its own camera."
+    uv = project_points(c, p) * 2 - 1
+    return F.grid_sample(x, uv[:, :, None], mode='bilinear', padding_mode='border', align_corners=False)[..., 0].transpose(1, 2)
+
+def visible_from(c: Tensor, # [N, 25] cameras
+                 p: Tensor, # [N, M, 3] points on the head model
+                 tol: float = 0.02, # depth tolerance (world units)
+                ) -> Tensor:
+    "Whether camera c sees each point: the first surface of the head model along the ray to it is the point itself [N, M]."
+    o = split_label(c)[0][:, None, :3, 3].expand_as(p)
+    v = p - o; dist = v.norm(dim=-1)
+    t, hit = raycast_head(o, v / dist[..., None], 0.1, 10.0)
+    return hit & (t > dist - tol)
+
+# %% ../nbs/07a_prior3d.ipynb #posed-new
+def new_prior3d_posed(T, # the teacher (`load_prior()`), whose first layers the backbone copies
+                     ) -> TriPlaneGenerator:
+    "An untrained camera-consistent demo prior: the posed backbone (w = [z, yaw, pitch, roll]), the teacher's layers copied, plane xy on the head's surface."
+    cfg = prior3d_config()
+    cfg.update(w_dim=cfg['z_dim'] + PosedConvTransposeBackbone.pose_dims, backbone='convtranspose-posed',
+               rendering_kwargs={**cfg['rendering_kwargs'], 'c_gen_conditioning_zero': False, 'c_scale': 1.0})
+    G = TriPlaneGenerator(**cfg)
+    G.backbone.copy_dcgan(T)
+    G.backbone.surface.copy_(head_surface(G.backbone.plane_resolution, G.rendering_kwargs['box_warp']))
+    return G
+
+# %% ../nbs/07a_prior3d.ipynb #posed-loss
+def prior3d_losses_posed(G, # the camera-consistent generator being trained
+                         z: Tensor, # [N, 100] latents
+                         x: Tensor, # [N, 3, 64, 64] the teacher's images of z
+                         c: Tensor, # [N, 25] their cameras (from their landmarks)
+                         gen: torch.Generator, # draws the cameras, depths and points
+                         n_geo: int = 16, # rays per side for the random cameras
+                         n_free: int = 512, # random box points per sample for the occupancy loss
+                         depth_jitter: float = 0.07, # max random depth past the surface (world units)
+                         volume: bool = False, # render the sample's view as the renderer does (the polish phase), not at the surface
+                        ) -> dict:
+    "The recipe's losses with each sample at its own camera: image/raw at c, colours projected from c to cameras around it, occupancy."
+    N, opts = len(z), G.rendering_kwargs
+    lo, hi, R = float(opts['ray_start']), float(opts['ray_end']), G.neural_rendering_resolution
+    x_raw = F.avg_pool2d(x, x.shape[-1] // R)
+    ws = G.mapping(z, c)
+    planes = G.planes(ws)
+    o, d = rays_from_label(c, R)                                        # 1. the sample's own camera
+    if volume: feat, _, _ = render_planes(planes, G.decoder, o, d, opts)
+    else:
+        t, _ = raycast_head(o, d, lo, hi)
+        feat, _ = decode_at(G, planes, o + (t[..., None] + torch.rand(N, R * R, 1, generator=gen) * depth_jitter) * d)
+    feat_img = feat.permute(0, 2, 1).reshape(N, -1, R, R)
+    raw = feat_img[:, :3]
+    img = G.superresolution(raw, feat_img, ws, noise_mode='none')
+    a = G.backbone.pose_of(c, N)                                        # 2. cameras around the sample's
+    yaw = a[:, 0] + (torch.rand(N, generator=gen) * 2 - 1) * math.radians(35)
+    pitch = a[:, 1] + (torch.rand(N, generator=gen) * 2 - 1) * math.radians(15)
+    og, dg = rays_from_label(label_from_angles(yaw, pitch), n_geo)
+    tg, hit = raycast_head(og, dg, lo, hi)
+    pg = og + tg[..., None] * dg
+    seen = (hit & visible_from(c, pg)).float()
+    fg, _ = decode_at(G, planes, pg)
+    l_proj = ((fg[..., :3] - camera_colour(x, pg, c)).square().mean(-1) * seen).sum() / seen.sum().clamp_min(1)
+    near = pg + torch.randn(pg.shape, generator=gen) * 0.05             # 3. occupancy, as in the recipe
+    free = (torch.rand(N, n_free, 3, generator=gen) - 0.5) * 2 * HEAD_MODEL['box']
+    along = og + (lo + (hi - lo) * torch.rand(N, n_geo * n_geo, 1, generator=gen)) * dg
+    q = torch.cat([near, free, along], 1)
+    _, sigma = decode_at(G, planes, q)
+    return {'image': (img - x).square().mean(), 'raw': (raw - x_raw).square().mean(), 'proj': l_proj,
+            'occupancy': _occupancy_loss(sigma, inside_head(q))}
