@@ -35,7 +35,7 @@ from sphinx.errors import SphinxError
 COURSE = [
     ("Start", ["index"]),
     ("Course", ["00_continual_learning", "01_data", "01a_faces", "01b_synth", "02_generators", "02b_encoders", "03_inversion", "03a_projector", "04a_hull", "04_replay",
-                "05_metrics", "05a_evaluation", "05b_profiles", "05c_strategies", "06_continual", "06a_rundir", "06c_grid", "06b_claims", "06d_experiments", "07_cameras", "07a_prior3d", "07b_anchors3d", "08_viz", "09_cli"]),
+                "05_metrics", "05a_evaluation", "05b_profiles", "05c_strategies", "06_continual", "06a_rundir", "06c_grid", "06b_claims", "06d_experiments", "07_cameras", "07a_prior3d", "07b_anchors3d", "07c_adversarial", "08_viz", "09_cli"]),
     ("Experiments", ["experiments/continual_2d", "experiments/continual_3d", "experiments/explorer"]),
     ("Appendix: foundations and layers", ["90_core", "90a_install", "91_stylegan2", "92_eg3d", "93_dlib_resnet", "94_irse50", "95_dual_discriminator"]),
 ]
