@@ -351,8 +351,6 @@ def _main(argv=None):
                       w_occ=a.w_occ, polish_lr=a.polish_lr, eval_every=a.eval_every, progress=False, posed=a.posed)
     atomic_write_bytes(a.out.with_suffix('.history.json'), json.dumps({'steps': a.steps, 'polish_steps': a.polish_steps, 'loss': r['hist'], 'eval': r['evals']}).encode())
 
-if __name__ == '__main__' and not hasattr(__builtins__, '__IPYTHON__') and 'ipykernel' not in __import__('sys').modules: _main()
-
 # %% ../nbs/07a_prior3d.ipynb #posed-geom
 def head_surface(P: int = 32, # plane resolution
                  box_warp: float = 1.0, # side of the cube the planes span
@@ -436,3 +434,7 @@ def prior3d_losses_posed(G, # the camera-consistent generator being trained
     _, sigma = decode_at(G, planes, q)
     return {'image': (img - x).square().mean(), 'raw': (raw - x_raw).square().mean(), 'proj': l_proj,
             'occupancy': _occupancy_loss(sigma, inside_head(q))}
+
+# %% ../nbs/07a_prior3d.ipynb #main-guard
+# `python -m facecl_nb.prior3d ...` trains a prior; last in the module, so that everything it calls is defined
+if __name__ == '__main__' and not hasattr(__builtins__, '__IPYTHON__') and 'ipykernel' not in __import__('sys').modules: _main()
