@@ -2,12 +2,18 @@
 
 # %% ../nbs/07c_adversarial.ipynb #4afe8f9e
 from __future__ import annotations
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .core import Config, _positive
+from .eg3d import sample_planes
+
 # %% auto #0
-__all__ = ['d_logistic_loss', 'g_nonsat_loss', 'r1_penalty', 'gpc_swap_prob', 'conditioning_cameras', 'raw_target']
+__all__ = ['d_logistic_loss', 'g_nonsat_loss', 'r1_penalty', 'gpc_swap_prob', 'conditioning_cameras', 'raw_target',
+           'AdversarialConfig', 'lazy_adam', 'density_tv', 'adversarial_step']
 
 # %% ../nbs/07c_adversarial.ipynb #ffa3cc09
 def d_logistic_loss(real_logits: Tensor, # [N, 1] D's logits of real photos
@@ -54,3 +60,82 @@ def raw_target(images: Tensor, # [N, 3, R, R] real photos
               ) -> Tensor:
     "The photos as a raw render should show them: resized to r × r, bilinear and antialiased (EG3D's `filtered_resizing`)."
     return F.interpolate(images, size=(resolution, resolution), mode='bilinear', align_corners=False, antialias=True)
+
+# %% ../nbs/07c_adversarial.ipynb #adv-cfg
+@dataclass(frozen=True)
+class AdversarialConfig(Config):
+    "EG3D's fine-tuning settings (its FFHQ values; γ and FreezeD the paper's authors')."
+    batch_size: int = 16
+    g_lr: float = 0.0025
+    d_lr: float = 0.002
+    betas: tuple = (0.0, 0.99)
+    r1_gamma: float = 20.0
+    r1_interval: int = 16
+    density_reg: float = 0.25
+    density_interval: int = 4
+    density_p_dist: float = 0.004
+    gpc_reg_prob: float | None = 0.5
+    gpc_reg_fade_kimg: float = 1000
+    freeze_d: int = 22
+    def check(self): _positive('AdversarialConfig', batch_size=self.batch_size, g_lr=self.g_lr, d_lr=self.d_lr, r1_interval=self.r1_interval, density_interval=self.density_interval)
+
+def lazy_adam(params, # parameters of one network
+              lr: float, # its learning rate
+              betas, # its betas
+              interval: int, # every how many batches its regularization runs (1: every batch)
+             ) -> torch.optim.Adam:
+    "Adam adjusted for lazy regularization: lr × k/(k+1), betas^(k/(k+1)) for an interval k (StyleGAN2)."
+    r = interval / (interval + 1)
+    return torch.optim.Adam([p for p in params if p.requires_grad], lr=lr * r, betas=tuple(b ** r for b in betas), eps=1e-8)
+
+# %% ../nbs/07c_adversarial.ipynb #adv-step
+def density_tv(G, # a tri-plane generator
+               ws: Tensor, # [N, num_ws, w_dim] its styles
+               n: int = 1000, # random points per sample
+               p_dist: float = 0.004, # how far each is perturbed
+               gen: torch.Generator | None = None, # draws the points
+              ) -> Tensor:
+    "EG3D's density regularization: L1 between the density at random points of the cube and at points perturbed by `p_dist`."
+    planes = G.planes(ws)
+    x = torch.rand(len(ws), n, 3, generator=gen) * 2 - 1
+    pts = torch.cat([x, x + torch.randn(x.shape, generator=gen) * p_dist], 1)
+    sigma = G.decoder(sample_planes(planes, pts, G.rendering_kwargs['box_warp']))['sigma']
+    return F.l1_loss(sigma[:, :n], sigma[:, n:])
+
+def adversarial_step(G, # the tri-plane generator being personalized (trains)
+                     D, # its dual discriminator (trains, FreezeD applied)
+                     opt_G, opt_D, # their `lazy_adam`s
+                     reals: Tensor, # [N, 3, R, R] the photos of this batch
+                     real_c: Tensor, # [N, 25] their cameras
+                     step: int, # the batch's index (regularizations run when it is a multiple of their interval)
+                     cur_nimg: int, # images shown so far (fades the pose-conditioning swap)
+                     cfg: AdversarialConfig = AdversarialConfig(), # settings
+                     gen: torch.Generator | None = None, # draws latents, cameras and points
+                     augment=None, # D's input augmentation ({'image', 'image_raw'} -> same), or None
+                    ) -> dict:
+    "One batch of EG3D's training: Gmain, Greg (lazy), Dmain, Dreg (lazy R1). Returns the losses and D's logits."
+    N, r = len(reals), G.neural_rendering_resolution
+    aug = augment or (lambda d: d)
+    swap = gpc_swap_prob(cur_nimg, cfg.gpc_reg_prob, cfg.gpc_reg_fade_kimg)
+    gen_c = real_c[torch.randperm(N, generator=gen)]
+    def fake(z):
+        ws = G.mapping(z, conditioning_cameras(gen_c, swap, gen))
+        out = G.render(ws, gen_c)
+        return {'image': out['image'], 'image_raw': out['image_raw']}, ws
+    out = {}
+    f, ws = fake(torch.randn(N, G.z_dim, generator=gen))                                     # Gmain
+    out['g_loss'] = g_nonsat_loss(D(aug(f), gen_c))
+    opt_G.zero_grad(set_to_none=True); out['g_loss'].backward(); opt_G.step()
+    if cfg.density_reg > 0 and step % cfg.density_interval == 0:                              # Greg
+        ws = G.mapping(torch.randn(N, G.z_dim, generator=gen), conditioning_cameras(gen_c, swap, gen))
+        out['density'] = density_tv(G, ws, p_dist=cfg.density_p_dist, gen=gen) * cfg.density_reg
+        opt_G.zero_grad(set_to_none=True); (out['density'] * cfg.density_interval).backward(); opt_G.step()
+    with torch.no_grad(): f, _ = fake(torch.randn(N, G.z_dim, generator=gen))                # Dmain
+    real = {'image': reals, 'image_raw': raw_target(reals, r)}
+    out['real_logits'], out['fake_logits'] = D(aug(real), real_c), D(aug(f), gen_c)
+    out['d_loss'] = d_logistic_loss(out['real_logits'], out['fake_logits'])
+    opt_D.zero_grad(set_to_none=True); out['d_loss'].backward(); opt_D.step()
+    if cfg.r1_gamma > 0 and step % cfg.r1_interval == 0:                                      # Dreg
+        out['r1'] = r1_penalty(D, aug(real), real_c).mean() * (cfg.r1_gamma / 2)
+        opt_D.zero_grad(set_to_none=True); (out['r1'] * cfg.r1_interval).backward(); opt_D.step()
+    return {k: v.detach() for k, v in out.items()}
