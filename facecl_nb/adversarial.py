@@ -13,7 +13,8 @@ from .eg3d import sample_planes
 
 # %% auto #0
 __all__ = ['d_logistic_loss', 'g_nonsat_loss', 'r1_penalty', 'gpc_swap_prob', 'conditioning_cameras', 'raw_target',
-           'AdversarialConfig', 'lazy_adam', 'density_tv', 'adversarial_step']
+           'AdversarialConfig', 'lazy_adam', 'density_tv', 'adversarial_step', 'demo_discriminator',
+           'train_demo_discriminator']
 
 # %% ../nbs/07c_adversarial.ipynb #ffa3cc09
 def d_logistic_loss(real_logits: Tensor, # [N, 1] D's logits of real photos
@@ -139,3 +140,76 @@ def adversarial_step(G, # the tri-plane generator being personalized (trains)
         out['r1'] = r1_penalty(D, aug(real), real_c).mean() * (cfg.r1_gamma / 2)
         opt_D.zero_grad(set_to_none=True); (out['r1'] * cfg.r1_interval).backward(); opt_D.step()
     return {k: v.detach() for k, v in out.items()}
+
+# %% ../nbs/07c_adversarial.ipynb #demo-d-train
+def demo_discriminator(img_resolution: int = 64, # the prior's image size
+                      ) -> "DualDiscriminator":
+    "The demo tier's discriminator: EG3D's dual discriminator at the prior's 64 px, 64 to 128 channels, a 2-layer camera mapping."
+    from facecl_nb.dual_discriminator import DualDiscriminator
+    return DualDiscriminator(25, img_resolution, 3, channel_base=4096, channel_max=128, mapping_kwargs=dict(num_layers=2))
+
+def train_demo_discriminator(out, # .safetensors path of the result (a `.train.pt` beside it holds the resumable state)
+                             G, # the demo prior (frozen)
+                             distill: dict, # {'z', 'images', 'c'}: teacher samples with their landmark cameras (`distill_set`)
+                             steps: int = 1500, # discriminator steps
+                             batch_size: int = 8, # real and fake images per step
+                             lr: float = 0.002, # Adam's learning rate (EG3D's D)
+                             r1_gamma: float = 1.0, # R1 weight (EG3D's FFHQ value)
+                             r1_interval: int = 16, # lazy R1
+                             seed: int = 0, # seeds the batches and latents
+                             save_every: int = 50, # steps between resumable-state saves
+                             D=None, # the network to train (None: `demo_discriminator()`)
+                             log=print, # called with progress lines
+                            ) -> dict:
+    "Train the demo prior's discriminator; returns {'hist', 'path'}; resumes from `<out>.train.pt`."
+    import io, time
+    from pathlib import Path
+    from facecl_nb.core import atomic_write_bytes, load_torch_weights
+    from facecl_nb.generators import save_generator
+    out = Path(out); state_path = out.with_suffix('.train.pt')
+    D = (D or demo_discriminator()).train(); G.eval().requires_grad_(False)
+    opt = lazy_adam(D.parameters(), lr, (0.0, 0.99), r1_interval)
+    gen = torch.Generator().manual_seed(seed); start, hist = 0, []
+    if state_path.is_file():
+        st = load_torch_weights(state_path, finite=False)
+        D.load_state_dict(st['D']); opt.load_state_dict(st['opt']); start, hist = st['step'], st['hist']; gen.set_state(st['gen'])
+        log(f"resuming at step {start}")
+    t0 = time.perf_counter()
+    for step in range(start, steps):
+        i = torch.randint(len(distill['z']), (batch_size,), generator=gen)
+        x, c = distill['images'][i], distill['c'][i]
+        with torch.no_grad():
+            o = G.render(G.mapping(torch.randn(batch_size, G.z_dim, generator=gen), c), c)
+        real = {'image': x, 'image_raw': raw_target(x, G.neural_rendering_resolution)}
+        rl, fl = D(real, c), D({'image': o['image'], 'image_raw': o['image_raw']}, c)
+        loss = d_logistic_loss(rl, fl)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        r1 = None
+        if r1_gamma > 0 and step % r1_interval == 0:
+            r1 = r1_penalty(D, real, c).mean() * (r1_gamma / 2)
+            opt.zero_grad(set_to_none=True); (r1 * r1_interval).backward(); opt.step()
+        hist.append({'step': step, 'loss': loss.item(), 'r1': None if r1 is None else r1.item(),
+                     'real_acc': (rl > 0).float().mean().item(), 'fake_acc': (fl < 0).float().mean().item(), 't': round(time.perf_counter() - t0, 2)})
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            buf = io.BytesIO(); torch.save({'D': D.state_dict(), 'opt': opt.state_dict(), 'step': step + 1, 'hist': hist, 'gen': gen.get_state()}, buf)
+            atomic_write_bytes(state_path, buf.getvalue())
+            log(f"step {step + 1}/{steps}: loss {sum(h['loss'] for h in hist[-save_every:]) / len(hist[-save_every:]):.3f}")
+    save_generator(D.eval(), out)
+    return {'hist': hist, 'path': str(out)}
+
+# %% ../nbs/07c_adversarial.ipynb #adv-main
+def _main(argv=None):
+    "python -m facecl_nb.adversarial --out D.safetensors --prior PRIOR.safetensors [--posed 2000] [--steps 1500]: train the demo prior's discriminator."
+    import argparse
+    from facecl_nb.eg3d import load_eg3d
+    from facecl_nb.prior3d import distill_set
+    ap = argparse.ArgumentParser(description="Train the demo prior's discriminator (see nbs/07c_adversarial.ipynb).")
+    ap.add_argument('--out', required=True); ap.add_argument('--prior', required=True)
+    ap.add_argument('--posed', type=int, default=2000, help='teacher samples with landmark cameras (distill_set; cached)')
+    ap.add_argument('--steps', type=int, default=1500); ap.add_argument('--batch-size', type=int, default=8); ap.add_argument('--seed', type=int, default=0)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    train_demo_discriminator(a.out, load_eg3d(a.prior), distill_set(a.posed, seed=a.seed), steps=a.steps, batch_size=a.batch_size, seed=a.seed)
+
+# last in the module: everything it calls is defined
+if __name__ == '__main__' and not hasattr(__builtins__, '__IPYTHON__') and 'ipykernel' not in __import__('sys').modules: _main()

@@ -13,7 +13,8 @@ from .generators import GeneratorError, read_nvidia_pkl, class_name_of, init_arg
 from .stylegan2 import Conv2dLayer, FullyConnectedLayer, MappingNetwork, setup_filter, _plain_kwargs
 
 # %% auto #0
-__all__ = ['DiscriminatorBlock', 'MinibatchStdLayer', 'DiscriminatorEpilogue', 'DualDiscriminator', 'load_nvidia_discriminator']
+__all__ = ['DiscriminatorBlock', 'MinibatchStdLayer', 'DiscriminatorEpilogue', 'DualDiscriminator', 'load_nvidia_discriminator',
+           'load_discriminator']
 
 # %% ../nbs/95_dual_discriminator.ipynb #1dea6fcb
 class DiscriminatorBlock(nn.Module):
@@ -74,6 +75,7 @@ class DiscriminatorEpilogue(nn.Module):
 class DualDiscriminator(nn.Module):
     "EG3D's dual discriminator (NVIDIA's names b{res}, b4, mapping): logits [N, 1] of {'image', 'image_raw'} seen from cameras c."
     nvidia_class_name = 'DualDiscriminator'
+    arch = 'eg3d-dual-discriminator'     # the name facecl's own files record (`save_generator`)
     def __init__(self, c_dim: int, img_resolution: int, img_channels: int, architecture: str = 'resnet', channel_base: int = 32768,
                  channel_max: int = 512, num_fp16_res: int = 4, conv_clamp: float | None = 256, cmap_dim: int | None = None,
                  disc_c_noise: float = 0, block_kwargs: dict | None = None, mapping_kwargs: dict | None = None,
@@ -99,7 +101,7 @@ class DualDiscriminator(nn.Module):
                             cmap_dim=cmap_dim, disc_c_noise=disc_c_noise, block_kwargs=block_kwargs, mapping_kwargs=mapping_kwargs,
                             epilogue_kwargs=epilogue_kwargs)
 
-    def config(self) -> dict: return {'arch': 'eg3d-dual-discriminator', 'kwargs': dict(self._kwargs)}
+    def config(self) -> dict: return {'arch': self.arch, 'kwargs': dict(self._kwargs)}
 
     def forward(self, img: dict, # {'image': [N, 3, R, R], 'image_raw': [N, 3, r, r]} in about [-1, 1]
                 c: Tensor, # [N, c_dim] camera labels
@@ -136,4 +138,18 @@ def load_nvidia_discriminator(path, # an NVIDIA network .pkl (EG3D's: G, D and G
     except (TypeError, ValueError) as e: raise GeneratorError(f"{path}: network '{which}' was built with arguments facecl's DualDiscriminator does not accept: {e}") from None
     sd = collect_state_dict(net)
     D.load_report = load_weights(D, sd, f"{path}: network '{which}' (DualDiscriminator)", strict)
+    return D.eval()
+
+# %% ../nbs/95_dual_discriminator.ipynb #dd-load
+def load_discriminator(path, # a .safetensors file of `save_generator`, or an NVIDIA .pkl
+                       **overrides, # constructor kwargs replacing the recorded ones
+                      ) -> DualDiscriminator:
+    "A dual discriminator from facecl's own file or an NVIDIA pickle (nothing in either runs)."
+    path = Path(path)
+    if path.suffix == '.pkl': return load_nvidia_discriminator(path, **overrides)
+    from facecl_nb.generators import read_facecl_file
+    arch, kwargs, sd = read_facecl_file(path)
+    if arch != DualDiscriminator.arch: raise GeneratorError(f"{path}: a '{arch}' network, not a dual discriminator")
+    D = DualDiscriminator(**{**kwargs, **overrides})
+    D.load_report = load_weights(D, sd, str(path), True)
     return D.eval()
