@@ -13,7 +13,7 @@ from .eg3d import sample_planes
 
 # %% auto #0
 __all__ = ['d_logistic_loss', 'g_nonsat_loss', 'r1_penalty', 'gpc_swap_prob', 'conditioning_cameras', 'raw_target',
-           'AdversarialConfig', 'lazy_adam', 'density_tv', 'adversarial_step', 'demo_discriminator',
+           'AdversarialConfig', 'lazy_adam', 'density_tv', 'adversarial_step', 'AdaLite', 'demo_discriminator',
            'train_demo_discriminator']
 
 # %% ../nbs/07c_adversarial.ipynb #ffa3cc09
@@ -112,7 +112,7 @@ def adversarial_step(G, # the tri-plane generator being personalized (trains)
                      cur_nimg: int, # images shown so far (fades the pose-conditioning swap)
                      cfg: AdversarialConfig = AdversarialConfig(), # settings
                      gen: torch.Generator | None = None, # draws latents, cameras and points
-                     augment=None, # D's input augmentation ({'image', 'image_raw'} -> same), or None
+                     augment=None, # D's input augmentation ({'image', 'image_raw'} -> same; e.g. `AdaLite`), or None
                     ) -> dict:
     "One batch of EG3D's training: Gmain, Greg (lazy), Dmain, Dreg (lazy R1). Returns the losses and D's logits."
     N, r = len(reals), G.neural_rendering_resolution
@@ -136,10 +136,48 @@ def adversarial_step(G, # the tri-plane generator being personalized (trains)
     out['real_logits'], out['fake_logits'] = D(aug(real), real_c), D(aug(f), gen_c)
     out['d_loss'] = d_logistic_loss(out['real_logits'], out['fake_logits'])
     opt_D.zero_grad(set_to_none=True); out['d_loss'].backward(); opt_D.step()
+    if hasattr(augment, 'update'): augment.update(out['real_logits'])                         # ADA's controller (`AdaLite`)
     if cfg.r1_gamma > 0 and step % cfg.r1_interval == 0:                                      # Dreg
         out['r1'] = r1_penalty(D, aug(real), real_c).mean() * (cfg.r1_gamma / 2)
         opt_D.zero_grad(set_to_none=True); (out['r1'] * cfg.r1_interval).backward(); opt_D.step()
     return {k: v.detach() for k, v in out.items()}
+
+# %% ../nbs/07c_adversarial.ipynb #ada-cls
+class AdaLite:
+    "ADA's adaptive probability p (target r_t, speed `ada_kimg`, every `interval` steps) over x-flip, integer translation, brightness and contrast."
+    def __init__(self, target: float = 0.6, ada_kimg: float = 500, interval: int = 4, p: float = 0.0):
+        self.target, self.ada_kimg, self.interval, self.p = target, ada_kimg, interval, float(p)
+        self._signs, self._n, self._steps = 0.0, 0, 0
+
+    def __call__(self, img: dict, # {'image': [N, 3, R, R], 'image_raw': [N, 3, r, r]}
+                 gen: torch.Generator | None = None, # draws which transforms apply and their parameters
+                ) -> dict:
+        "The pair augmented alike, each transform applied to each sample with probability p."
+        if self.p <= 0: return img
+        im, raw = img['image'], img['image_raw']
+        N, R, r = len(im), im.shape[-1], raw.shape[-1]
+        x = torch.cat([im, F.interpolate(raw, size=(R, R), mode='bilinear', align_corners=False)], 1)
+        on = lambda: (torch.rand(N, generator=gen) < self.p).float()
+        flip = on()
+        x = torch.where(flip[:, None, None, None] > 0, x.flip(-1), x)
+        t = torch.round((torch.rand(N, 2, generator=gen) * 2 - 1) * 0.125 * R) * on()[:, None]       # integer pixels
+        theta = torch.zeros(N, 2, 3); theta[:, 0, 0] = theta[:, 1, 1] = 1; theta[:, :, 2] = -2 * t / R
+        x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode='bilinear', padding_mode='reflection', align_corners=False)
+        x = x + (torch.randn(N, generator=gen) * 0.2 * on())[:, None, None, None]                     # brightness
+        x = x * torch.exp2(torch.randn(N, generator=gen) * 0.5 * on())[:, None, None, None]         # contrast
+        return {'image': x[:, :3], 'image_raw': F.interpolate(x[:, 3:], size=(r, r), mode='bilinear', align_corners=False, antialias=True)}
+
+    def update(self, real_logits: Tensor, # [N, 1] D's logits of this step's real photos
+              ) -> None:
+        "Accumulate sign(D(real)); every `interval` steps move p towards the target by (images seen) / (ada_kimg · 1000), clamped to [0, 1]."
+        self._signs += float(real_logits.sign().sum()); self._n += len(real_logits); self._steps += 1
+        if self._steps % self.interval == 0:
+            rt = self._signs / max(self._n, 1)
+            self.p = min(max(self.p + (1 if rt > self.target else -1) * self._n / (self.ada_kimg * 1000), 0.0), 1.0)
+            self._signs, self._n = 0.0, 0
+
+    def state_dict(self) -> dict: return {'p': self.p, 'signs': self._signs, 'n': self._n, 'steps': self._steps}
+    def load_state_dict(self, d: dict) -> None: self.p, self._signs, self._n, self._steps = d['p'], d['signs'], d['n'], d['steps']
 
 # %% ../nbs/07c_adversarial.ipynb #demo-d-train
 def demo_discriminator(img_resolution: int = 64, # the prior's image size
