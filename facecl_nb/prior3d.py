@@ -24,8 +24,8 @@ from .metrics import psnr
 
 # %% auto #0
 __all__ = ['HEAD_MODEL', 'TARGETS', 'raycast_head', 'inside_head', 'surface_points', 'frontal_uv', 'teacher_colour', 'decode_at',
-           'prior3d_config', 'head_grid', 'new_prior3d', 'teacher_batch', 'distill_set', 'prior3d_losses',
-           'train_prior3d', 'load_prior3d', 'projected_teacher', 'evaluate_prior3d', 'head_surface', 'camera_colour',
+           'head_surface', 'prior3d_config', 'head_grid', 'new_prior3d', 'teacher_batch', 'distill_set',
+           'prior3d_losses', 'train_prior3d', 'load_prior3d', 'projected_teacher', 'evaluate_prior3d', 'camera_colour',
            'visible_from', 'new_prior3d_posed', 'prior3d_losses_posed']
 
 # %% ../nbs/07a_prior3d.ipynb #b193107a
@@ -103,6 +103,19 @@ def decode_at(G, # a tri-plane generator (its decoder and box_warp)
     out = G.decoder(sample_planes(planes, pts, G.rendering_kwargs['box_warp']))
     return out['rgb'] * 2 - 1, out['sigma'][..., 0]
 
+# %% ../nbs/07a_prior3d.ipynb #head-surface
+def head_surface(P: int = 32, # plane resolution
+                 box_warp: float = 1.0, # side of the cube the planes span
+                ) -> Tensor:
+    "The head model's front surface under each cell of plane xy ([1, P², 3] world points): where plane xy's features belong."
+    u = ((torch.arange(P) + 0.5) / P * 2 - 1) * box_warp / 2
+    yy, xx = torch.meshgrid(u, u, indexing='ij')
+    o = torch.stack([xx, yy, torch.full_like(xx, 2.0)], -1).reshape(1, -1, 3)      # from far in front, straight back
+    d = torch.tensor([0., 0., -1.]).expand_as(o)
+    t, _ = raycast_head(o, d, 0.0, 4.0)
+    return o + t[..., None] * d
+
+
 # %% ../nbs/07a_prior3d.ipynb #2c676152
 def prior3d_config(**overrides, # constructor arguments replacing the defaults
                   ) -> dict:
@@ -118,12 +131,7 @@ def head_grid(P: int = 32, # plane resolution
               box_warp: float = 1.0, # side of the cube the planes span
              ) -> Tensor:
     "Where each point of plane xy lands in the frontal image: the head model's front surface at (x, y), projected ([1, P, P, 2], grid_sample coordinates)."
-    u = ((torch.arange(P) + 0.5) / P * 2 - 1) * box_warp / 2
-    yy, xx = torch.meshgrid(u, u, indexing='ij')
-    o = torch.stack([xx, yy, torch.full_like(xx, 2.0)], -1).reshape(1, -1, 3)      # from far in front, straight back
-    d = torch.tensor([0., 0., -1.]).expand_as(o)
-    t, _ = raycast_head(o, d, 0.0, 4.0)
-    return frontal_uv(o + t[..., None] * d).reshape(1, P, P, 2)
+    return frontal_uv(head_surface(P, box_warp)).reshape(1, P, P, 2)
 
 def new_prior3d(T, # the teacher (`load_prior()`), whose first layers the backbone copies
                ) -> TriPlaneGenerator:
@@ -161,12 +169,24 @@ def distill_set(n: int = 2000, # samples drawn
         import io; buf = io.BytesIO(); torch.save(out, buf); atomic_write_bytes(path, buf.getvalue())
     return out
 
-# %% ../nbs/07a_prior3d.ipynb #6e720e9f
+# %% ../nbs/07a_prior3d.ipynb #occupancy-term
 def _occupancy_loss(sigma: Tensor, occ: Tensor, delta: float = 0.07) -> Tensor:
     "BCE of one ray step's opacity (renderer's `softplus(σ − 1)` over a step `delta`) against the head model's occupancy."
     a = -torch.expm1(-F.softplus(sigma - 1) * delta)
     return -torch.where(occ, a.clamp_min(1e-6).log(), (1 - a).clamp_min(1e-6).log()).mean()
 
+def _occupancy_term(G, planes, pg, og, dg, lo, hi, n_free, gen) -> Tensor:
+    "Occupancy loss at points near the surfaces `pg` the cameras (origins og, rays dg) see, anywhere in the box, and anywhere the renderer samples (rays leave the box)."
+    N, M = pg.shape[:2]
+    near = pg + torch.randn(pg.shape, generator=gen) * 0.05
+    free = (torch.rand(N, n_free, 3, generator=gen) - 0.5) * 2 * HEAD_MODEL['box']
+    along = og + (lo + (hi - lo) * torch.rand(N, M, 1, generator=gen)) * dg
+    q = torch.cat([near, free, along], 1)
+    _, sigma = decode_at(G, planes, q)
+    return _occupancy_loss(sigma, inside_head(q))
+
+
+# %% ../nbs/07a_prior3d.ipynb #6e720e9f
 def prior3d_losses(G, # the tri-plane generator being trained
                    T, # the teacher (DigiFace DCGAN)
                    z: Tensor, # [N, 100] latents
@@ -201,14 +221,8 @@ def prior3d_losses(G, # the tri-plane generator being trained
     tex = teacher_colour(x, pg)
     fg, _ = decode_at(G, planes, pg)
     l_proj = ((fg[..., :3] - tex).square().mean(-1) * hit).sum() / hit.sum().clamp_min(1)
-    # 3. occupancy: points near those surfaces, anywhere in the box, and anywhere the renderer samples (rays leave the box)
-    near = pg + torch.randn(pg.shape, generator=gen) * 0.05
-    free = (torch.rand(N, n_free, 3, generator=gen) - 0.5) * 2 * HEAD_MODEL['box']
-    along = og + (lo + (hi - lo) * torch.rand(N, n_geo * n_geo, 1, generator=gen)) * dg
-    q = torch.cat([near, free, along], 1)
-    _, sigma = decode_at(G, planes, q)
     return {'image': (img - x).square().mean(), 'raw': (raw - x_raw).square().mean(), 'proj': l_proj,
-            'occupancy': _occupancy_loss(sigma, inside_head(q))}
+            'occupancy': _occupancy_term(G, planes, pg, og, dg, lo, hi, n_free, gen)}
 
 def _save_state(path: Path, G, opt, step: int, hist: list, gen: torch.Generator, evals: list) -> None:
     import io; buf = io.BytesIO()
@@ -352,17 +366,6 @@ def _main(argv=None):
     atomic_write_bytes(a.out.with_suffix('.history.json'), json.dumps({'steps': a.steps, 'polish_steps': a.polish_steps, 'loss': r['hist'], 'eval': r['evals']}).encode())
 
 # %% ../nbs/07a_prior3d.ipynb #posed-geom
-def head_surface(P: int = 32, # plane resolution
-                 box_warp: float = 1.0, # side of the cube the planes span
-                ) -> Tensor:
-    "The head model's front surface under each cell of plane xy ([1, P², 3] world points): where plane xy's features belong."
-    u = ((torch.arange(P) + 0.5) / P * 2 - 1) * box_warp / 2
-    yy, xx = torch.meshgrid(u, u, indexing='ij')
-    o = torch.stack([xx, yy, torch.full_like(xx, 2.0)], -1).reshape(1, -1, 3)      # from far in front, straight back
-    d = torch.tensor([0., 0., -1.]).expand_as(o)
-    t, _ = raycast_head(o, d, 0.0, 4.0)
-    return o + t[..., None] * d
-
 def camera_colour(x: Tensor, # [N, 3, H, W] photos in [−1, 1]
                   p: Tensor, # [N or 1, M, 3] world points
                   c: Tensor, # [N, 25] the photos' cameras
@@ -427,13 +430,8 @@ def prior3d_losses_posed(G, # the camera-consistent generator being trained
     seen = (hit & visible_from(c, pg)).float()
     fg, _ = decode_at(G, planes, pg)
     l_proj = ((fg[..., :3] - camera_colour(x, pg, c)).square().mean(-1) * seen).sum() / seen.sum().clamp_min(1)
-    near = pg + torch.randn(pg.shape, generator=gen) * 0.05             # 3. occupancy, as in the recipe
-    free = (torch.rand(N, n_free, 3, generator=gen) - 0.5) * 2 * HEAD_MODEL['box']
-    along = og + (lo + (hi - lo) * torch.rand(N, n_geo * n_geo, 1, generator=gen)) * dg
-    q = torch.cat([near, free, along], 1)
-    _, sigma = decode_at(G, planes, q)
     return {'image': (img - x).square().mean(), 'raw': (raw - x_raw).square().mean(), 'proj': l_proj,
-            'occupancy': _occupancy_loss(sigma, inside_head(q))}
+            'occupancy': _occupancy_term(G, planes, pg, og, dg, lo, hi, n_free, gen)}
 
 # %% ../nbs/07a_prior3d.ipynb #main-guard
 # `python -m facecl_nb.prior3d ...` trains a prior; last in the module, so that everything it calls is defined
