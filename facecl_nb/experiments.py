@@ -22,9 +22,9 @@ from .rundir import collect_results
 from .grid import run_grid, summary_table, format_table
 
 # %% auto #0
-__all__ = ['DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'experiments_dir', 'check_parameters',
-           'run_experiment_notebook', 'demo', 'time_breakdown', 'albums_3d', 'demo3d', 'compare_protocols',
-           'paper_tier_missing', 'reproduce']
+__all__ = ['DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'plan_blocks', 'experiments_dir',
+           'check_parameters', 'run_experiment_notebook', 'demo', 'time_breakdown', 'albums_3d', 'demo3d',
+           'compare_protocols', 'paper_tier_missing', 'reproduce']
 
 # %% ../nbs/06d_experiments.ipynb #99ba3ecb
 DEMO = dict(persons=['alice'], strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5], seeds=[0], T=None)
@@ -33,8 +33,15 @@ def _demo_jobs(jobs: int | None, quick: bool) -> int:
     "Runs at a time of a demo: as asked, else 1 for a quick smoke run and up to 2 (the cores) for the real one."
     return jobs or (1 if quick else min(2, os.cpu_count() or 1))
 FIGURES = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5, 10], seeds=[0, 1, 2], T=None,
-               others=dict(strategies=['hull-greedy', 'reservoir', 'kmeans', 'herding'], buffers=[5]))   # `make figures`: + the other buffers at k = 5
+               others=dict(strategies=['hull-greedy', 'reservoir', 'kmeans', 'herding'], buffers=[5], seeds=[0]))   # `make figures`: + the other buffers at k = 5, seed 0
 QUICK_OVERRIDES = dict(projection={'steps': 10}, tuning={'steps': 10}, free={'steps': 5}, hull={'steps': 10}, n_synth=4, hull_candidates=50)
+
+def plan_blocks(plan: dict, # a plan such as `FIGURES`: its optional `others` block (strategies, buffers and, optionally, seeds)
+               ) -> list[tuple]:
+    "The `also` blocks of `grid_specs` for a plan: its other strategies at their buffer sizes (on their own seeds when given)."
+    o = plan.get('others')
+    if not o: return []
+    return [(o['strategies'], o['buffers'], o['seeds'])] if o.get('seeds') else [(o['strategies'], o['buffers'])]
 
 def experiments_dir() -> Path:
     "Folder of the experiment notebooks (in the source checkout)."
@@ -87,13 +94,13 @@ def demo(out='runs/demo', # grid folder
     "The offline demo: default albums, a grid of runs, the experiment notebooks, the summary table."
     t0 = time.perf_counter()
     plan = {**DEMO, **(plan or {})}
+    also = plan_blocks(plan)         # more strategies at other buffer sizes (and seeds), in the same grid
     albums = default_demo_albums()
     root = albums[0].root
     if not plan.get('persons'): plan['persons'] = [a.person for a in albums]
     overrides = dict(QUICK_OVERRIDES) if quick else {}
     T = 2 if quick else plan['T']
     jobs = _demo_jobs(jobs, quick)
-    also = [(plan['others']['strategies'], plan['others']['buffers'])] if plan.get('others') else []   # more strategies at other buffer sizes, in the same grid
     s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, T=T, overrides=overrides, jobs=jobs, also=also, log=log)
     return _figures_and_table('demo', 'continual_2d', s, out, root, figures, reports, t0, log)
 

@@ -30,16 +30,19 @@ def grid_specs(persons, # person names
                strategies, # strategy names
                buffers, # buffer sizes k
                seeds, # seeds
-               also=(), # more (strategies, buffers) blocks of the same grid, e.g. other buffers at k = 5 only
+               also=(), # more blocks of the same grid: (strategies, buffers), or (strategies, buffers, seeds) with seeds of their own
               ) -> list[tuple]:
-    "The (person, strategy, buffer, seed) combinations of a grid, buffer-free strategies once; unknown strategies are refused first."
-    blocks = [(strategies, buffers), *also]
-    bad = [s for sts, _ in blocks for s in sts if s not in known_strategies()]
+    """The (person, strategy, buffer, seed) combinations of a grid, buffer-free strategies once; unknown strategies are
+    refused first. A block of `also` runs on the grid's seeds unless it names its own (e.g. other buffers at k = 5, seed 0)."""
+    blocks = [(strategies, buffers, seeds)] + [(b[0], b[1], b[2] if len(b) > 2 else seeds) for b in also]
+    bad = [s for sts, *_ in blocks for s in sts if s not in known_strategies()]
     if bad: raise ConfigError(f"grid: unknown strategies {bad}; known: {known_strategies()}")
+    all_seeds = list(dict.fromkeys(s for *_, ss in blocks for s in ss))
     out = []
     for p in persons:
-        for s in seeds:
-            for sts, bs in blocks:
+        for s in all_seeds:
+            for sts, bs, ss in blocks:
+                if s not in ss: continue
                 for st in sts:
                     for k in (bs if get_strategy(st).k_matters else [0]):
                         if (p, st, k, s) not in out: out.append((p, st, k, s))
