@@ -2,6 +2,7 @@
 
 # %% ../nbs/07c_adversarial.ipynb #4afe8f9e
 from __future__ import annotations
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,8 @@ from .eg3d import sample_planes
 
 # %% auto #0
 __all__ = ['d_logistic_loss', 'g_nonsat_loss', 'r1_penalty', 'gpc_swap_prob', 'conditioning_cameras', 'raw_target',
-           'AdversarialConfig', 'lazy_adam', 'density_tv', 'adversarial_step', 'AdaLite', 'demo_discriminator',
+           'AdversarialConfig', 'lazy_adam', 'density_tv', 'adversarial_step', 'AdaLite', 'ema_beta',
+           'adversarial_tune', 'freeze_discriminator', 'adversarial_state', 'demo_discriminator',
            'train_demo_discriminator']
 
 # %% ../nbs/07c_adversarial.ipynb #ffa3cc09
@@ -178,6 +180,83 @@ class AdaLite:
 
     def state_dict(self) -> dict: return {'p': self.p, 'signs': self._signs, 'n': self._n, 'steps': self._steps}
     def load_state_dict(self, d: dict) -> None: self.p, self._signs, self._n, self._steps = d['p'], d['signs'], d['n'], d['steps']
+
+# %% ../nbs/07c_adversarial.ipynb #adv-tune
+def ema_beta(batch: int, # images in this batch
+             cur_nimg: int, # images shown before it in this training
+             ema_kimg: float, # the half-life in thousands of images (EG3D: batch × 10/32)
+             rampup: float | None = 0.05, # the half-life is at most this fraction of the images shown (None: no ramp)
+            ) -> float:
+    "The weight G_ema keeps of itself after one batch (StyleGAN2/EG3D): 0.5 ** (batch / half-life in images)."
+    ema_nimg = ema_kimg * 1000
+    if rampup is not None: ema_nimg = min(ema_nimg, cur_nimg * rampup)
+    return 0.5 ** (batch / max(ema_nimg, 1e-8))
+
+def adversarial_tune(G, # the tri-plane generator after the previous timestamp (left unchanged)
+                     D, # its discriminator after the previous timestamp (left unchanged)
+                     images: Tensor, # [N, 3, R, R] this timestamp's training photos (with replayed photos and mirrors)
+                     cameras: Tensor, # [N, 25] their cameras
+                     steps: int, # batches of `cfg.batch_size`
+                     cfg: AdversarialConfig = AdversarialConfig(), # settings
+                     seed: int = 0, # seeds batches, latents and augmentation
+                     progress: bool = False, # show a progress bar
+                    ) -> dict:
+    """One timestamp of EG3D's training resumed from (G, D), with fresh optimizers and ADA's p = 0 as `--resume` has them.
+    Returns {'G': G_ema (what is evaluated), 'G_train': G, 'D': D, 'opt_G', 'opt_D', 'ada', 'stats', 'warnings'}.
+    Raises FloatingPointError naming the step when a loss is not finite."""
+    from tqdm.auto import tqdm
+    if len(images) != len(cameras): raise ValueError(f"adversarial_tune: {len(images)} photos but {len(cameras)} cameras")
+    G, D = copy.deepcopy(G).train().requires_grad_(True), copy.deepcopy(D).train()
+    D.requires_grad_(True)                        # every parameter; FreezeD's frozen layers are buffers, not parameters
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    opt_G = lazy_adam(G.parameters(), cfg.g_lr, cfg.betas, cfg.density_interval)
+    opt_D = lazy_adam(D.parameters(), cfg.d_lr, cfg.betas, cfg.r1_interval)
+    ada, gen, nimg = AdaLite(), torch.Generator().manual_seed(seed), 0
+    ema_kimg = cfg.batch_size * 10 / 32
+    acc, losses = [], []
+    for step in tqdm(range(steps), desc='adversarial', disable=not progress, leave=False):
+        i = torch.randint(len(images), (cfg.batch_size,), generator=gen)
+        out = adversarial_step(G, D, opt_G, opt_D, images[i], cameras[i], step, nimg, cfg, gen, augment=lambda d: ada(d, gen))
+        bad = [k for k in ('g_loss', 'd_loss', 'r1', 'density') if k in out and not torch.isfinite(out[k]).all()]
+        if bad: raise FloatingPointError(f"adversarial_tune: {', '.join(bad)} not finite at step {step} of {steps}; the previous state is kept")
+        ada.update(out['real_logits'])
+        b = ema_beta(cfg.batch_size, nimg, ema_kimg); nimg += cfg.batch_size
+        with torch.no_grad():
+            for pe, p_ in zip(G_ema.parameters(), G.parameters()): pe.copy_(p_.detach().lerp(pe, b))
+            for be, b_ in zip(G_ema.buffers(), G.buffers()): be.copy_(b_)
+        acc.append(((out['real_logits'] > 0).float().mean() + (out['fake_logits'] < 0).float().mean()).item() / 2)
+        losses.append((out['g_loss'].item(), out['d_loss'].item()))
+    warnings = []
+    if acc and min(acc) == 1.0:
+        warnings.append(f"D's accuracy was 1 for all {steps} steps of this timestamp (real and rendered told apart every time): G got little useful gradient")
+    stats = {'steps': steps, 'images_shown': nimg, 'ada_p': ada.p, 'd_acc_mean': float(sum(acc) / max(len(acc), 1)),
+             'g_loss_last': losses[-1][0] if losses else None, 'd_loss_last': losses[-1][1] if losses else None}
+    return {'G': G_ema, 'G_train': G.eval().requires_grad_(False), 'D': D.eval(), 'opt_G': opt_G, 'opt_D': opt_D, 'ada': ada,
+            'stats': stats, 'warnings': warnings}
+
+
+# %% ../nbs/07c_adversarial.ipynb #adv-state
+def freeze_discriminator(D, # a `DualDiscriminator`
+                         n: int, # layers frozen, counted from the input (the authors': 22 of EG3D's 512-px D)
+                        ):
+    "A copy of D with its first n layers frozen (FreezeD): the same weights, the frozen ones kept as buffers."
+    from facecl_nb.dual_discriminator import DualDiscriminator
+    kw = dict(D._kwargs); kw['block_kwargs'] = {**(kw.get('block_kwargs') or {}), 'freeze_layers': n}
+    D2 = DualDiscriminator(**kw); D2.load_state_dict(D.state_dict())
+    return D2.eval()
+
+def adversarial_state(r: dict, # what `adversarial_tune` returned
+                     ) -> tuple[dict, dict]:
+    "(tensors, JSON) of a timestamp's D, optimizer moments, ADA state and statistics, for the run's state file."
+    tens = {f'D/{k}': v.detach().clone() for k, v in r['D'].state_dict().items()}
+    meta = {'ada': r['ada'].state_dict(), 'stats': r['stats']}
+    for name in ('opt_G', 'opt_D'):
+        sd = r[name].state_dict()
+        for i, st in sd['state'].items():
+            for k, v in st.items(): tens[f'{name}/{i}/{k}'] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().clone()
+        meta[name] = {'param_groups': sd['param_groups']}
+    return tens, meta
+
 
 # %% ../nbs/07c_adversarial.ipynb #demo-d-train
 def demo_discriminator(img_resolution: int = 64, # the prior's image size

@@ -2,7 +2,8 @@
 
 # %% ../nbs/07b_anchors3d.ipynb #eee5a04f
 from __future__ import annotations
-import hashlib, json
+import fcntl, hashlib, json, os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +14,8 @@ from torch import Tensor
 from .rundir import StateError, module_digest, read_state, write_state
 
 # %% auto #0
-__all__ = ['mirror_labels', 'mirror_photos', 'anchor_key', 'photo_keys', 'AnchorStore', 'fixed_anchors']
+__all__ = ['mirror_labels', 'mirror_photos', 'anchor_key', 'photo_keys', 'AnchorStore', 'fixed_anchors', 'with_mirrors',
+           'fixed_projection']
 
 # %% ../nbs/07b_anchors3d.ipynb #b556bea1
 _MIRROR = [1, 2, 3, 4, 8]       # entries of the flattened cam2world that S M S negates: (0,1), (0,2), (0,3), (1,0), (2,0)
@@ -78,6 +80,13 @@ class AnchorStore:
         for j, i in enumerate(have):
             if i is not None: out[j] = A[i]
         return out, [j for j, i in enumerate(have) if i is None]
+    @contextmanager
+    def lock(self):
+        "Hold the store while projecting: a second run of the same album waits, then finds the anchors stored (released if the process dies)."
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir/'.lock', os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX); yield self
+        finally: os.close(fd)
     def save(self, name: str, keys: list[str], anchors: Tensor, names: list[str], settings: dict) -> Path:
         "Write one file atomically, with its checksum, the photos' names and keys and the settings."
         return write_state(self.path(name), {'anchors': anchors}, {'photo_keys': keys, 'names': names, 'key': self.key, 'settings': settings})
@@ -89,8 +98,13 @@ def fixed_anchors(stream, # a `facecl_nb.data.TaskStream` (training photos with 
                   settings: dict, # the projection's settings (recorded in each file)
                   mirror: bool = False, # also the left-right flipped photos, at their mirrored cameras
                   log=print, # called with one line per timestamp that needed projecting
+                  shape: tuple | None = None, # (num_ws, w_dim) the anchors must have; stored ones of another shape are projected again
                  ) -> tuple[dict, dict | None]:
-    "({t: anchors}, {t: anchors of the mirrored photos} or None) for every timestamp of the stream, projected only where the store lacks them."
+    """({t: anchors}, {t: anchors of the mirrored photos} or None) for every timestamp of the stream, projected only where
+    the store lacks them; the store is locked meanwhile, so runs of one album started together project each photo once."""
+    with store.lock(): return _fixed_anchors(stream, project, store, settings, mirror, log, shape)
+
+def _fixed_anchors(stream, project, store, settings, mirror, log, shape):
     out, mirrored = {}, ({} if mirror else None)
     for e in stream:
         views = [(str(e.t), e.train, e.train_cameras)]
@@ -98,6 +112,9 @@ def fixed_anchors(stream, # a `facecl_nb.data.TaskStream` (training photos with 
         for name, x, c in views:
             keys = photo_keys(x, c)
             A, todo = store.load(name, keys, log)
+            if A is not None and shape is not None and tuple(A.shape[1:]) != tuple(shape):
+                log(f"warning: {store.path(name)}: anchors of shape {tuple(A.shape[1:])}, the prior's latents are {tuple(shape)}; projected again")
+                A, todo = None, list(range(len(keys)))
             if todo:
                 idx = torch.tensor(todo)
                 new = project(x[idx], None if c is None else c[idx]).detach().cpu()
@@ -107,3 +124,40 @@ def fixed_anchors(stream, # a `facecl_nb.data.TaskStream` (training photos with 
                 log(f"anchors {name}: {len(todo)} of {len(keys)} photos projected ({store.dir.name})")
             (mirrored if name.endswith('-mirror') else out)[e.t] = A
     return out, mirrored
+
+# %% ../nbs/07b_anchors3d.ipynb #bf438c73
+def with_mirrors(items, # `facecl_nb.inversion.Items` of training photos (names 't/name'), or None
+                 mirror_anchors: dict, # {t: anchors of timestamp t's mirrored photos}, as `fixed_anchors` returns them
+                 stream, # the run's `TaskStream` (to find each photo's row in its timestamp)
+                ):
+    "The items followed by their mirrors: flipped photos, mirrored cameras, the mirrors' own anchors, names 't/name~mirror'."
+    from facecl_nb.inversion import Items
+    if items is None or not len(items): return items
+    rows = {f"{e.t}/{n}": (e.t, i) for e in stream for i, n in enumerate(e.names)}
+    missing = [n for n in items.names if n not in rows]
+    if missing: raise KeyError(f"with_mirrors: no mirrored anchor for {missing[:3]} (not training photos of this stream)")
+    A = torch.stack([mirror_anchors[rows[n][0]][rows[n][1]] for n in items.names]).to(items.anchors.dtype)
+    m = Items(mirror_photos(items.images), A, None if items.cameras is None else mirror_labels(items.cameras),
+              list(items.timestamps) if items.timestamps is not None else None, [f"{n}~mirror" for n in items.names])
+    return Items.cat([items, m])
+
+def fixed_projection(G, # the pretrained prior
+                     encoder, # the inversion encoder whose codes start the projection, or None (start from the mean w)
+                     P, # the run's `ProjectionConfig` (space, steps, lr, lpips_weight, batch_size)
+                     seed: int = 0, # seeds the projection (the same for every run: the anchors are shared)
+                    ) -> tuple[Callable, dict]:
+    """(project(images, cameras) -> anchors, settings): with an encoder, its code refined by projection into G at the
+    photo's camera (the demo tier); without, EG3D-projector from the mean w in P.space with P.steps at P.lr (the paper's)."""
+    from facecl_nb.inversion import project
+    from facecl_nb.projector import WPlusConfig, eg3d_project
+    dev = next(G.parameters()).device
+    if encoder is not None:
+        def run(x, c):
+            codes = encoder.encode(x.to(dev))
+            return project(G, x.to(dev), space=P.space, steps=P.steps, lr=P.lr, lpips_weight=P.lpips_weight, init=codes,
+                           c=None if c is None else c.to(dev), seed=seed, batch_size=P.batch_size, progress=False)
+        return run, {'method': 'encoder+project', **P.to_dict(), 'seed': seed}
+    cfg = WPlusConfig(steps=P.steps, lr=P.lr)
+    def run(x, c): return eg3d_project(G, x.to(dev), None if c is None else c.to(dev), cfg, space=P.space, seed=seed)
+    return run, {'method': 'eg3d-projector', **cfg.to_dict(), 'space': P.space, 'seed': seed}
+

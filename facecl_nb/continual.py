@@ -15,6 +15,7 @@ import torch
 from .core import (Config, ConfigError, Protocol, ProjectionConfig, TuningConfig, atomic_write_bytes,
                             code_version, get_device, check_int, check_seed)
 from .inversion import Items, project, tune, describe_loss
+from .anchors3d import with_mirrors
 from .evaluation import evaluate, synthesis_scores
 from .metrics import RECON_METRICS, r_to_json, higher_is_better
 from .data import TaskStream
@@ -23,9 +24,9 @@ from .strategies import Strategy, ReplayMemory, known_strategies, get_strategy
 from .rundir import RunDir, RunState, StateError, module_digest, run_identity, run_differences
 
 # %% auto #0
-__all__ = ['STEP_TIMES', 'RunConfig', 'check_cameras', 'step_seed', 'make_anchors', 'new_items', 'tune_model', 'evaluate_model',
-           'record', 'fault_point', 'StepClock', 'continual_run', 'shared_first_step', 'offer_first_step',
-           'adopt_first_step']
+__all__ = ['STEP_TIMES', 'RunConfig', 'check_cameras', 'step_seed', 'make_anchors', 'new_items', 'run_fixed_anchors',
+           'tune_model', 'tune_adversarial', 'evaluate_model', 'record', 'fault_point', 'StepClock', 'continual_run',
+           'shared_first_step', 'offer_first_step', 'adopt_first_step']
 
 # %% ../nbs/06_continual.ipynb #e3941c93
 @dataclass(frozen=True)
@@ -118,14 +119,33 @@ def new_items(stream: TaskStream, # the run's album, read once
               seed: int, # seeds the projection
               device, # torch device the work runs on
               progress: bool = False, # show a progress bar
+              fixed: dict | None = None, # {t: fixed anchors of t's training photos} (anchors 'fixed'), else None
              ) -> Items:
-    "Step 1: the training photos of timestamps `ts`, with their anchors, timestamps and names."
+    "Step 1: the training photos of timestamps `ts`, with their anchors (made now, or the fixed ones), timestamps and names."
     imgs = torch.cat([stream[s].train for s in ts])
     names = sum([[f"{s}/{n}" for n in stream[s].names] for s in ts], [])
     tstamps = sum([[s] * len(stream[s].names) for s in ts], [])
     cams = stream[ts[0]].train_cameras
     cams = None if cams is None else torch.cat([stream[s].train_cameras for s in ts])
+    if protocol.anchors == 'fixed':
+        if fixed is None: raise ValueError("new_items: anchors 'fixed' needs the fixed anchors (see `run_fixed_anchors`)")
+        return Items(imgs, torch.cat([fixed[s] for s in ts]), cams, tstamps, names)
     return Items(imgs, make_anchors(G, imgs, cams, encoder, protocol, P, seed, device, progress), cams, tstamps, names)
+
+def run_fixed_anchors(stream: TaskStream, # the run's album, read once
+                      G_prior, # the pretrained prior (never a tuned model)
+                      encoder, # the inversion encoder, or None
+                      protocol: Protocol, # the run's protocol (`mirror`: the mirrors' anchors too)
+                      P: ProjectionConfig, # projection settings
+                      log=print, # told what is projected
+                     ) -> tuple[dict | None, dict | None]:
+    """({t: anchors}, {t: the mirrors' anchors} or None) of every training photo of the run's album, projected once into
+    the pretrained prior at its camera and kept with the album (`<album>/anchors/<key>/`); (None, None) unless anchors are 'fixed'."""
+    if protocol.anchors != 'fixed': return None, None
+    from .anchors3d import AnchorStore, anchor_key, fixed_anchors, fixed_projection
+    fn, settings = fixed_projection(G_prior, encoder, P)
+    store = AnchorStore(stream.album.dir, anchor_key(G_prior, encoder, settings))
+    return fixed_anchors(stream, fn, store, settings, mirror=protocol.mirror, log=log, shape=(G_prior.num_ws, G_prior.w_dim))
 
 # %% ../nbs/06_continual.ipynb #ld000001
 def tune_model(G, # the generator to tune (G_{t-1})
@@ -140,6 +160,24 @@ def tune_model(G, # the generator to tune (G_{t-1})
     G = tune(G, new, buffer, epochs=None if Tu.steps else Tu.epochs, steps=Tu.steps * budget_factor if Tu.steps else None,
              lr=Tu.lr, batch_size=Tu.batch_size, mix=Tu.mix, seed=seed, lpips_weight=Tu.lpips_weight, progress=progress)
     return G.eval().requires_grad_(False)
+
+def tune_adversarial(G, # the generator to tune (G_{t-1})
+                     D, # its discriminator after t−1 (FreezeD applied)
+                     new: Items, # this step's new items (with cameras; mirrors joined)
+                     buffer: Items | None, # the replayed items, or None
+                     Tu: TuningConfig, # tuning settings: steps (or epochs), batch size, γ, FreezeD
+                     seed: int, # seeds batches and latents
+                     budget_factor: int = 1, # multiplies Tu.steps (the number of timestamps tuned on at once)
+                     progress=False, # show a progress bar
+                    ) -> dict:
+    """Step 3 as the authors run 3D: EG3D's GAN training resumed from (G, D) on the new photos joined by the buffer's,
+    `Tu.steps` batches (or `Tu.epochs` passes over them). Returns `adversarial_tune`'s dict; its 'G' is G_ema."""
+    from .adversarial import AdversarialConfig, adversarial_tune
+    items = Items.cat([new, buffer])
+    if items.cameras is None: raise ConfigError("tuning objective 'adversarial' needs cameras (a 3D run)")
+    steps = Tu.steps * budget_factor if Tu.steps else max(1, Tu.epochs * -(-len(items) // Tu.batch_size))
+    cfg = AdversarialConfig(batch_size=Tu.batch_size, r1_gamma=Tu.r1_gamma, freeze_d=Tu.freeze_d)
+    return adversarial_tune(G, D, items.images, items.cameras, steps, cfg, seed=seed, progress=progress)
 
 def _protocols(eval_: str) -> list[tuple[str, str]]:
     "(reconstruction, suffix of its metrics) per scored protocol: 'both' scores free (no suffix) and P_beta ('@hull')."
@@ -283,11 +321,27 @@ def _load_inputs(album, cfg: RunConfig, G0, E0, device):
     G_prior = (G0 if G0 is not None else prof.load_prior(device)).to(device)
     if prof.is_3d and not getattr(G_prior, 'c_dim', 0):
         raise ConfigError(f"profile {cfg.profile}: the prior is a 2D generator ({getattr(G_prior, 'arch', type(G_prior).__name__)}); a 3D run needs an eg3d one")
-    encoder = None if proto.anchors == 'optimize' else (E0.fits(G_prior).to(device) if E0 is not None else prof.load_encoder(G_prior, device, proto))
+    encoder = None if proto.anchors == 'optimize' or (proto.anchors == 'fixed' and not proto.encoder) else \
+        (E0.fits(G_prior).to(device) if E0 is not None else prof.load_encoder(G_prior, device, proto))
     for stage in ('tuning', 'free', 'projection'): describe_loss(cfg.stage(stage).lpips_weight)   # LPIPS's weights, when the loss needs them
     inputs = {'album_content_hash': stream.digest, 'prior_sha256': module_digest(G_prior),
               'encoder_sha256': None if encoder is None else module_digest(encoder)}
     return stream, G_prior, encoder, inputs
+
+def _load_discriminator(cfg: RunConfig, G_prior, D0, device):
+    "The starting discriminator of an adversarial run (None otherwise), FreezeD applied and checked against the prior, before any work."
+    Tu = cfg.stage('tuning')
+    if Tu.objective != 'adversarial': return None
+    prof = get_profile(cfg.profile)
+    if D0 is None:
+        if prof.load_discriminator is None: raise ConfigError(f"profile {cfg.profile}: tuning objective 'adversarial' needs a discriminator, and the profile names none")
+        D0 = prof.load_discriminator(device)
+    k = getattr(D0, '_kwargs', {})
+    want = {'img_resolution': getattr(G_prior, 'img_resolution', None), 'c_dim': getattr(G_prior, 'c_dim', None)}
+    bad = [f"{n} {k.get(n)} (the prior's: {v})" for n, v in want.items() if k.get(n) != v]
+    if bad: raise ConfigError(f"profile {cfg.profile}: the discriminator does not fit the prior: {'; '.join(bad)}")
+    from .adversarial import freeze_discriminator
+    return freeze_discriminator(D0, Tu.freeze_d).to(device)
 
 def continual_run(album, # a `facecl_nb.data.Album`
                   cfg: RunConfig, # strategy, k, seed, profile and any stage overrides
@@ -297,16 +351,19 @@ def continual_run(album, # a `facecl_nb.data.Album`
                   progress: bool = True, # show progress bars
                   log=print, # called with each progress line
                   share=None, # a folder where runs of one grid share their first timestamp (see `shared_first_step`), or None
+                  D0=None, # the prior's discriminator replacing the profile's (tuning objective 'adversarial'; None: the profile's)
                  ) -> dict:
     """Run (or resume) one continual run on `album`; writes and returns `results.json`.
     Per timestamp: new items → buffer update → tuning → evaluation → record."""
     if Path(out).exists() and not Path(out).is_dir(): raise ConfigError(f"{out}: exists and is not a folder; the run folder (--out) must be a folder or not exist yet")
     device = get_device()
     stream, G_prior, encoder, inputs = _load_inputs(album, cfg, G0, E0, device)
+    D = _load_discriminator(cfg, G_prior, D0, device)
+    fixed = run_fixed_anchors(stream, G_prior, encoder, cfg.stage('protocol'), cfg.stage('projection'), log)   # once per album and prior, shared by every run
     threads = torch.get_num_threads()
     rd = RunDir(Path(out))
     try:
-        with rd.lock(): return _run_locked(stream, cfg, rd, G_prior, encoder, inputs, device, progress, log, share)
+        with rd.lock(): return _run_locked(stream, cfg, rd, G_prior, encoder, inputs, device, progress, log, share, fixed, D)
     finally: torch.set_num_threads(threads)
 
 # %% ../nbs/06_continual.ipynb #ld000007
@@ -315,6 +372,8 @@ class _Run:
     "What the steps of one run share: its config, its album's stream, folder, fixed test data and how it reports."
     cfg: RunConfig; stream: TaskStream; rd: RunDir; encoder: object; inputs: dict; device: object
     progress: bool; log: object; tag: str; loss_desc: str; identity: dict = None; tests: dict = None; test_cams: dict = None; test_init: dict = None
+    fixed: dict = None; fixed_mirror: dict = None     # the fixed anchors of the album's training photos (and of their mirrors)
+    D: object = None                                  # the discriminator (tuning objective 'adversarial'), carried from timestamp to timestamp
     @property
     def Ts(self) -> list: return self.stream.timestamps
     @property
@@ -333,14 +392,16 @@ def _start(run: _Run, G_prior, share) -> tuple[RunState, object, Path | None]:
         if state is not None: return state, state.model(G_prior), shared
     return RunState(-1, {}, run=run.identity), G_prior, shared
 
-def _run_locked(stream: TaskStream, cfg, rd: RunDir, G_prior, encoder, inputs, device, progress, log, share=None) -> dict:
+def _run_locked(stream: TaskStream, cfg, rd: RunDir, G_prior, encoder, inputs, device, progress, log, share=None, fixed=(None, None), D=None) -> dict:
     album = stream.album
     if cfg.threads: torch.set_num_threads(cfg.threads)
     rd.prepare()
     ident = _check_config(rd, {**cfg.to_dict(), 'album': str(album.root), 'person': album.person, 'inputs': inputs}, inputs, log)
     run = _Run(cfg, stream, rd, encoder, inputs, device, progress, log, f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}]",
-               describe_loss(cfg.stage('tuning').lpips_weight), ident)
+               describe_loss(cfg.stage('tuning').lpips_weight), ident, fixed=fixed[0], fixed_mirror=fixed[1], D=D)
     state, G, shared = _start(run, G_prior, share)
+    if D is not None and any(k.startswith('D/') for k in state.extra):       # resumed: the discriminator of the last finished timestamp
+        D.load_state_dict({k[2:]: v for k, v in state.extra.items() if k.startswith('D/')})
     run.tests = {e.t: e.test for e in stream}
     run.test_cams = {e.t: e.test_cameras for e in stream}
     run.test_init = None if encoder is None else {t: encoder.encode(x.to(device)).cpu() for t, x in run.tests.items()}   # fixed: one code per test photo
@@ -357,12 +418,21 @@ def _step(run: _Run, st: Strategy, i: int, state: RunState, G) -> tuple[RunState
     t = Ts[i]; clock = StepClock(t)
     ts_new = [Ts[j] for j in st.train_indices(i)]
     with clock('anchors_s'):                                                                                        # 1. new items
-        new = new_items(run.stream, ts_new, G, run.encoder, cfg.stage('protocol'), cfg.stage('projection'), step_seed(cfg.seed, t, 1), run.device, run.progress)
+        new = new_items(run.stream, ts_new, G, run.encoder, cfg.stage('protocol'), cfg.stage('projection'), step_seed(cfg.seed, t, 1), run.device,
+                        run.progress, fixed=run.fixed)
     with clock('select_s'):                                                                                         # 2. buffer
         sel = state.memory.update(st, cfg.buffer, step_seed(cfg.seed, t, 2), cfg)
         if sel.pool is not None: run.rd.write_pool(i, sel.pool, list(sel.chosen))
     with clock('tune_s'):                                                                                           # 3. tuning
-        G = tune_model(G, new, sel.buffer, cfg.stage('tuning'), step_seed(cfg.seed, t, 3), budget_factor=len(ts_new), progress=run.progress)
+        tn, tb = (new, sel.buffer) if run.fixed_mirror is None else (with_mirrors(new, run.fixed_mirror, run.stream), with_mirrors(sel.buffer, run.fixed_mirror, run.stream))
+        Tu, extra, extra_meta, warnings = cfg.stage('tuning'), {}, {}, []
+        if Tu.objective == 'adversarial':
+            r = tune_adversarial(G, run.D, tn, tb, Tu, step_seed(cfg.seed, t, 3), budget_factor=len(ts_new), progress=run.progress)
+            G, run.D, warnings = r['G'], r['D'], r['warnings']
+            from .adversarial import adversarial_state
+            extra, extra_meta = adversarial_state(r)
+            for w in warnings: run.log(f"{run.tag} t={t} warning: {w}")
+        else: G = tune_model(G, tn, tb, Tu, step_seed(cfg.seed, t, 3), budget_factor=len(ts_new), progress=run.progress)
     memory = state.memory.after(new, sel.buffer)
     ev_ts = [Ts[j] for j in st.eval_indices(i, T)]
     with clock('eval_s'):                                                                                           # 4. evaluation
@@ -372,8 +442,8 @@ def _step(run: _Run, st: Strategy, i: int, state: RunState, G) -> tuple[RunState
     state = RunState(i, G.state_dict(), memory, state.R, state.timings + [clock.done()],                             # 5. record
                      state.history + [{'t': t, 'buffer': [] if buf is None else list(buf.names),
                                        'buffer_timestamps': [] if buf is None else list(map(int, buf.timestamps)),
-                                       'n_new': len(new), 'n_replay': 0 if buf is None else len(buf)}],
-                     {**state.unavailable, **un}, run.identity)
+                                       'n_new': len(new), 'n_replay': 0 if buf is None else len(buf), **({'warnings': warnings} if warnings else {})}],
+                     {**state.unavailable, **un}, run.identity, extra, extra_meta)
     record(state, rows, ev_ts, Ts, st.rows(i, T))
     run.rd.write_recon(i, recon, synth); fault_point(f"t{t}:recon")
     run.rd.write_state(state, st.rows(i, T)); fault_point(f"t{t}:state")

@@ -324,15 +324,23 @@ class TuningConfig(Config):
     """Tuning generator weights on (image, anchor) items. The budget is `epochs` passes over the new photos in batches
     of `batch_size`; with `mix='paired'` each batch is paired with `batch_size` replayed items (new and replayed weigh
     1 : 1), with `mix='uniform'` batches are drawn from new ∪ buffer alike. `steps`, when set, replaces epochs by a
-    fixed number of optimizer steps."""
+    fixed number of optimizer steps. `objective`: 'reconstruction' (each anchor renders its photo: LPIPS + L2) or
+    'adversarial' (3D: EG3D's GAN training resumed from G and its discriminator, batches drawn from new ∪ buffer; `lr`
+    is then unused — EG3D's own rates apply — and `r1_gamma`, `freeze_d` are the authors' γ and FreezeD)."""
     epochs: int = 1000
     steps: int | None = None
     lr: float = 3e-4
     batch_size: int = 2
     mix: str = 'paired'
     lpips_weight: float = 1.0
+    objective: str = 'reconstruction'
+    r1_gamma: float = 20.0
+    freeze_d: int = 22
     def check(self):
         if self.mix not in ('paired', 'uniform'): raise ConfigError(f"TuningConfig: mix must be 'paired' or 'uniform', got {self.mix!r}")
+        if self.objective not in ('reconstruction', 'adversarial'):
+            raise ConfigError(f"TuningConfig: objective must be 'reconstruction' or 'adversarial', got {self.objective!r}")
+        if self.r1_gamma < 0 or self.freeze_d < 0: raise ConfigError(f"TuningConfig: r1_gamma and freeze_d must be >= 0, got {self.r1_gamma}, {self.freeze_d}")
         _positive('TuningConfig', epochs=self.epochs, lr=self.lr, batch_size=self.batch_size)
         if self.steps is not None: _positive('TuningConfig', steps=self.steps)
 
@@ -355,24 +363,31 @@ class FreeConfig(Config):
     lpips_weight: float = 1.0
     def check(self): _positive('FreeConfig', steps=self.steps, lr=self.lr)
 
-ANCHORS = ('encoder', 'optimize', 'encoder+optimize')
-EVALS = ('free', 'hull', 'both')
+ANCHORS = ('encoder', 'optimize', 'encoder+optimize', 'fixed')
+EVALS = ('free', 'hull', 'both', 'wplus')
 
 @dataclass(frozen=True)
 class Protocol(Config):
-    """How anchors are made and models are scored. `anchors`: 'encoder' (a fixed inversion encoder, the paper's),
-    'optimize' (projection into the current model) or 'encoder+optimize' (projection started at the encoder's code);
-    `eval`: 'free', 'hull' or 'both' (two R matrices, the hull one's metrics suffixed '@hull')."""
+    """How anchors are made and models are scored. `anchors`: 'encoder' (a fixed inversion encoder, the paper's 2D),
+    'optimize' (projection into the current model), 'encoder+optimize' (projection started at the encoder's code) or
+    'fixed' (each photo projected once into the *pretrained* prior at its camera and kept with the album, the paper's 3D:
+    from the encoder's code when there is an encoder, else EG3D-projector's W projection from the mean w);
+    `eval`: 'free', 'hull', 'both' (two R matrices, the hull one's metrics suffixed '@hull') or 'wplus' (EG3D-projector's
+    W+ projection from the mean w with an LPIPS-VGG loss, the paper's 3D). `mirror`: each training photo is joined in
+    tuning by its left-right mirror at the mirrored camera (with its own fixed anchor), as the authors' 3D folders are."""
     anchors: str = 'encoder'
     encoder: str | None = None      # manifest name of the inversion encoder
     eval: str = 'free'
     n_synth: int = 8                # synthesized samples per (model t, timestamp k)
+    mirror: bool = False            # tune on every training photo and its mirror (needs anchors='fixed')
     def check(self):
         if self.anchors not in ANCHORS: raise ConfigError(f"Protocol: anchors must be one of {list(ANCHORS)}, got {self.anchors!r}")
         if self.eval not in EVALS: raise ConfigError(f"Protocol: eval must be one of {list(EVALS)}, got {self.eval!r}")
         _positive('Protocol', n_synth=self.n_synth)
-        if self.anchors != 'optimize' and not self.encoder:
+        if self.anchors not in ('optimize', 'fixed') and not self.encoder:
             raise ConfigError(f"Protocol: anchors {self.anchors!r} needs an encoder (a manifest name)")
+        if self.mirror and self.anchors != 'fixed':
+            raise ConfigError(f"Protocol: mirror needs anchors='fixed' (the mirrors' anchors are projected once and kept), got {self.anchors!r}")
 
 # %% ../nbs/90_core.ipynb #ef70805d
 def code_version() -> dict:

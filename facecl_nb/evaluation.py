@@ -35,11 +35,11 @@ def _stack(d: dict, ts) -> tuple[Tensor, np.ndarray]:
 
 def evaluate(G, # the model to evaluate (left unchanged)
              tests: dict, # timestamp -> test photos [n, 3, R, R] in [-1, 1]
-             protocol: str = 'free', # 'free': free latent optimization from `init`; 'hull': projection into P_beta(`span`)
+             protocol: str = 'free', # 'free': free latent optimization from `init`; 'hull': projection into P_beta(`span`); 'wplus': EG3D-projector's W+ projection
              init: dict | None = None, # timestamp -> start latents of the test photos (their encoder codes); None: the nearest prior sample
              span: Tensor | None = None, # anchors [K, num_ws, w_dim] spanning P_beta (the 'hull' protocol)
              cameras: dict | None = None, # timestamp -> camera labels [n, 25] (3D)
-             free: FreeConfig = FreeConfig(), # settings of the 'free' protocol (steps, lr, lpips_weight)
+             free: FreeConfig = FreeConfig(), # settings of the 'free' protocol (steps, lr, lpips_weight); 'wplus' takes its steps and lr
              hull: HullConfig = HullConfig(), # settings of the 'hull' protocol (beta, steps, lr)
              space: str = 'w', # 'w' or 'w+' (the 'free' protocol's latent space)
              metrics: Sequence[str] = RECON_METRICS, # metric names for `compute_metrics`
@@ -63,7 +63,11 @@ def evaluate(G, # the model to evaluate (left unchanged)
     elif protocol == 'hull':
         if span is None: raise ValueError("evaluate: the 'hull' protocol needs the anchors that span P_beta")
         rec = project_to_hull(G, X, span.to(dev), beta=hull.beta, steps=hull.steps, lr=hull.lr, c=c, seed=seed, progress=progress).images
-    else: raise ValueError(f"evaluate: protocol must be 'free' or 'hull', got {protocol!r}")
+    elif protocol == 'wplus':          # the authors' 3D evaluation: from the mean w, LPIPS-VGG, EG3D-projector's schedule, at the photo's camera
+        from facecl_nb.projector import WPlusConfig, eg3d_project
+        ws = eg3d_project(G, X, c, WPlusConfig(steps=free.steps, lr=free.lr), space='w+', seed=seed, progress=progress)
+        with torch.no_grad(): rec = torch.cat([G.synthesis(ws[i:i + 64], None if c is None else c[i:i + 64]) for i in range(0, len(ws), 64)])
+    else: raise ValueError(f"evaluate: protocol must be 'free', 'hull' or 'wplus', got {protocol!r}")
     rec = rec.detach().clamp(-1, 1)     # images as they would be saved (EG3D's output is not bounded)
     vals, unavailable = compute_metrics(rec, X, list(metrics), encoder=encoder)
     rows = {m: [float(v[bounds[i]:bounds[i + 1]].double().mean()) for i in range(len(ts))] for m, v in vals.items()}

@@ -22,7 +22,7 @@ from .rundir import collect_results
 from .grid import run_grid, summary_table, format_table
 
 # %% auto #0
-__all__ = ['DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'BEFORE', 'PAPER', 'plan_blocks', 'experiments_dir',
+__all__ = ['DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'FIGURES3D', 'BEFORE', 'PAPER', 'plan_blocks', 'experiments_dir',
            'check_parameters', 'run_experiment_notebook', 'demo', 'time_breakdown', 'albums_3d', 'demo3d',
            'compare_protocols', 'paper_tier_missing', 'reproduce']
 
@@ -131,6 +131,7 @@ def time_breakdown(results: Sequence[dict], # results dicts (their `timings`)
     return out
 
 DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=[3], seeds=[0], T=4)
+FIGURES3D = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3], seeds=[0, 1, 2], T=5)   # `make figures3d`: 3 persons × 3 seeds
 
 # %% ../nbs/06d_experiments.ipynb #2fe9c850
 def albums_3d(root=None, # where the 3D albums go (None: `<albums>/demo3d`)
@@ -166,6 +167,7 @@ def demo3d(out='runs/demo3d', # grid folder
     t0 = time.perf_counter()
     plan = {**DEMO3D, **(plan or {})}
     albums = albums_3d(persons=plan['persons'], log=log)
+    if not plan.get('persons'): plan['persons'] = [a.person for a in albums]
     root = albums[0].root
     overrides = dict(QUICK_OVERRIDES) if quick else {}
     T = 2 if quick else plan['T']

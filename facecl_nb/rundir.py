@@ -109,13 +109,16 @@ class RunState:
     history: list = field(default_factory=list)      # per timestamp: the buffer's names and timestamps
     unavailable: dict = field(default_factory=dict)  # metric -> why it could not be computed
     run: dict | None = None                          # the run it belongs to: {'config', 'inputs'} (see `run_identity`); None in files of old versions
+    extra: dict = field(default_factory=dict)        # more tensors an objective carries over (the adversarial one: D, its optimizers)
+    extra_meta: dict = field(default_factory=dict)   # and their JSON side (e.g. ADA's p, optimizer settings)
 
     def to_bytes(self) -> bytes:
         "The state file's contents (`state_bytes`): weights and memories as tensors, the rest as JSON."
         tens, mem = self.memory.to_parts()
-        tens = {**{f'G/{k}': v for k, v in self.weights.items()}, **tens}
+        tens = {**{f'G/{k}': v for k, v in self.weights.items()}, **{f'X/{k}': v for k, v in self.extra.items()}, **tens}
         meta = {'t': self.t, 'memory': mem, 'R': {k: r_to_json(v) for k, v in self.R.items()}, 'timings': self.timings,
                 'history': self.history, 'unavailable': self.unavailable, 'run': self.run, 'run_key': run_key(self.run)}
+        if self.extra or self.extra_meta: meta['extra'] = self.extra_meta
         return state_bytes(tens, meta)
 
     def save(self, path, # the state file to write (atomically)
@@ -129,7 +132,7 @@ class RunState:
         t = meta['t'] if 't' in meta else int(Path(path).name[1:].split('.')[0])      # files written before 't' was recorded: from the name
         return cls(t, _prefixed(tens, 'G/'), ReplayMemory.from_parts(tens, meta['memory']),
                    R={k: r_from_json(m) for k, m in meta['R'].items()}, timings=meta['timings'], history=meta['history'],
-                   unavailable=meta['unavailable'], run=meta.get('run'))
+                   unavailable=meta['unavailable'], run=meta.get('run'), extra=_prefixed(tens, 'X/'), extra_meta=meta.get('extra', {}))
 
     def model(self, G_prior, # the prior generator the run started from (copied)
              ):

@@ -107,3 +107,89 @@ def test_demo3d_refuses_a_prior_outside_the_encoders_latent_space(album3d, tmp_p
     with pytest.raises(EncoderError, match=r'dcgan_encoder.*\[1, 100\].*needs \[\d+, 64\]'):
         C.continual_run(album3d, cfg, tmp_path / 'run', G0=G0, progress=False, log=lambda *a: None)
     assert not (tmp_path / 'run' / 'state').exists() or not any((tmp_path / 'run' / 'state').iterdir())
+
+
+def test_fixed_anchors_mirrors_and_wplus_3d(album3d, tmp_path, monkeypatch):
+    """The authors' 3D protocol: anchors projected once into the pretrained prior and kept with the album (a second run,
+    of another strategy, projects nothing), each training photo tuned beside its mirror, replay joining the data
+    (mix 'uniform'), and the W+ evaluation from the mean w."""
+    from facecl_nb.anchors3d import AnchorStore
+    from facecl_nb.rundir import read_state
+    over = {**MICRO, 'protocol': {'anchors': 'fixed', 'mirror': True, 'eval': 'wplus'}, 'tuning': {'steps': 4, 'batch_size': 4, 'mix': 'uniform'}}
+    seen, logs = [], []
+    real_tune = C.tune
+    def spy(G, new, buffer, **kw):
+        seen.append((list(new.names), [] if buffer is None else list(buffer.names), kw['mix'])); return real_tune(G, new, buffer, **kw)
+    monkeypatch.setattr(C, 'tune', spy)
+    G0 = tiny_g3()
+    res = {}
+    for st, k in (('hull', 2), ('random', 2)):
+        cfg = C.RunConfig.from_dict(over, strategy=st, buffer=k, seed=0, person='kim', profile='demo3d', T=2)
+        res[st] = C.continual_run(album3d, cfg, tmp_path / st, G0=G0, progress=False, log=logs.append)
+    projected = [l for l in logs if l.startswith('anchors ')]
+    assert len(projected) == 4, projected                  # 2 timestamps × (photos, mirrors), all in the first run only
+    stores = list((album3d.dir / 'anchors').iterdir())
+    assert len(stores) == 1 and sorted(p.name for p in stores[0].glob('*.safetensors')) == ['0-mirror.safetensors', '0.safetensors', '1-mirror.safetensors', '1.safetensors']
+    A0, _ = read_state(stores[0] / '0.safetensors')
+    mem = C.RunDir(tmp_path / 'hull').state(1).memory.seen
+    assert torch.equal(mem.anchors[:3], A0['anchors'])          # the run's anchors are the stored ones
+    new0, buf0, mix0 = seen[0]
+    assert mix0 == 'uniform' and len(new0) == 6 and [n.endswith('~mirror') for n in new0] == [False] * 3 + [True] * 3 and buf0 == []
+    new1, buf1, _ = seen[1]
+    assert len(buf1) == 4 and sum(n.endswith('~mirror') for n in buf1) == 2      # a replayed photo brings its mirror
+    for r in res.values():
+        assert r['complete'] and r['protocol']['anchors'] == 'fixed' and r['protocol']['eval'] == 'wplus' and r['protocol']['mirror'] is True
+        R = np.array([[np.nan if v is None else v for v in row] for row in r['R']['psnr']])
+        assert np.isfinite(R[[0, 1, 1], [0, 0, 1]]).all()
+
+
+def test_fixed_anchors_of_another_prior_are_not_reused(album3d, tmp_path):
+    """Anchors are keyed by the prior's weights: a run with another prior projects its own (the first store is kept)."""
+    over = {**MICRO, 'protocol': {'anchors': 'fixed'}, 'metrics': ('psnr',)}
+    cfg = C.RunConfig.from_dict(over, strategy='none', buffer=0, seed=0, person='kim', profile='demo3d', T=1)
+    before = set((album3d.dir / 'anchors').glob('*')) if (album3d.dir / 'anchors').exists() else set()
+    G1 = tiny_g3()
+    with torch.no_grad(): next(G1.parameters()).add_(0.01)
+    logs = []
+    C.continual_run(album3d, cfg, tmp_path / 'run', G0=G1, progress=False, log=logs.append)
+    after = set((album3d.dir / 'anchors').glob('*'))
+    assert before < after and any(l.startswith('anchors 0:') for l in logs)
+
+
+def tiny_d3(res=64):
+    from facecl_nb.dual_discriminator import DualDiscriminator
+    torch.manual_seed(1)
+    return DualDiscriminator(25, res, 3, channel_base=256, channel_max=16, mapping_kwargs=dict(num_layers=2))
+
+
+ADV = {**MICRO, 'protocol': {'anchors': 'fixed', 'mirror': True}, 'metrics': ('psnr',),
+       'tuning': {'steps': 2, 'batch_size': 2, 'mix': 'uniform', 'objective': 'adversarial', 'r1_gamma': 1.0, 'freeze_d': 10}}
+
+
+def test_adversarial_objective_carries_d_and_resumes_to_the_same_numbers(album3d, tmp_path):
+    """The authors' 3D personalization: EG3D's GAN training per timestamp, resumed from the previous (G, D). D, both
+    optimizers' moments and ADA's state go into the run's state file; a run resumed after its first timestamp picks D
+    up from there and ends with the same numbers as the run that never stopped."""
+    from facecl_nb.rundir import RunState
+    cfg = C.RunConfig.from_dict(ADV, strategy='hull', buffer=2, seed=0, person='kim', profile='demo3d', T=2)
+    res = C.continual_run(album3d, cfg, tmp_path / 'run', G0=tiny_g3(), D0=tiny_d3(), progress=False, log=lambda *a: None)
+    assert res['complete'] and res['protocol']['tuning']['objective'] == 'adversarial'
+    rd = C.RunDir(tmp_path / 'run')
+    s0, s1 = RunState.load(rd.state_path(0)), RunState.load(rd.state_path(1))
+    assert any(k.startswith('D/') for k in s0.extra) and any(k.startswith('opt_D/') for k in s0.extra)
+    assert 'ada' in s1.extra_meta and s1.extra_meta['stats']['steps'] == 2
+    assert any(not torch.equal(s0.extra[k], s1.extra[k]) for k in s0.extra if k.startswith('D/'))       # D trained on at t = 1
+    for p in (rd.state_path(1), tmp_path / 'run' / 'results.json'): p.unlink()
+    again = C.continual_run(album3d, cfg, tmp_path / 'run', G0=tiny_g3(), D0=tiny_d3(), progress=False, log=lambda *a: None)
+    assert again['R'] == res['R']
+    s1b = RunState.load(rd.state_path(1))
+    assert all(torch.equal(s1.extra[k], s1b.extra[k]) for k in s1.extra if k.startswith('D/'))
+
+
+def test_adversarial_objective_refuses_a_discriminator_of_another_resolution(album3d, tmp_path):
+    cfg = C.RunConfig.from_dict(ADV, strategy='none', buffer=0, seed=0, person='kim', profile='demo3d', T=1)
+    with pytest.raises(ConfigError, match=r'does not fit the prior: img_resolution 32 \(the prior.s: 64\)'):
+        C.continual_run(album3d, cfg, tmp_path / 'run', G0=tiny_g3(), D0=tiny_d3(32), progress=False, log=lambda *a: None)
+    assert not (tmp_path / 'run').exists()
+    with pytest.raises(ConfigError, match="objective must be 'reconstruction' or 'adversarial'"):
+        C.RunConfig.from_dict({**ADV, 'tuning': {'objective': 'gan'}}, strategy='none', buffer=0, person='kim', profile='demo3d')
