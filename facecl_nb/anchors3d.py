@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .core import ConfigError
 from .rundir import StateError, module_digest, read_state, write_state
 
 # %% auto #0
@@ -98,7 +99,7 @@ def fixed_anchors(stream, # a `facecl_nb.data.TaskStream` (training photos with 
                   settings: dict, # the projection's settings (recorded in each file)
                   mirror: bool = False, # also the left-right flipped photos, at their mirrored cameras
                   log=print, # called with one line per timestamp that needed projecting
-                  shape: tuple | None = None, # (num_ws, w_dim) the anchors must have; stored ones of another shape are projected again
+                  shape: tuple | None = None, # (num_ws, w_dim) the anchors must have; stored ones of another shape are refused
                  ) -> tuple[dict, dict | None]:
     """({t: anchors}, {t: anchors of the mirrored photos} or None) for every timestamp of the stream, projected only where
     the store lacks them; the store is locked meanwhile, so runs of one album started together project each photo once."""
@@ -113,8 +114,8 @@ def _fixed_anchors(stream, project, store, settings, mirror, log, shape):
             keys = photo_keys(x, c)
             A, todo = store.load(name, keys, log)
             if A is not None and shape is not None and tuple(A.shape[1:]) != tuple(shape):
-                log(f"warning: {store.path(name)}: anchors of shape {tuple(A.shape[1:])}, the prior's latents are {tuple(shape)}; projected again")
-                A, todo = None, list(range(len(keys)))
+                raise ConfigError(f"{store.path(name)}: stored anchors of shape {tuple(A.shape[1:])}, but the prior's latents are {tuple(shape)}: "
+                                  f"they belong to a prior with another latent space; delete {store.dir} to project them again")
             if todo:
                 idx = torch.tensor(todo)
                 new = project(x[idx], None if c is None else c[idx]).detach().cpu()
@@ -125,7 +126,7 @@ def _fixed_anchors(stream, project, store, settings, mirror, log, shape):
             (mirrored if name.endswith('-mirror') else out)[e.t] = A
     return out, mirrored
 
-# %% ../nbs/07b_anchors3d.ipynb #bf438c73
+# %% ../nbs/07b_anchors3d.ipynb #3717adf4
 def with_mirrors(items, # `facecl_nb.inversion.Items` of training photos (names 't/name'), or None
                  mirror_anchors: dict, # {t: anchors of timestamp t's mirrored photos}, as `fixed_anchors` returns them
                  stream, # the run's `TaskStream` (to find each photo's row in its timestamp)

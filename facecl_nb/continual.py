@@ -24,9 +24,9 @@ from .strategies import Strategy, ReplayMemory, known_strategies, get_strategy
 from .rundir import RunDir, RunState, StateError, module_digest, run_identity, run_differences
 
 # %% auto #0
-__all__ = ['STEP_TIMES', 'RunConfig', 'check_cameras', 'step_seed', 'make_anchors', 'new_items', 'run_fixed_anchors',
-           'tune_model', 'tune_adversarial', 'evaluate_model', 'record', 'fault_point', 'StepClock', 'continual_run',
-           'shared_first_step', 'offer_first_step', 'adopt_first_step']
+__all__ = ['POSE_RANGE', 'STEP_TIMES', 'RunConfig', 'check_cameras', 'step_seed', 'make_anchors', 'new_items',
+           'run_fixed_anchors', 'tune_model', 'tune_adversarial', 'evaluate_model', 'record', 'fault_point',
+           'StepClock', 'continual_run', 'shared_first_step', 'offer_first_step', 'adopt_first_step']
 
 # %% ../nbs/06_continual.ipynb #e3941c93
 @dataclass(frozen=True)
@@ -70,17 +70,25 @@ class RunConfig(Config):
         return type(base).from_dict({**base.to_dict(), **over}) if over else base   # unknown keys: an error naming them
 
 # %% ../nbs/06_continual.ipynb #6594ac68
+POSE_RANGE = {'yaw': 60.0, 'pitch': 40.0}     # degrees from frontal: EG3D's FFHQ faces lie well inside; a camera beyond is a bad estimate or a profile view
+
 def check_cameras(album, # a `facecl_nb.data.Album`
                   timestamps, # the album's timestamps the run uses
                  ) -> None:
-    "A 3D run needs cameras.json for every split it uses: one error listing every missing or malformed file."
+    """A 3D run needs cameras.json for every split it uses, each camera within the pose range of EG3D's FFHQ faces
+    (`POSE_RANGE`): one error listing every missing or malformed file and every photo outside it, with its angles."""
+    from .cameras import angles_from_label
     probs = []
     for t in timestamps:
         for split in ('train', 'test'):
             p = album.dir/str(t)/split/'cameras.json'
             if not p.is_file(): probs.append(f"{p}: missing"); continue
-            try: album.cameras(t, split)
-            except Exception as e: probs.append(f"{p}: {e}")
+            try: c = album.cameras(t, split)
+            except Exception as e: probs.append(f"{p}: {e}"); continue
+            a = {k: v.rad2deg() for k, v in angles_from_label(c).items() if k in POSE_RANGE}
+            for i, n in enumerate(album.names(t, split)):
+                out = [f"{k} {float(a[k][i]):+.0f}°" for k in POSE_RANGE if abs(float(a[k][i])) > POSE_RANGE[k]]
+                if out: probs.append(f"{p}: photo {n}: {', '.join(out)} is outside the FFHQ pose range (|yaw| ≤ {POSE_RANGE['yaw']:.0f}°, |pitch| ≤ {POSE_RANGE['pitch']:.0f}°)")
     if probs:
         raise ConfigError("a 3D run needs cameras for every photo; " + '; '.join(probs)
                           + f" (make them with: facecl album cameras --album {album.root} --person {album.person})")

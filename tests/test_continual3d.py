@@ -193,3 +193,20 @@ def test_adversarial_objective_refuses_a_discriminator_of_another_resolution(alb
     assert not (tmp_path / 'run').exists()
     with pytest.raises(ConfigError, match="objective must be 'reconstruction' or 'adversarial'"):
         C.RunConfig.from_dict({**ADV, 'tuning': {'objective': 'gan'}}, strategy='none', buffer=0, person='kim', profile='demo3d')
+
+
+def test_3d_run_refuses_cameras_outside_the_ffhq_pose_range(tmp_path):
+    """A camera at 80° of yaw (a profile view, or a bad estimate) is refused before any run folder exists, with the photo and its angle."""
+    from facecl_nb.cameras import label_from_angles
+    synth_album(tmp_path, 'max', timestamps=1, n_train=2, n_test=1, size=64, seed=9)
+    a = Album(tmp_path, 'max')
+    album_cameras(a, log=lambda *x: None)
+    p = tmp_path / 'max' / '0' / 'train' / 'cameras.json'
+    cams = json.loads(p.read_text())
+    first = sorted(cams)[0]
+    cams[first] = label_from_angles(torch.tensor([np.deg2rad(80.0)]), torch.tensor([0.0]))[0].tolist()
+    p.write_text(json.dumps(cams))
+    cfg = C.RunConfig.from_dict(MICRO, strategy='none', buffer=0, person='max', profile='demo3d', T=1)
+    with pytest.raises(ConfigError, match=rf'photo {first}: yaw \+80° is outside the FFHQ pose range'):
+        C.continual_run(Album(tmp_path, 'max'), cfg, tmp_path / 'run', G0=tiny_g3(), progress=False, log=lambda *a: None)
+    assert not (tmp_path / 'run').exists()
