@@ -200,15 +200,16 @@ def adversarial_tune(G, # the tri-plane generator after the previous timestamp (
                      cfg: AdversarialConfig = AdversarialConfig(), # settings
                      seed: int = 0, # seeds batches, latents and augmentation
                      progress: bool = False, # show a progress bar
+                     G_ema=None, # the previous timestamp's G_ema (None: a copy of G, as at the start of a training)
                     ) -> dict:
-    """One timestamp of EG3D's training resumed from (G, D), with fresh optimizers and ADA's p = 0 as `--resume` has them.
+    """One timestamp of EG3D's training resumed from (G, G_ema, D), with fresh optimizers and ADA's p = 0 as `--resume` has them.
     Returns {'G': G_ema (what is evaluated), 'G_train': G, 'D': D, 'opt_G', 'opt_D', 'ada', 'stats', 'warnings'}.
     Raises FloatingPointError naming the step when a loss is not finite."""
     from tqdm.auto import tqdm
     if len(images) != len(cameras): raise ValueError(f"adversarial_tune: {len(images)} photos but {len(cameras)} cameras")
     G, D = copy.deepcopy(G).train().requires_grad_(True), copy.deepcopy(D).train()
     D.requires_grad_(True)                        # every parameter; FreezeD's frozen layers are buffers, not parameters
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    G_ema = copy.deepcopy(G_ema if G_ema is not None else G).eval().requires_grad_(False)
     opt_G = lazy_adam(G.parameters(), cfg.g_lr, cfg.betas, cfg.density_interval)
     opt_D = lazy_adam(D.parameters(), cfg.d_lr, cfg.betas, cfg.r1_interval)
     ada, gen, nimg = AdaLite(), torch.Generator().manual_seed(seed), 0
@@ -249,6 +250,7 @@ def adversarial_state(r: dict, # what `adversarial_tune` returned
                      ) -> tuple[dict, dict]:
     "(tensors, JSON) of a timestamp's D, optimizer moments, ADA state and statistics, for the run's state file."
     tens = {f'D/{k}': v.detach().clone() for k, v in r['D'].state_dict().items()}
+    tens.update({f'Gtrain/{k}': v.detach().clone() for k, v in r['G_train'].state_dict().items()})   # G itself (the state's weights are G_ema)
     meta = {'ada': r['ada'].state_dict(), 'stats': r['stats']}
     for name in ('opt_G', 'opt_D'):
         sd = r[name].state_dict()

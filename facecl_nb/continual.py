@@ -177,6 +177,7 @@ def tune_adversarial(G, # the generator to tune (G_{t-1})
                      seed: int, # seeds batches and latents
                      budget_factor: int = 1, # multiplies Tu.steps (the number of timestamps tuned on at once)
                      progress=False, # show a progress bar
+                     G_ema=None, # the previous timestamp's G_ema (None: a copy of G)
                     ) -> dict:
     """Step 3 as the authors run 3D: EG3D's GAN training resumed from (G, D) on the new photos joined by the buffer's,
     `Tu.steps` batches (or `Tu.epochs` passes over them). Returns `adversarial_tune`'s dict; its 'G' is G_ema."""
@@ -185,7 +186,7 @@ def tune_adversarial(G, # the generator to tune (G_{t-1})
     if items.cameras is None: raise ConfigError("tuning objective 'adversarial' needs cameras (a 3D run)")
     steps = Tu.steps * budget_factor if Tu.steps else max(1, Tu.epochs * -(-len(items) // Tu.batch_size))
     cfg = AdversarialConfig(batch_size=Tu.batch_size, r1_gamma=Tu.r1_gamma, freeze_d=Tu.freeze_d)
-    return adversarial_tune(G, D, items.images, items.cameras, steps, cfg, seed=seed, progress=progress)
+    return adversarial_tune(G, D, items.images, items.cameras, steps, cfg, seed=seed, progress=progress, G_ema=G_ema)
 
 def _protocols(eval_: str) -> list[tuple[str, str]]:
     "(reconstruction, suffix of its metrics) per scored protocol: 'both' scores free (no suffix) and P_beta ('@hull')."
@@ -382,6 +383,7 @@ class _Run:
     progress: bool; log: object; tag: str; loss_desc: str; identity: dict = None; tests: dict = None; test_cams: dict = None; test_init: dict = None
     fixed: dict = None; fixed_mirror: dict = None     # the fixed anchors of the album's training photos (and of their mirrors)
     D: object = None                                  # the discriminator (tuning objective 'adversarial'), carried from timestamp to timestamp
+    G_train: object = None                            # and G itself, while the model evaluated and kept as the state's weights is G_ema
     @property
     def Ts(self) -> list: return self.stream.timestamps
     @property
@@ -408,8 +410,9 @@ def _run_locked(stream: TaskStream, cfg, rd: RunDir, G_prior, encoder, inputs, d
     run = _Run(cfg, stream, rd, encoder, inputs, device, progress, log, f"[{album.person} {cfg.strategy} k={cfg.buffer} s={cfg.seed}]",
                describe_loss(cfg.stage('tuning').lpips_weight), ident, fixed=fixed[0], fixed_mirror=fixed[1], D=D)
     state, G, shared = _start(run, G_prior, share)
-    if D is not None and any(k.startswith('D/') for k in state.extra):       # resumed: the discriminator of the last finished timestamp
+    if D is not None and any(k.startswith('D/') for k in state.extra):       # resumed: the discriminator (and G, not G_ema) of the last finished timestamp
         D.load_state_dict({k[2:]: v for k, v in state.extra.items() if k.startswith('D/')})
+        run.G_train = G.copy(); run.G_train.load_state_dict({k[len('Gtrain/'):]: v for k, v in state.extra.items() if k.startswith('Gtrain/')})
     run.tests = {e.t: e.test for e in stream}
     run.test_cams = {e.t: e.test_cameras for e in stream}
     run.test_init = None if encoder is None else {t: encoder.encode(x.to(device)).cpu() for t, x in run.tests.items()}   # fixed: one code per test photo
@@ -435,8 +438,9 @@ def _step(run: _Run, st: Strategy, i: int, state: RunState, G) -> tuple[RunState
         tn, tb = (new, sel.buffer) if run.fixed_mirror is None else (with_mirrors(new, run.fixed_mirror, run.stream), with_mirrors(sel.buffer, run.fixed_mirror, run.stream))
         Tu, extra, extra_meta, warnings = cfg.stage('tuning'), {}, {}, []
         if Tu.objective == 'adversarial':
-            r = tune_adversarial(G, run.D, tn, tb, Tu, step_seed(cfg.seed, t, 3), budget_factor=len(ts_new), progress=run.progress)
-            G, run.D, warnings = r['G'], r['D'], r['warnings']
+            r = tune_adversarial(run.G_train if run.G_train is not None else G, run.D, tn, tb, Tu, step_seed(cfg.seed, t, 3),
+                                 budget_factor=len(ts_new), progress=run.progress, G_ema=G)
+            G, run.D, run.G_train, warnings = r['G'], r['D'], r['G_train'], r['warnings']
             from .adversarial import adversarial_state
             extra, extra_meta = adversarial_state(r)
             for w in warnings: run.log(f"{run.tag} t={t} warning: {w}")
