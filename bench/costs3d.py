@@ -38,9 +38,9 @@ def main():
     out = {'bench': 'costs3d', 'prior': a.prior or 'eg3d-demo (shipped)', 'threads': 1, 'machine': platform.machine(), 'torch': torch.__version__,
            'seconds_per_photo_step': {}}
     s = out['seconds_per_photo_step']
-    s['anchors_project'] = per_photo_step(lambda: project(G, x, steps=5, lr=P.lr, init=enc.encode(x), c=c, batch_size=8, progress=False), 8, 5)
+    s['anchors_project'] = per_photo_step(lambda: project(G, x, steps=5, lr=P.lr, init=enc.latents(G, x, c), c=c, batch_size=8, progress=False), 8, 5)
     s['eval_wplus'] = per_photo_step(lambda: eg3d_project(G, x, c, WPlusConfig(steps=5, lr=0.01), space='w+'), 8, 5)
-    items = Items(x, enc.encode(x), c, [0] * 8, [f"0/{i}" for i in range(8)])
+    items = Items(x, enc.latents(G, x, c), c, [0] * 8, [f"0/{i}" for i in range(8)])
     s['tune_reconstruction'] = per_photo_step(lambda: tune(G, items, None, steps=5, batch_size=2, lr=2e-3, mix='uniform', seed=0, progress=False), 2, 5)
     D = demo_discriminator()
     s['tune_adversarial_b4'] = per_photo_step(lambda: adversarial_tune(G, D, x, c, steps=4, cfg=AdversarialConfig(batch_size=4, r1_gamma=1.0, freeze_d=0)), 4, 4)
@@ -51,7 +51,7 @@ def main():
         ev = evaluate(G, tests, 'wplus', cameras=cams, free=FreeConfig(steps=steps, lr=0.01), metrics=('psnr', 'lpips', 'dlib_dist'))
         curve[steps] = {m: sum(v) / len(v) for m, v in ev.rows.items()} | {'seconds': time.perf_counter() - t0}
         print('wplus', steps, curve[steps], flush=True)
-    init = {t: enc.encode(v) for t, v in tests.items()}
+    init = {t: enc.latents(G, v, cams[t]) for t, v in tests.items()}
     ev = evaluate(G, tests, 'free', init=init, cameras=cams, free=FreeConfig(steps=20, lr=0.05), metrics=('psnr', 'lpips', 'dlib_dist'))
     out['wplus_curve'] = curve
     out['free20_from_encoder'] = {m: sum(v) / len(v) for m, v in ev.rows.items()}

@@ -154,7 +154,7 @@ def fixed_projection(G, # the pretrained prior
     dev = next(G.parameters()).device
     if encoder is not None:
         def run(x, c):
-            codes = encoder.encode(x.to(dev))
+            codes = encoder.latents(G, x.to(dev), None if c is None else c.to(dev))
             return project(G, x.to(dev), space=P.space, steps=P.steps, lr=P.lr, lpips_weight=P.lpips_weight, init=codes,
                            c=None if c is None else c.to(dev), seed=seed, batch_size=P.batch_size, progress=False)
         return run, {'method': 'encoder+project', **P.to_dict(), 'seed': seed}

@@ -112,7 +112,7 @@ def make_anchors(G, # the current generator
                  progress: bool = False, # show a progress bar
                 ) -> torch.Tensor:
     "Anchors of photos: the encoder's codes ('encoder'), projection into G ('optimize'), or projection started at the codes."
-    codes = None if encoder is None else encoder.encode(images.to(device))
+    codes = None if encoder is None else encoder.latents(G, images.to(device), None if cameras is None else cameras.to(device))
     if protocol.anchors == 'encoder': return codes.cpu()
     return project(G, images.to(device), space=P.space, steps=P.steps, lr=P.lr, lpips_weight=P.lpips_weight,
                    init='nearest' if codes is None else codes, c=None if cameras is None else cameras.to(device),
@@ -415,7 +415,7 @@ def _run_locked(stream: TaskStream, cfg, rd: RunDir, G_prior, encoder, inputs, d
         run.G_train = G.copy(); run.G_train.load_state_dict({k[len('Gtrain/'):]: v for k, v in state.extra.items() if k.startswith('Gtrain/')})
     run.tests = {e.t: e.test for e in stream}
     run.test_cams = {e.t: e.test_cameras for e in stream}
-    run.test_init = None if encoder is None else {t: encoder.encode(x.to(device)).cpu() for t, x in run.tests.items()}   # fixed: one code per test photo
+    run.test_init = None if encoder is None else {t: encoder.latents(G, x.to(device), run.test_cams[t]).cpu() for t, x in run.tests.items()}   # fixed: one code per test photo
     st = get_strategy(cfg.strategy)
     for i in st.steps(len(stream), state.t + 1):
         state, G = _step(run, st, i, state, G)

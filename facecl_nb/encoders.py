@@ -55,11 +55,23 @@ class InversionEncoder(nn.Module):
     def fits(self, G, # the generator the codes are for
              where: str = '', # named in the error ('': the encoder's arch)
             ) -> 'InversionEncoder':
-        "Raise `EncoderError` unless this encoder's codes have G's shape [num_ws, w_dim]."
-        if (self.num_ws, self.w_dim) != (G.num_ws, G.w_dim):
+        """Raise `EncoderError` unless this encoder's codes are G's latents [num_ws, w_dim], or G's z (one code of z_dim,
+        which `latents` maps to w with the photo's camera: a camera-conditioned prior whose w extends z)."""
+        if (self.num_ws, self.w_dim) != (G.num_ws, G.w_dim) and not (self.num_ws == 1 and self.w_dim == getattr(G, 'z_dim', None)):
             raise EncoderError(f"{where or self.arch}: the encoder gives codes of shape [{self.num_ws}, {self.w_dim}], "
                                f"the generator ({getattr(G, 'arch', type(G).__name__)}, {G.img_resolution} px) needs [{G.num_ws}, {G.w_dim}]")
         return self
+
+    def latents(self, G, # the generator the codes are for (see `fits`)
+                images: Tensor, # [N, 3, R, R] in [-1, 1]
+                c: Tensor | None = None, # [N, 25] the photos' cameras (a camera-conditioned G), or None
+               ) -> Tensor:
+        "The photos' codes as G's latents [N, num_ws, w_dim]: as they are where they have that shape, else as z through G's mapping at the cameras."
+        codes = self.encode(images)
+        if tuple(codes.shape[1:]) == (G.num_ws, G.w_dim): return codes
+        self.fits(G)
+        dev = next(G.parameters()).device
+        with torch.no_grad(): return G.mapping(codes[:, 0].to(dev), None if c is None else c.to(dev)).detach().to(codes.device)
 
 # %% ../nbs/02b_encoders.ipynb #0b822e1c
 class PSPWEncoder(InversionEncoder):

@@ -210,3 +210,18 @@ def test_3d_run_refuses_cameras_outside_the_ffhq_pose_range(tmp_path):
     with pytest.raises(ConfigError, match=rf'photo {first}: yaw \+80° is outside the FFHQ pose range'):
         C.continual_run(Album(tmp_path, 'max'), cfg, tmp_path / 'run', G0=tiny_g3(), progress=False, log=lambda *a: None)
     assert not (tmp_path / 'run').exists()
+
+
+def test_demo_encoder_codes_reach_a_posed_prior_through_its_mapping(album3d):
+    """The camera-consistent demo prior's w is [z, yaw, pitch, roll]: the demo encoder gives z, and `latents` maps it
+    with each photo's camera, so the encoder fits the posed prior and its codes start the projection there."""
+    from facecl_nb.encoders import load_encoder
+    rk = dict(c_gen_conditioning_zero=False, c_scale=1.0)
+    torch.manual_seed(0)
+    G = TriPlaneGenerator(**small_config(z_dim=100, w_dim=103, backbone='convtranspose-posed', backbone_kwargs=dict(ngf=8), rendering_kwargs=rk))
+    E = load_encoder('dcgan-encoder-demo', G=G)
+    x, c = album3d.images(0, 'train'), album3d.cameras(0, 'train')
+    w = E.latents(G, x, c)
+    assert w.shape == (len(x), G.num_ws, 103)
+    assert torch.allclose(w[:, 0, :100], E.encode(x)[:, 0]) and torch.allclose(w, G.mapping(E.encode(x)[:, 0], c))
+    assert not torch.allclose(w[0, 0, 100:], w[1, 0, 100:]) or torch.allclose(c[0], c[1])      # each photo's own pose
