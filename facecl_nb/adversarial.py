@@ -114,11 +114,11 @@ def adversarial_step(G, # the tri-plane generator being personalized (trains)
                      cur_nimg: int, # images shown so far (fades the pose-conditioning swap)
                      cfg: AdversarialConfig = AdversarialConfig(), # settings
                      gen: torch.Generator | None = None, # draws latents, cameras and points
-                     augment=None, # D's input augmentation ({'image', 'image_raw'} -> same; e.g. `AdaLite`), or None
+                     augment=None, # D's input augmentation, augment({'image', 'image_raw'}, gen) -> same (e.g. `AdaLite`), or None
                     ) -> dict:
     "One batch of EG3D's training: Gmain, Greg (lazy), Dmain, Dreg (lazy R1). Returns the losses and D's logits."
     N, r = len(reals), G.neural_rendering_resolution
-    aug = augment or (lambda d: d)
+    aug = (lambda d: augment(d, gen)) if augment is not None else (lambda d: d)      # drawn from the step's own generator
     swap = gpc_swap_prob(cur_nimg, cfg.gpc_reg_prob, cfg.gpc_reg_fade_kimg)
     gen_c = real_c[torch.randperm(N, generator=gen)]
     def fake(z):
@@ -138,7 +138,7 @@ def adversarial_step(G, # the tri-plane generator being personalized (trains)
     out['real_logits'], out['fake_logits'] = D(aug(real), real_c), D(aug(f), gen_c)
     out['d_loss'] = d_logistic_loss(out['real_logits'], out['fake_logits'])
     opt_D.zero_grad(set_to_none=True); out['d_loss'].backward(); opt_D.step()
-    if hasattr(augment, 'update'): augment.update(out['real_logits'])                         # ADA's controller (`AdaLite`)
+    if hasattr(augment, 'update'): augment.update(out['real_logits'].detach())                         # ADA's controller (`AdaLite`)
     if cfg.r1_gamma > 0 and step % cfg.r1_interval == 0:                                      # Dreg
         out['r1'] = r1_penalty(D, aug(real), real_c).mean() * (cfg.r1_gamma / 2)
         opt_D.zero_grad(set_to_none=True); (out['r1'] * cfg.r1_interval).backward(); opt_D.step()
@@ -217,10 +217,9 @@ def adversarial_tune(G, # the tri-plane generator after the previous timestamp (
     acc, losses = [], []
     for step in tqdm(range(steps), desc='adversarial', disable=not progress, leave=False):
         i = torch.randint(len(images), (cfg.batch_size,), generator=gen)
-        out = adversarial_step(G, D, opt_G, opt_D, images[i], cameras[i], step, nimg, cfg, gen, augment=lambda d: ada(d, gen))
+        out = adversarial_step(G, D, opt_G, opt_D, images[i], cameras[i], step, nimg, cfg, gen, augment=ada)   # updates ADA's p too
         bad = [k for k in ('g_loss', 'd_loss', 'r1', 'density') if k in out and not torch.isfinite(out[k]).all()]
         if bad: raise FloatingPointError(f"adversarial_tune: {', '.join(bad)} not finite at step {step} of {steps}; the previous state is kept")
-        ada.update(out['real_logits'])
         b = ema_beta(cfg.batch_size, nimg, ema_kimg); nimg += cfg.batch_size
         with torch.no_grad():
             for pe, p_ in zip(G_ema.parameters(), G.parameters()): pe.copy_(p_.detach().lerp(pe, b))

@@ -2,8 +2,7 @@
 
 # %% ../nbs/07b_anchors3d.ipynb #eee5a04f
 from __future__ import annotations
-import fcntl, hashlib, json, os
-from contextlib import contextmanager
+import hashlib, json
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .core import ConfigError
-from .rundir import StateError, module_digest, read_state, write_state
+from .rundir import RunLock, StateError, module_digest, read_state, write_state
 
 # %% auto #0
 __all__ = ['mirror_labels', 'mirror_photos', 'anchor_key', 'photo_keys', 'AnchorStore', 'fixed_anchors', 'with_mirrors',
@@ -81,13 +80,9 @@ class AnchorStore:
         for j, i in enumerate(have):
             if i is not None: out[j] = A[i]
         return out, [j for j, i in enumerate(have) if i is None]
-    @contextmanager
-    def lock(self):
+    def lock(self) -> RunLock:
         "Hold the store while projecting: a second run of the same album waits, then finds the anchors stored (released if the process dies)."
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir/'.lock', os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try: fcntl.flock(fd, fcntl.LOCK_EX); yield self
-        finally: os.close(fd)
+        return RunLock(self.dir, wait=True)
     def save(self, name: str, keys: list[str], anchors: Tensor, names: list[str], settings: dict) -> Path:
         "Write one file atomically, with its checksum, the photos' names and keys and the settings."
         return write_state(self.path(name), {'anchors': anchors}, {'photo_keys': keys, 'names': names, 'key': self.key, 'settings': settings})

@@ -21,7 +21,7 @@ from .metrics import RECON_METRICS, r_to_json, higher_is_better
 from .data import TaskStream
 from .profiles import PROFILES, get_profile
 from .strategies import Strategy, ReplayMemory, known_strategies, get_strategy
-from .rundir import RunDir, RunState, StateError, module_digest, run_identity, run_differences
+from .rundir import RunDir, RunState, StateError, module_digest, run_identity, run_differences, _prefixed
 
 # %% auto #0
 __all__ = ['POSE_RANGE', 'STEP_TIMES', 'RunConfig', 'check_cameras', 'step_seed', 'make_anchors', 'new_items',
@@ -411,8 +411,8 @@ def _run_locked(stream: TaskStream, cfg, rd: RunDir, G_prior, encoder, inputs, d
                describe_loss(cfg.stage('tuning').lpips_weight), ident, fixed=fixed[0], fixed_mirror=fixed[1], D=D)
     state, G, shared = _start(run, G_prior, share)
     if D is not None and any(k.startswith('D/') for k in state.extra):       # resumed: the discriminator (and G, not G_ema) of the last finished timestamp
-        D.load_state_dict({k[2:]: v for k, v in state.extra.items() if k.startswith('D/')})
-        run.G_train = G.copy(); run.G_train.load_state_dict({k[len('Gtrain/'):]: v for k, v in state.extra.items() if k.startswith('Gtrain/')})
+        D.load_state_dict(_prefixed(state.extra, 'D/'))
+        run.G_train = G.copy(); run.G_train.load_state_dict(_prefixed(state.extra, 'Gtrain/'))
     run.tests = {e.t: e.test for e in stream}
     run.test_cams = {e.t: e.test_cameras for e in stream}
     run.test_init = None if encoder is None else {t: encoder.latents(G, x.to(device), run.test_cams[t]).cpu() for t, x in run.tests.items()}   # fixed: one code per test photo

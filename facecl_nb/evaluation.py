@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .core import FreeConfig, HullConfig, Protocol
 from .metrics import (MetricUnavailable, RECON_METRICS, compute_metrics, default_identity_encoder, fid)
-from .inversion import project_to_hull, reconstruct_free, synthesize
+from .inversion import project_to_hull, reconstruct_free, render_latents, synthesize
 
 # %% auto #0
 __all__ = ['EvalResult', 'evaluate', 'synthesis_scores']
@@ -66,7 +66,7 @@ def evaluate(G, # the model to evaluate (left unchanged)
     elif protocol == 'wplus':          # the authors' 3D evaluation: from the mean w, LPIPS-VGG, EG3D-projector's schedule, at the photo's camera
         from facecl_nb.projector import WPlusConfig, eg3d_project
         ws = eg3d_project(G, X, c, WPlusConfig(steps=free.steps, lr=free.lr), space='w+', seed=seed, progress=progress)
-        with torch.no_grad(): rec = torch.cat([G.synthesis(ws[i:i + 64], None if c is None else c[i:i + 64]) for i in range(0, len(ws), 64)])
+        rec = render_latents(G, ws, c)
     else: raise ValueError(f"evaluate: protocol must be 'free', 'hull' or 'wplus', got {protocol!r}")
     rec = rec.detach().clamp(-1, 1)     # images as they would be saved (EG3D's output is not bounded)
     vals, unavailable = compute_metrics(rec, X, list(metrics), encoder=encoder)

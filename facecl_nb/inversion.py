@@ -18,7 +18,8 @@ from . import metrics
 
 # %% auto #0
 __all__ = ['InversionError', 'TuningDiverged', 'check_images', 'check_anchors', 'describe_loss', 'project', 'reconstruct_free',
-           'Items', 'tuning_batches', 'tune', 'HullProjection', 'hull_alphas', 'project_to_hull', 'synthesize']
+           'render_latents', 'Items', 'tuning_batches', 'tune', 'HullProjection', 'hull_alphas', 'project_to_hull',
+           'synthesize']
 
 # %% ../nbs/03_inversion.ipynb #39706477
 class InversionError(ValueError):
@@ -195,9 +196,16 @@ def reconstruct_free(G, # the generator (left unchanged)
     "The paper's reconstruction of unseen photos: free latent optimization in `G` from `init`; returns (renders, latents)."
     ws = project(G, images, space=space, steps=steps, lr=lr, init=init, lpips_weight=lpips_weight, c=c, seed=seed,
                  batch_size=batch_size, progress=progress, latent_reg=0.0)
+    return render_latents(G, ws, c, batch_size), ws
+
+def render_latents(G, # the generator (left unchanged)
+                   ws: Tensor, # [N, num_ws, w_dim] latents
+                   c: Tensor | None = None, # [N, 25] cameras for a 3D generator, or None
+                   batch_size: int = 64, # latents rendered at once
+                  ) -> Tensor:
+    "Renders [N, 3, R, R] of `ws` (at cameras `c`), in batches, without gradients: what a reconstruction is scored on."
     c = G.check_c(c.to(ws.device), len(ws)) if getattr(G, 'c_dim', 0) else None
-    with torch.no_grad(): rec = torch.cat([G.synthesis(ws[i:i + batch_size], None if c is None else c[i:i + batch_size]) for i in range(0, len(ws), batch_size)])
-    return rec, ws
+    with torch.no_grad(): return torch.cat([G.synthesis(ws[i:i + batch_size], None if c is None else c[i:i + batch_size]) for i in range(0, len(ws), batch_size)])
 
 # %% ../nbs/03_inversion.ipynb #ee7d73ad
 @dataclass

@@ -144,8 +144,9 @@ class RunLocked(RuntimeError):
     "Another process is working in this run folder."
 
 class RunLock:
-    "An exclusive lock on a run folder (`<run>/.lock`, holding the owner's pid and start time); released on exit, and by the OS if the process dies."
-    def __init__(self, out): self.path = Path(out)/'.lock'; self.f = None
+    """An exclusive lock on a folder (`<folder>/.lock`, holding the owner's pid and start time); released on exit, and by the
+    OS if the process dies. A held lock is an error (`RunLocked`), or with `wait=True` is waited for."""
+    def __init__(self, out, wait: bool = False): self.path, self.wait, self.f = Path(out)/'.lock', wait, None
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try: fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)    # never through a planted symbolic link
@@ -154,7 +155,7 @@ class RunLock:
                                                          f"of the run folder — delete the link") from None
             raise
         self.f = os.fdopen(fd, 'r+')
-        try: fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try: fcntl.flock(self.f, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             self.f.seek(0); who = self.f.read().strip() or 'another process'; self.f.close(); self.f = None
             raise RunLocked(f"{self.path.parent}: this run folder is in use by {who}; wait for it to finish or use another --out") from None
