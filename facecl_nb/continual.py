@@ -213,7 +213,7 @@ def evaluate_model(G, # the tuned generator G_t
     span = seen.anchors if cfg.hull_anchors == 'seen' else train.anchors
     for p, suffix in _protocols(proto.eval):
         ev = evaluate(G, tests_, p, init=init, span=span, cameras=cams_, free=F_, hull=H, space=P.space, metrics=cfg.metrics,
-                      seed=seed, progress=progress)
+                      seed=seed, progress=progress, wplus_start=proto.wplus_start)
         rows.update({m + suffix: v for m, v in ev.rows.items()}); unavailable.update({m + suffix: w for m, w in ev.unavailable.items()})
         recon = recon or ev.recon
     by_t = {s: seen.of_timestamp(s).anchors for s in ev_ts}

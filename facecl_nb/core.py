@@ -373,13 +373,15 @@ class Protocol(Config):
     'fixed' (each photo projected once into the *pretrained* prior at its camera and kept with the album, the paper's 3D:
     from the encoder's code when there is an encoder, else EG3D-projector's W projection from the mean w);
     `eval`: 'free', 'hull', 'both' (two R matrices, the hull one's metrics suffixed '@hull') or 'wplus' (EG3D-projector's
-    W+ projection from the mean w with an LPIPS-VGG loss, the paper's 3D). `mirror`: each training photo is joined in
+    W+ projection from the mean w with an LPIPS-VGG loss, the paper's 3D; `wplus_start='encoder'` starts it at the test
+    photo's encoder code instead, the demo tier's cheaper start). `mirror`: each training photo is joined in
     tuning by its left-right mirror at the mirrored camera (with its own fixed anchor), as the authors' 3D folders are."""
     anchors: str = 'encoder'
     encoder: str | None = None      # manifest name of the inversion encoder
     eval: str = 'free'
     n_synth: int = 8                # synthesized samples per (model t, timestamp k)
     mirror: bool = False            # tune on every training photo and its mirror (needs anchors='fixed')
+    wplus_start: str = 'mean'       # where 'wplus' starts each test photo: 'mean' (w̄, EG3D-projector's) or 'encoder' (its encoder code)
     def check(self):
         if self.anchors not in ANCHORS: raise ConfigError(f"Protocol: anchors must be one of {list(ANCHORS)}, got {self.anchors!r}")
         if self.eval not in EVALS: raise ConfigError(f"Protocol: eval must be one of {list(EVALS)}, got {self.eval!r}")
@@ -388,6 +390,8 @@ class Protocol(Config):
             raise ConfigError(f"Protocol: anchors {self.anchors!r} needs an encoder (a manifest name)")
         if self.mirror and self.anchors != 'fixed':
             raise ConfigError(f"Protocol: mirror needs anchors='fixed' (the mirrors' anchors are projected once and kept), got {self.anchors!r}")
+        if self.wplus_start not in ('mean', 'encoder'): raise ConfigError(f"Protocol: wplus_start must be 'mean' or 'encoder', got {self.wplus_start!r}")
+        if self.wplus_start == 'encoder' and not self.encoder: raise ConfigError("Protocol: wplus_start='encoder' needs an encoder (a manifest name)")
 
 # %% ../nbs/90_core.ipynb #ef70805d
 def code_version() -> dict:

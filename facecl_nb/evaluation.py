@@ -46,6 +46,7 @@ def evaluate(G, # the model to evaluate (left unchanged)
              encoder=None, # identity encoder for 'id_sim' (None: the default)
              seed: int = 0, # seeds the optimizations
              progress: bool = False, # show a progress bar
+             wplus_start: str = 'mean', # 'wplus' only: start at w̄ ('mean', EG3D-projector's) or at `init` ('encoder')
             ) -> EvalResult:
     "Reconstruct every test photo of `tests` with model `G` (one batched optimization over all timestamps) and score it."
     ts = list(tests)
@@ -65,7 +66,10 @@ def evaluate(G, # the model to evaluate (left unchanged)
         rec = project_to_hull(G, X, span.to(dev), beta=hull.beta, steps=hull.steps, lr=hull.lr, c=c, seed=seed, progress=progress).images
     elif protocol == 'wplus':          # the authors' 3D evaluation: from the mean w, LPIPS-VGG, EG3D-projector's schedule, at the photo's camera
         from facecl_nb.projector import WPlusConfig, eg3d_project
-        ws = eg3d_project(G, X, c, WPlusConfig(steps=free.steps, lr=free.lr), space='w+', seed=seed, progress=progress)
+        if wplus_start not in ('mean', 'encoder'): raise ValueError(f"evaluate: wplus_start must be 'mean' or 'encoder', got {wplus_start!r}")
+        if wplus_start == 'encoder' and init is None: raise ValueError("evaluate: wplus_start='encoder' needs the test photos' codes (init)")
+        w0 = None if wplus_start == 'mean' else torch.cat([init[t] for t in ts]).to(dev)
+        ws = eg3d_project(G, X, c, WPlusConfig(steps=free.steps, lr=free.lr), space='w+', seed=seed, progress=progress, w0=w0)
         rec = render_latents(G, ws, c)
     else: raise ValueError(f"evaluate: protocol must be 'free', 'hull' or 'wplus', got {protocol!r}")
     rec = rec.detach().clamp(-1, 1)     # images as they would be saved (EG3D's output is not bounded)

@@ -77,15 +77,20 @@ def eg3d_project(G, # the generator (left unchanged)
                  space: str = 'w+', # 'w+' (one w per layer, the evaluation's) or 'w' (one w for all layers, the anchors')
                  seed: int = 0, # seeds the perturbations
                  progress: bool = False, # show a progress bar
+                 w0: Tensor | None = None, # start latents [N, w_dim] or [N, L, w_dim] (their first layer's w; None: w̄, EG3D-projector's start)
                 ) -> Tensor:
-    "EG3D-projector's projection: latents [N, num_ws, w_dim] from w̄, LPIPS-VGG loss, its schedule; the last step's w."
+    "EG3D-projector's projection: latents [N, num_ws, w_dim] from w̄ (or `w0`), LPIPS-VGG loss, its schedule; the last step's w."
     if space not in ('w', 'w+'): raise ValueError(f"eg3d_project: space must be 'w' or 'w+', got {space!r}")
     from tqdm.auto import tqdm
     check_images(G, images)
     N, dev = len(images), next(G.parameters()).device
     c = None if not getattr(G, 'c_dim', 0) else G.check_c(c.to(dev) if c is not None else None, N)
     avg, std = _camera_stats(G, c, cfg)
-    w = avg.to(dev).expand(N, -1, -1).repeat(1, G.num_ws if space == 'w+' else 1, 1).requires_grad_(True)   # [N, num_ws or 1, w_dim]
+    if w0 is not None:
+        w0 = w0.to(dev).float(); w0 = w0[:, None] if w0.ndim == 2 else w0[:, :1]
+        if w0.shape != (N, 1, avg.shape[-1]): raise ValueError(f"eg3d_project: w0 must be [N={N}, w_dim={avg.shape[-1]}] or [N, L, w_dim], got {tuple(w0.shape)}")
+    start = avg.to(dev).expand(N, -1, -1) if w0 is None else w0
+    w = start.repeat(1, G.num_ws if space == 'w+' else 1, 1).detach().clone().requires_grad_(True)   # [N, num_ws or 1, w_dim]
     std = std.to(dev).expand(N)[:, None, None]
     lp, x = _vgg_lpips(), images.to(dev).float()
     with torch.no_grad(): target = lp.features(x)
