@@ -3,7 +3,8 @@ the fixed anchors' projection (encoder code refined with LPIPS-AlexNet + L2), th
 from the mean w), a reconstruction tuning step and an adversarial (GAN) step with the demo discriminator's
 architecture. Also the W+ evaluation's quality against its step count on alice's first test photos at their cameras.
 These numbers size the demo3d profile and `make figures3d`. Writes JSON.
-Usage: python bench/costs3d.py [--prior PATH] [--out PATH] [--curve 20,50,100]"""
+Also the same W+ evaluation started at the test photo's encoder code (the demo tier's start).
+Usage: python bench/costs3d.py [--prior PATH] [--out PATH] [--curve 20,50,100] [--skip-mean]"""
 import argparse, json, platform, time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--prior', default=None, help='a 3D prior .safetensors (default: the shipped demo prior)')
     ap.add_argument('--out', default='bench/results/costs3d.json'); ap.add_argument('--curve', default='20,50,100')
+    ap.add_argument('--skip-mean', action='store_true', help='leave out the W+ curve from the mean w (the slow part)')
     a = ap.parse_args()
     torch.set_num_threads(1)
     G = (load_eg3d(a.prior) if a.prior else load_prior3d()).eval().requires_grad_(False)
@@ -46,12 +48,19 @@ def main():
     s['tune_adversarial_b4'] = per_photo_step(lambda: adversarial_tune(G, D, x, c, steps=4, cfg=AdversarialConfig(batch_size=4, r1_gamma=1.0, freeze_d=0)), 4, 4)
     tests = {t: album.images(t, 'test') for t in (0, 1)}; cams = {t: album.cameras(t, 'test') for t in (0, 1)}
     curve = {}
-    for steps in [int(v) for v in a.curve.split(',')]:
+    for steps in ([] if a.skip_mean else [int(v) for v in a.curve.split(',')]):
         t0 = time.perf_counter()
         ev = evaluate(G, tests, 'wplus', cameras=cams, free=FreeConfig(steps=steps, lr=0.01), metrics=('psnr', 'lpips', 'dlib_dist'))
         curve[steps] = {m: sum(v) / len(v) for m, v in ev.rows.items()} | {'seconds': time.perf_counter() - t0}
         print('wplus', steps, curve[steps], flush=True)
     init = {t: enc.latents(G, v, cams[t]) for t, v in tests.items()}
+    curve_enc = {}
+    for steps in [int(v) for v in a.curve.split(',')]:     # the demo tier's start: the test photo's encoder code (Protocol.wplus_start='encoder')
+        t0 = time.perf_counter()
+        ev = evaluate(G, tests, 'wplus', init=init, wplus_start='encoder', cameras=cams, free=FreeConfig(steps=steps, lr=0.01), metrics=('psnr', 'lpips', 'dlib_dist'))
+        curve_enc[steps] = {m: sum(v) / len(v) for m, v in ev.rows.items()} | {'seconds': time.perf_counter() - t0}
+        print('wplus from the encoder code', steps, curve_enc[steps], flush=True)
+    out['wplus_from_encoder_curve'] = curve_enc
     ev = evaluate(G, tests, 'free', init=init, cameras=cams, free=FreeConfig(steps=20, lr=0.05), metrics=('psnr', 'lpips', 'dlib_dist'))
     out['wplus_curve'] = curve
     out['free20_from_encoder'] = {m: sum(v) / len(v) for m, v in ev.rows.items()}

@@ -327,7 +327,12 @@ def _main(argv=None):
     ap.add_argument('--steps', type=int, default=1500); ap.add_argument('--batch-size', type=int, default=8); ap.add_argument('--seed', type=int, default=0)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    train_demo_discriminator(a.out, load_eg3d(a.prior), distill_set(a.posed, seed=a.seed), steps=a.steps, batch_size=a.batch_size, seed=a.seed)
+    import json
+    from pathlib import Path
+    from facecl_nb.core import atomic_write_bytes
+    r = train_demo_discriminator(a.out, load_eg3d(a.prior), distill_set(a.posed, seed=a.seed), steps=a.steps, batch_size=a.batch_size, seed=a.seed)
+    atomic_write_bytes(Path(a.out).with_suffix('.history.json'), json.dumps({'steps': a.steps, 'batch_size': a.batch_size, 'posed': a.posed,
+                                                                             'prior': Path(a.prior).name, 'hist': r['hist']}).encode())
 
 # last in the module: everything it calls is defined
 if __name__ == '__main__' and not hasattr(__builtins__, '__IPYTHON__') and 'ipykernel' not in __import__('sys').modules: _main()

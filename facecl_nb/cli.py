@@ -254,7 +254,7 @@ def cli_experiment(what: str, # a key of `EXPERIMENTS`
         r = X.demo('runs/figures', plan=X.FIGURES, figures='figures/full', reports='reports/full')
         return 1 if r['grid']['failed'] else 0
     if what == 'figures3d':                  # hours on a CPU (a tri-plane render per optimization step)
-        r = X.demo3d('runs/figures3d', figures='figures/full/3d', reports='reports/full', plan=X.FIGURES3D)
+        r = X.demo3d('runs/figures3d', figures='figures/3d', reports='reports/full', plan=X.FIGURES3D)
         return 1 if r['grid']['failed'] else 0
     return X.reproduce()
 

@@ -23,8 +23,8 @@ from .grid import run_grid, summary_table, format_table
 
 # %% auto #0
 __all__ = ['DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'FIGURES3D', 'BEFORE', 'PAPER', 'plan_blocks', 'experiments_dir',
-           'check_parameters', 'run_experiment_notebook', 'demo', 'time_breakdown', 'albums_3d', 'demo3d',
-           'compare_protocols', 'paper_tier_missing', 'reproduce']
+           'check_parameters', 'run_experiment_notebook', 'demo', 'time_breakdown', 'compare_dir', 'albums_3d',
+           'demo3d', 'compare_protocols', 'paper_tier_missing', 'reproduce']
 
 # %% ../nbs/06d_experiments.ipynb #99ba3ecb
 DEMO = dict(persons=['alice'], strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5], seeds=[0], T=None)
@@ -104,11 +104,11 @@ def demo(out='runs/demo', # grid folder
     s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, T=T, overrides=overrides, jobs=jobs, also=also, log=log)
     return _figures_and_table('demo', 'continual_2d', s, out, root, figures, reports, t0, log)
 
-def _figures_and_table(what, notebook, grid, out, root, figures, reports, t0, log) -> dict:
-    "After a demo's grid: execute its experiment notebook, print the summary table and the timings."
+def _figures_and_table(what, notebook, grid, out, root, figures, reports, t0, log, params=None) -> dict:
+    "After a demo's grid: execute its experiment notebook (with `params` besides the folders), print the summary table and the timings."
     t1 = time.perf_counter()
     run_experiment_notebook(notebook, {'runs_dir': str(Path(out).resolve()), 'figures_dir': str(Path(figures).resolve()),
-                                       'album_root': str(Path(root).resolve())}, reports=reports, log=log)
+                                       'album_root': str(Path(root).resolve()), **(params or {})}, reports=reports, log=log)
     t2 = time.perf_counter()
     res = collect_results(out)
     t = summary_table(res)
@@ -131,7 +131,15 @@ def time_breakdown(results: Sequence[dict], # results dicts (their `timings`)
     return out
 
 DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=[3], seeds=[0], T=4)
-FIGURES3D = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3], seeds=[0, 1, 2], T=5)   # `make figures3d`: 3 persons × 3 seeds
+# `make figures3d`: 3 persons × 3 seeds; beside it, on one (person, seed), the same runs with the reconstruction objective
+# (same data, batches and steps: only the objective differs) for the side-by-side table of the 3D notebook
+FIGURES3D = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3], seeds=[0, 1, 2], T=5,
+                 compare=dict(persons=['alice'], strategies=['none', 'hull'], buffers=[3], seeds=[0], tuning={'objective': 'reconstruction'}))
+
+def compare_dir(out, # a 3D grid folder
+               ) -> Path:
+    "Where the comparison runs of a 3D grid go: beside it, `<out>-reconstruction`."
+    return Path(out).with_name(Path(out).name + '-reconstruction')
 
 # %% ../nbs/06d_experiments.ipynb #2fe9c850
 def albums_3d(root=None, # where the 3D albums go (None: `<albums>/demo3d`)
@@ -157,13 +165,15 @@ def albums_3d(root=None, # where the 3D albums go (None: `<albums>/demo3d`)
 
 def demo3d(out='runs/demo3d', # grid folder
            quick: bool = False, # a fast smoke run: 2 timestamps and few optimization steps
-           figures='figures/3d', # folder of the figures
+           figures='figures/demo3d', # folder of the figures
            reports='reports', # folder of the executed notebooks
            plan: dict | None = None, # overrides of `DEMO3D`
            jobs: int | None = None, # runs at a time (None: 1 when quick, else up to 2)
            log=print, # called with each progress line
           ) -> dict:
-    "The 3D demo: the tri-plane prior personalized on an album with cameras (lower bound, ER-Rand, ER-Hull), then the 3D notebook."
+    """The 3D demo: the tri-plane prior personalized on an album with cameras (lower bound, ER-Rand, ER-Hull), then the 3D
+    notebook. A plan with `compare` also runs those runs with other tuning settings (`compare_dir(out)`), for the notebook's
+    side-by-side table."""
     t0 = time.perf_counter()
     plan = {**DEMO3D, **(plan or {})}
     albums = albums_3d(persons=plan['persons'], log=log)
@@ -173,7 +183,13 @@ def demo3d(out='runs/demo3d', # grid folder
     T = 2 if quick else plan['T']
     s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, profile='demo3d', T=T,
                  overrides=overrides, jobs=_demo_jobs(jobs, quick), log=log)
-    return _figures_and_table('demo3d', 'continual_3d', s, out, root, figures, reports, t0, log)
+    params, cmp = {}, plan.get('compare')
+    if cmp:
+        cdir = compare_dir(out)
+        run_grid(root, cmp['persons'], cmp['strategies'], cmp['buffers'], cmp['seeds'], cdir, profile='demo3d', T=T,
+                 overrides={**overrides, 'tuning': {**overrides.get('tuning', {}), **cmp['tuning']}}, jobs=_demo_jobs(jobs, quick), log=log)
+        params['compare_dir'] = str(cdir.resolve())
+    return _figures_and_table('demo3d', 'continual_3d', s, out, root, figures, reports, t0, log, params)
 
 # %% ../nbs/06d_experiments.ipynb #ec1b4337
 BEFORE = dict(protocol={'anchors': 'optimize', 'eval': 'hull'}, tuning={'steps': 60, 'lr': 2e-3, 'batch_size': 8, 'mix': 'uniform'})

@@ -26,7 +26,7 @@ from .metrics import psnr
 __all__ = ['HEAD_MODEL', 'TARGETS', 'raycast_head', 'inside_head', 'surface_points', 'frontal_uv', 'teacher_colour', 'decode_at',
            'head_surface', 'prior3d_config', 'head_grid', 'new_prior3d', 'teacher_batch', 'distill_set',
            'prior3d_losses', 'train_prior3d', 'load_prior3d', 'projected_teacher', 'evaluate_prior3d', 'camera_colour',
-           'visible_from', 'new_prior3d_posed', 'prior3d_losses_posed']
+           'visible_from', 'new_prior3d_posed', 'load_prior3d_posed', 'prior3d_losses_posed']
 
 # %% ../nbs/07a_prior3d.ipynb #b193107a
 HEAD_MODEL = dict(ellipsoids=[((0.002, -0.116, -0.354), (0.328, 0.600, 0.600)),     # face and skull (fit to the template)
@@ -352,7 +352,7 @@ TARGETS = dict(psnr=22.0, dlib_teacher=0.4, pairwise=0.5, yaw=0.4)   # targets o
 def _main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(description="Train the demo tier's 3D prior (see nbs/07a_prior3d.ipynb).")
-    ap.add_argument('--out', type=Path, default=Path(__file__).parent/'assets'/'eg3d_demo.safetensors')
+    ap.add_argument('--out', type=Path, default=None, help='the result (default: assets/eg3d_demo.safetensors, or eg3d_demo_posed.safetensors with --posed)')
     ap.add_argument('--steps', type=int, default=1200); ap.add_argument('--batch-size', type=int, default=8)
     ap.add_argument('--lr', type=float, default=2e-3); ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--polish-steps', type=int, default=400); ap.add_argument('--w-occ', type=float, default=0.5)
@@ -360,10 +360,11 @@ def _main(argv=None):
     ap.add_argument('--eval-every', type=int, default=400)
     ap.add_argument('--posed', type=int, default=0, help='> 0: the camera-consistent prior, from this many teacher samples at their landmark cameras')
     a = ap.parse_args(argv)
+    a.out = a.out or Path(__file__).parent/'assets'/('eg3d_demo_posed.safetensors' if a.posed else 'eg3d_demo.safetensors')
     torch.set_num_threads(1)
     r = train_prior3d(a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, polish_steps=a.polish_steps,
                       w_occ=a.w_occ, polish_lr=a.polish_lr, eval_every=a.eval_every, progress=False, posed=a.posed)
-    atomic_write_bytes(a.out.with_suffix('.history.json'), json.dumps({'steps': a.steps, 'polish_steps': a.polish_steps, 'loss': r['hist'], 'eval': r['evals']}).encode())
+    atomic_write_bytes(a.out.with_suffix('.history.json'), json.dumps({'steps': a.steps, 'polish_steps': a.polish_steps, 'polish_lr': a.polish_lr, 'loss': r['hist'], 'eval': r['evals']}).encode())
 
 # %% ../nbs/07a_prior3d.ipynb #posed-geom
 def camera_colour(x: Tensor, # [N, 3, H, W] photos in [−1, 1]
@@ -395,6 +396,11 @@ def new_prior3d_posed(T, # the teacher (`load_prior()`), whose first layers the 
     G.backbone.copy_dcgan(T)
     G.backbone.surface.copy_(head_surface(G.backbone.plane_resolution, G.rendering_kwargs['box_warp']))
     return G
+
+def load_prior3d_posed(device='cpu', # device the generator is moved to
+                      ) -> TriPlaneGenerator:
+    "The demo tier's camera-consistent 3D prior (manifest entry `eg3d-demo-posed`, sha256 verified): the prior every 3D run starts from."
+    return load_eg3d(resolve_weight('eg3d-demo-posed')).to(device).eval().requires_grad_(False)
 
 # %% ../nbs/07a_prior3d.ipynb #posed-loss
 def prior3d_losses_posed(G, # the camera-consistent generator being trained

@@ -11,8 +11,9 @@ from .core import (ConfigError, Protocol, ProjectionConfig, TuningConfig, FreeCo
                             MissingWeightError, ChecksumError, load_manifest, resolve_weight, get_device)
 
 # %% auto #0
-__all__ = ['PERCEPTUAL', 'STAGES', 'PROFILES', 'dcgan_prior', 'triplane_prior', 'stylegan2_prior', 'eg3d_prior',
-           'eg3d_discriminator', 'demo3d_discriminator', 'Profile', 'register_profile', 'get_profile']
+__all__ = ['PERCEPTUAL', 'STAGES', 'PROFILES', 'DEMO3D_ADV_STEPS', 'RECONSTRUCTION3D', 'dcgan_prior', 'triplane_prior',
+           'stylegan2_prior', 'eg3d_prior', 'eg3d_discriminator', 'demo3d_discriminator', 'Profile', 'register_profile',
+           'get_profile']
 
 # %% ../nbs/05b_profiles.ipynb #pf000006
 def dcgan_prior(device=None, # torch device (None: `get_device()`)
@@ -23,9 +24,9 @@ def dcgan_prior(device=None, # torch device (None: `get_device()`)
 
 def triplane_prior(device=None, # torch device (None: `get_device()`)
                   ):
-    "The small tri-plane EG3D distilled from the DCGAN (the demo tier's 3D prior, chapter 07a)."
-    from facecl_nb.prior3d import load_prior3d
-    return load_prior3d(device or get_device())
+    "The small tri-plane EG3D distilled from the DCGAN at each sample's landmark camera (the demo tier's 3D prior, chapter 07a)."
+    from facecl_nb.prior3d import load_prior3d_posed
+    return load_prior3d_posed(device or get_device())
 
 def stylegan2_prior(device=None, # torch device (None: `get_device()`)
                    ):
@@ -141,12 +142,21 @@ register_profile(Profile('demo', 2, dcgan_prior, Protocol(anchors='encoder', enc
                          ProjectionConfig(steps=40, lr=0.1, batch_size=32), TuningConfig(epochs=6, batch_size=2, lr=3e-4),
                          FreeConfig(steps=15, lr=0.05), HullConfig(steps=20, lr=0.1),
                          weights=('digiface-dcgan', 'dcgan-encoder-demo') + _DLIB + PERCEPTUAL))
-# demo3d: the tri-plane prior of nbs/07a_prior3d.ipynb, which shares the DCGAN's latent space, so its inversion starts
-# at the demo encoder's code.
-register_profile(Profile('demo3d', 3, triplane_prior, Protocol(anchors='encoder+optimize', encoder='dcgan-encoder-demo', eval='free'),
-                         ProjectionConfig(steps=40, lr=0.05, batch_size=20), TuningConfig(epochs=4, batch_size=2, lr=2e-3),
-                         FreeConfig(steps=20, lr=0.05), HullConfig(steps=15, lr=0.1),
-                         weights=('eg3d-demo', 'digiface-dcgan', 'dcgan-encoder-demo') + _DLIB + ('dlib-landmarks-68',) + PERCEPTUAL))
+# demo3d: paper3d's protocol on the camera-consistent tri-plane prior of nbs/07a_prior3d.ipynb (it shares the DCGAN's
+# latent space, so every inversion starts at the demo encoder's code), scaled to `make figures3d` on a 2-core CPU:
+# fixed anchors = the encoder's code refined by 10 projection steps (mirrors too); EG3D's GAN training with the demo
+# discriminator (chapter 07c), DEMO3D_ADV_STEPS batches of 4 per timestamp, γ 1 (the demo D's own), FreezeD 22 (every
+# block of this D frozen, as of theirs); evaluation by W+ projection with LPIPS-VGG at lr 0.01, 10 steps from the test
+# photo's encoder code instead of 1000 from w̄ (measured in bench/costs3d.py: from w̄, 100 steps stay far from the photo).
+DEMO3D_ADV_STEPS = 50
+RECONSTRUCTION3D = dict(objective='reconstruction', steps=None, epochs=4, batch_size=2, lr=2e-3)   # the reconstruction tuning, as `tuning` overrides
+register_profile(Profile('demo3d', 3, triplane_prior,
+                         Protocol(anchors='fixed', encoder='dcgan-encoder-demo', eval='wplus', wplus_start='encoder', mirror=True),
+                         ProjectionConfig(steps=10, lr=0.05, batch_size=20),
+                         TuningConfig(epochs=1, steps=DEMO3D_ADV_STEPS, batch_size=4, lr=2e-3, mix='uniform', objective='adversarial', r1_gamma=1.0, freeze_d=22),
+                         FreeConfig(steps=10, lr=0.01), HullConfig(steps=15, lr=0.1),
+                         weights=('eg3d-demo-posed', 'eg3d-demo-d', 'digiface-dcgan', 'dcgan-encoder-demo') + _DLIB + ('dlib-landmarks-68',) + PERCEPTUAL,
+                         load_discriminator=demo3d_discriminator))
 # paper3d, as the authors' released code runs EG3D: fixed anchors (EG3D-projector in W, 1000 steps at lr 0.01, from the
 # mean w, into the pretrained model at each photo's camera), every photo with its mirror, the buffer's photos joining
 # the timestamp's data; personalization by EG3D's GAN training resumed per timestamp (--kimg 500 at batch 16 = 31,250

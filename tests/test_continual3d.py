@@ -15,8 +15,12 @@ from facecl_nb.data import Album
 from facecl_nb.synth import synth_album
 from facecl_nb.eg3d import TriPlaneGenerator, small_config
 
-MICRO = dict(projection={'steps': 4}, tuning={'steps': 4, 'batch_size': 4}, free={'steps': 4}, hull={'steps': 4}, n_synth=2, hull_candidates=10,
-             metrics=('psnr', 'ssim', 'dlib_dist'))
+# Small steps, and the pieces each test is about pinned: the encoder-started anchors, the free evaluation and the
+# reconstruction objective (demo3d's own defaults, fixed anchors with mirrors, W+ and the adversarial objective, are
+# tested below and in test_demo3d_profile_defaults_run_end_to_end).
+MICRO = dict(protocol={'anchors': 'encoder+optimize', 'eval': 'free', 'mirror': False, 'wplus_start': 'mean'},
+             projection={'steps': 4}, tuning={'steps': 4, 'batch_size': 4, 'objective': 'reconstruction', 'mix': 'paired'},
+             free={'steps': 4}, hull={'steps': 4}, n_synth=2, hull_candidates=10, metrics=('psnr', 'ssim', 'dlib_dist'))
 
 
 @pytest.fixture(scope='module')
@@ -115,7 +119,8 @@ def test_fixed_anchors_mirrors_and_wplus_3d(album3d, tmp_path, monkeypatch):
     (mix 'uniform'), and the W+ evaluation from the mean w."""
     from facecl_nb.anchors3d import AnchorStore
     from facecl_nb.rundir import read_state
-    over = {**MICRO, 'protocol': {'anchors': 'fixed', 'mirror': True, 'eval': 'wplus'}, 'tuning': {'steps': 4, 'batch_size': 4, 'mix': 'uniform'}}
+    over = {**MICRO, 'protocol': {'anchors': 'fixed', 'mirror': True, 'eval': 'wplus', 'wplus_start': 'mean'},
+            'tuning': {'steps': 4, 'batch_size': 4, 'mix': 'uniform', 'objective': 'reconstruction'}}
     seen, logs = [], []
     real_tune = C.tune
     def spy(G, new, buffer, **kw):
@@ -145,7 +150,7 @@ def test_fixed_anchors_mirrors_and_wplus_3d(album3d, tmp_path, monkeypatch):
 
 def test_fixed_anchors_of_another_prior_are_not_reused(album3d, tmp_path):
     """Anchors are keyed by the prior's weights: a run with another prior projects its own (the first store is kept)."""
-    over = {**MICRO, 'protocol': {'anchors': 'fixed'}, 'metrics': ('psnr',)}
+    over = {**MICRO, 'protocol': {'anchors': 'fixed', 'eval': 'free', 'mirror': False}, 'metrics': ('psnr',)}
     cfg = C.RunConfig.from_dict(over, strategy='none', buffer=0, seed=0, person='kim', profile='demo3d', T=1)
     before = set((album3d.dir / 'anchors').glob('*')) if (album3d.dir / 'anchors').exists() else set()
     G1 = tiny_g3()
@@ -162,7 +167,7 @@ def tiny_d3(res=64):
     return DualDiscriminator(25, res, 3, channel_base=256, channel_max=16, mapping_kwargs=dict(num_layers=2))
 
 
-ADV = {**MICRO, 'protocol': {'anchors': 'fixed', 'mirror': True}, 'metrics': ('psnr',),
+ADV = {**MICRO, 'protocol': {'anchors': 'fixed', 'mirror': True, 'eval': 'free'}, 'metrics': ('psnr',),
        'tuning': {'steps': 2, 'batch_size': 2, 'mix': 'uniform', 'objective': 'adversarial', 'r1_gamma': 1.0, 'freeze_d': 10}}
 
 
@@ -225,3 +230,19 @@ def test_demo_encoder_codes_reach_a_posed_prior_through_its_mapping(album3d):
     assert w.shape == (len(x), G.num_ws, 103)
     assert torch.allclose(w[:, 0, :100], E.encode(x)[:, 0]) and torch.allclose(w, G.mapping(E.encode(x)[:, 0], c))
     assert not torch.allclose(w[0, 0, 100:], w[1, 0, 100:]) or torch.allclose(c[0], c[1])      # each photo's own pose
+
+
+def test_demo3d_profile_defaults_run_end_to_end(album3d, tmp_path):
+    """demo3d as shipped, steps cut to two: the camera-consistent prior, fixed anchors with mirrors, EG3D's adversarial
+    training from the shipped demo discriminator (D carried in the run's state), the W+ evaluation from the encoder's code."""
+    from facecl_nb.rundir import RunState
+    over = dict(projection={'steps': 2}, tuning={'steps': 2}, free={'steps': 2}, metrics=('psnr', 'dlib_dist'), synth_metrics=())
+    cfg = C.RunConfig.from_dict(over, strategy='hull', buffer=2, seed=0, person='kim', profile='demo3d', T=2)
+    r = C.continual_run(album3d, cfg, tmp_path / 'run', progress=False, log=lambda *a: None)
+    p = r['protocol']
+    assert r['complete'] and p['anchors'] == 'fixed' and p['mirror'] is True and p['eval'] == 'wplus' and p['wplus_start'] == 'encoder'
+    assert p['tuning']['objective'] == 'adversarial' and p['tuning']['batch_size'] == 4 and p['tuning']['mix'] == 'uniform'
+    R = np.array([[np.nan if v is None else v for v in row] for row in r['R']['psnr']])
+    assert np.isfinite(R[[0, 1, 1], [0, 0, 1]]).all() and R[0, 0] > 10          # a face, not noise: the shipped prior renders the photo's code
+    s1 = RunState.load(C.RunDir(tmp_path / 'run').state_path(1))
+    assert any(k.startswith('D/') for k in s1.extra) and s1.extra_meta['stats']['steps'] == 2

@@ -86,3 +86,30 @@ def test_training_resumes_from_a_weights_only_state(tmp_path):
     assert st['step'] == 2
     h2 = P.train_prior3d(tmp_path / 'p.safetensors', steps=3, batch_size=2, save_every=1, progress=False, log=lambda s: None, T=T)
     assert [r['step'] for r in h2['hist']] == [0, 1, 2]
+
+
+# The camera-consistent prior every 3D run starts from (facecl_nb/assets/eg3d_demo_posed.safetensors, issue 22): each
+# unseen latent rendered at the camera its landmarks give and turned ±20° from there (`evaluate_prior3d` on a posed prior).
+POSED_REACHED = dict(psnr=25.058, dlib_teacher=0.417, pairwise=0.556, yaw=0.398)
+POSED_TARGETS = dict(psnr=24.0, dlib_teacher=0.40, pairwise=0.50, yaw=0.45)
+POSED_SHORT = {'dlib_teacher': '0.417 of 0.40: fell from 0.47 to 0.42 in the first 3,600 steps, then flat (history in the asset; nbs/07a_prior3d.ipynb)'}
+
+
+@pytest.fixture(scope='module')
+def posed_metrics():
+    return P.evaluate_prior3d(P.load_prior3d_posed())
+
+
+@pytest.mark.parametrize('key', sorted(POSED_REACHED))
+def test_posed_prior_keeps_what_it_reached(posed_metrics, key):
+    v = posed_metrics[key]
+    if key in HIGHER_IS_BETTER: assert v >= POSED_REACHED[key] - TOL[key], (key, v, POSED_REACHED[key])
+    else: assert v <= POSED_REACHED[key] + TOL[key], (key, v, POSED_REACHED[key])
+
+
+@pytest.mark.parametrize('key', [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=POSED_SHORT[k])) if k in POSED_SHORT
+                                 else k for k in sorted(POSED_TARGETS)])
+def test_posed_prior_issue22_targets(posed_metrics, key):
+    "Issue 22's targets for the camera-consistent prior; a strict xfail carries the one it misses."
+    v = posed_metrics[key]
+    assert (v >= POSED_TARGETS[key] if key in HIGHER_IS_BETTER else v <= POSED_TARGETS[key]), (key, v, POSED_TARGETS[key])
