@@ -185,7 +185,7 @@ def tune_adversarial(G, # the generator to tune (G_{t-1})
     items = Items.cat([new, buffer])
     if items.cameras is None: raise ConfigError("tuning objective 'adversarial' needs cameras (a 3D run)")
     steps = Tu.steps * budget_factor if Tu.steps else max(1, Tu.epochs * -(-len(items) // Tu.batch_size))
-    cfg = AdversarialConfig(batch_size=Tu.batch_size, r1_gamma=Tu.r1_gamma, freeze_d=Tu.freeze_d)
+    cfg = AdversarialConfig(batch_size=Tu.batch_size, g_lr=Tu.lr, r1_gamma=Tu.r1_gamma, freeze_d=Tu.freeze_d)
     return adversarial_tune(G, D, items.images, items.cameras, steps, cfg, seed=seed, progress=progress, G_ema=G_ema)
 
 def _protocols(eval_: str) -> list[tuple[str, str]]:

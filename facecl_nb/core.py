@@ -326,7 +326,8 @@ class TuningConfig(Config):
     1 : 1), with `mix='uniform'` batches are drawn from new ∪ buffer alike. `steps`, when set, replaces epochs by a
     fixed number of optimizer steps. `objective`: 'reconstruction' (each anchor renders its photo: LPIPS + L2) or
     'adversarial' (3D: EG3D's GAN training resumed from G and its discriminator, batches drawn from new ∪ buffer; `lr`
-    is then unused — EG3D's own rates apply — and `r1_gamma`, `freeze_d` are the authors' γ and FreezeD)."""
+    is G's Adam rate — EG3D's 0.0025 in `paper3d`, D keeping EG3D's 0.002 — and `r1_gamma`, `freeze_d` are the authors' γ
+    and FreezeD)."""
     epochs: int = 1000
     steps: int | None = None
     lr: float = 3e-4

@@ -16,7 +16,7 @@ from .data import Album, content_hash
 from .synth import default_demo_albums
 from .cameras import album_cameras
 from .metrics import backbone_file, MetricUnavailable
-from .profiles import get_profile
+from .profiles import ADVERSARIAL3D, get_profile
 from .strategies import k_matters
 from .rundir import collect_results
 from .grid import run_grid, summary_table, format_table
@@ -130,16 +130,16 @@ def time_breakdown(results: Sequence[dict], # results dicts (their `timings`)
             for k in ('anchors_s', 'select_s', 'tune_s', 'eval_s', 'total_s'): out[k] += float(p.get(k, 0.0))
     return out
 
-DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=[3], seeds=[0], T=4)
-# `make figures3d`: 3 persons × 3 seeds; beside it, on one (person, seed), the same runs with the reconstruction objective
-# (same data, batches and steps: only the objective differs) for the side-by-side table of the 3D notebook
+DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=[3], seeds=[0], T=3)   # `make demo3d`: ≤ 15 min on 2 cores, anchors included
+# `make figures3d`: 3 persons × 3 seeds; beside it, on one (person, seed), the same runs with EG3D's adversarial
+# objective (same data, batches and steps: only the objective differs) for the side-by-side table of the 3D notebook
 FIGURES3D = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3], seeds=[0, 1, 2], T=5,
-                 compare=dict(persons=['alice'], strategies=['none', 'hull'], buffers=[3], seeds=[0], tuning={'objective': 'reconstruction'}))
+                 compare=dict(persons=['alice'], strategies=['none', 'hull'], buffers=[3], seeds=[0], tuning=ADVERSARIAL3D))
 
 def compare_dir(out, # a 3D grid folder
                ) -> Path:
-    "Where the comparison runs of a 3D grid go: beside it, `<out>-reconstruction`."
-    return Path(out).with_name(Path(out).name + '-reconstruction')
+    "Where the comparison runs of a 3D grid go: beside it, `<out>-compare`."
+    return Path(out).with_name(Path(out).name + '-compare')
 
 # %% ../nbs/06d_experiments.ipynb #2fe9c850
 def albums_3d(root=None, # where the 3D albums go (None: `<albums>/demo3d`)

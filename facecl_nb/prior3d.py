@@ -23,10 +23,10 @@ from .faces import dlib_descriptors
 from .metrics import psnr
 
 # %% auto #0
-__all__ = ['HEAD_MODEL', 'TARGETS', 'raycast_head', 'inside_head', 'surface_points', 'frontal_uv', 'teacher_colour', 'decode_at',
-           'head_surface', 'prior3d_config', 'head_grid', 'new_prior3d', 'teacher_batch', 'distill_set',
-           'prior3d_losses', 'train_prior3d', 'load_prior3d', 'projected_teacher', 'evaluate_prior3d', 'camera_colour',
-           'visible_from', 'new_prior3d_posed', 'load_prior3d_posed', 'prior3d_losses_posed']
+__all__ = ['HEAD_MODEL', 'TARGETS', 'POSED_TARGETS', 'raycast_head', 'inside_head', 'surface_points', 'frontal_uv',
+           'teacher_colour', 'decode_at', 'head_surface', 'prior3d_config', 'head_grid', 'new_prior3d', 'teacher_batch',
+           'distill_set', 'prior3d_losses', 'train_prior3d', 'load_prior3d', 'projected_teacher', 'evaluate_prior3d',
+           'camera_colour', 'visible_from', 'new_prior3d_posed', 'load_prior3d_posed', 'prior3d_losses_posed']
 
 # %% ../nbs/07a_prior3d.ipynb #b193107a
 HEAD_MODEL = dict(ellipsoids=[((0.002, -0.116, -0.354), (0.328, 0.600, 0.600)),     # face and skull (fit to the template)
@@ -347,6 +347,7 @@ def evaluate_prior3d(G, # a tri-plane generator (eval mode)
                 yaw_ideal=float(di.max()), yaw_ideal_mean=float(di.mean()), teacher=x, views=views, ideal=ideal)
 
 TARGETS = dict(psnr=22.0, dlib_teacher=0.4, pairwise=0.5, yaw=0.4)   # targets of the demo prior: psnr and pairwise at least, the others at most
+POSED_TARGETS = dict(psnr=24.0, dlib_teacher=0.40, pairwise=0.50, yaw=0.45)   # those of the camera-consistent prior (at each latent's landmark camera)
 
 # %% ../nbs/07a_prior3d.ipynb #0f2b4ace
 def _main(argv=None):

@@ -233,16 +233,19 @@ def test_demo_encoder_codes_reach_a_posed_prior_through_its_mapping(album3d):
 
 
 def test_demo3d_profile_defaults_run_end_to_end(album3d, tmp_path):
-    """demo3d as shipped, steps cut to two: the camera-consistent prior, fixed anchors with mirrors, EG3D's adversarial
-    training from the shipped demo discriminator (D carried in the run's state), the W+ evaluation from the encoder's code."""
+    """demo3d as shipped, steps cut to two: the camera-consistent prior, fixed anchors with mirrors, reconstruction tuning
+    with the buffer joining the data, the W+ evaluation from the encoder's code; and its adversarial option (ADVERSARIAL3D)
+    from the shipped demo discriminator, D carried in the run's state."""
     from facecl_nb.rundir import RunState
+    from facecl_nb.profiles import ADVERSARIAL3D
     over = dict(projection={'steps': 2}, tuning={'steps': 2}, free={'steps': 2}, metrics=('psnr', 'dlib_dist'), synth_metrics=())
-    cfg = C.RunConfig.from_dict(over, strategy='hull', buffer=2, seed=0, person='kim', profile='demo3d', T=2)
-    r = C.continual_run(album3d, cfg, tmp_path / 'run', progress=False, log=lambda *a: None)
-    p = r['protocol']
-    assert r['complete'] and p['anchors'] == 'fixed' and p['mirror'] is True and p['eval'] == 'wplus' and p['wplus_start'] == 'encoder'
-    assert p['tuning']['objective'] == 'adversarial' and p['tuning']['batch_size'] == 4 and p['tuning']['mix'] == 'uniform'
-    R = np.array([[np.nan if v is None else v for v in row] for row in r['R']['psnr']])
-    assert np.isfinite(R[[0, 1, 1], [0, 0, 1]]).all() and R[0, 0] > 10          # a face, not noise: the shipped prior renders the photo's code
-    s1 = RunState.load(C.RunDir(tmp_path / 'run').state_path(1))
-    assert any(k.startswith('D/') for k in s1.extra) and s1.extra_meta['stats']['steps'] == 2
+    for name, tuning in (('default', {'steps': 2}), ('adversarial', {'steps': 2, **ADVERSARIAL3D})):
+        cfg = C.RunConfig.from_dict({**over, 'tuning': tuning}, strategy='hull', buffer=2, seed=0, person='kim', profile='demo3d', T=2)
+        r = C.continual_run(album3d, cfg, tmp_path / name, progress=False, log=lambda *a: None)
+        p = r['protocol']
+        assert r['complete'] and p['anchors'] == 'fixed' and p['mirror'] is True and p['eval'] == 'wplus' and p['wplus_start'] == 'encoder'
+        assert p['tuning']['objective'] == ('reconstruction' if name == 'default' else 'adversarial') and p['tuning']['mix'] == 'uniform'
+        R = np.array([[np.nan if v is None else v for v in row] for row in r['R']['psnr']])
+        assert np.isfinite(R[[0, 1, 1], [0, 0, 1]]).all() and R[0, 0] > 10          # a face, not noise: the shipped prior renders the photo's code
+        s1 = RunState.load(C.RunDir(tmp_path / name).state_path(1))
+        assert any(k.startswith('D/') for k in s1.extra) == (name == 'adversarial')

@@ -91,7 +91,7 @@ def test_training_resumes_from_a_weights_only_state(tmp_path):
 # The camera-consistent prior every 3D run starts from (facecl_nb/assets/eg3d_demo_posed.safetensors, issue 22): each
 # unseen latent rendered at the camera its landmarks give and turned ±20° from there (`evaluate_prior3d` on a posed prior).
 POSED_REACHED = dict(psnr=25.058, dlib_teacher=0.417, pairwise=0.556, yaw=0.398)
-POSED_TARGETS = dict(psnr=24.0, dlib_teacher=0.40, pairwise=0.50, yaw=0.45)
+POSED_TARGETS = P.POSED_TARGETS
 POSED_SHORT = {'dlib_teacher': '0.417 of 0.40: fell from 0.47 to 0.42 in the first 3,600 steps, then flat (history in the asset; nbs/07a_prior3d.ipynb)'}
 
 
