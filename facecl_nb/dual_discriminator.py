@@ -34,6 +34,7 @@ class DiscriminatorBlock(nn.Module):
         self.conv1 = Conv2dLayer(tmp_channels, out_channels, 3, activation=activation, down=2, resample_filter=resample_filter,
                                  conv_clamp=conv_clamp, trainable=trainable())
         self.skip = Conv2dLayer(tmp_channels, out_channels, 1, bias=False, down=2, resample_filter=resample_filter, trainable=trainable())
+        self.register_buffer('resample_filter', setup_filter(resample_filter))   # NVIDIA's block keeps it too (its pickles carry it)
 
     def forward(self, x: Tensor | None, # [N, tmp_channels, R, R] features (None at the input block)
                 img: Tensor, # [N, img_channels, R, R] the image (read at the input block only)

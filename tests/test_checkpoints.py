@@ -460,6 +460,42 @@ def test_eg3d_matches_nvidia_code(tmp_path, sr):
     assert nothing_imported()
 
 
+
+@pytest.mark.skipif(not EG3D_SRC, reason="set FACECL_EG3D_SRC to the eg3d/ folder of a checkout of NVlabs/eg3d")
+@pytest.mark.parametrize('freeze', [0, 22])
+def test_dual_discriminator_matches_nvidia_code(tmp_path, freeze):
+    """NVIDIA's DualDiscriminator (64 px, small channels, camera mapping, biases moved off zero) builds, pickles and scores
+    photos with their raw renders; facecl reads the pickle with the safe reader (FreezeD as an override) and gives the
+    same logits, and with FreezeD 22 the same ones from the same weights."""
+    code = textwrap.dedent(f"""
+        import sys, pickle, warnings, torch
+        warnings.filterwarnings('ignore')
+        sys.path.insert(0, {EG3D_SRC!r})
+        from training.dual_discriminator import DualDiscriminator
+        torch.manual_seed(0)
+        D = DualDiscriminator(c_dim=25, img_resolution=64, img_channels=3, channel_base=1024, channel_max=32, num_fp16_res=0,
+                              conv_clamp=None, mapping_kwargs=dict(num_layers=2), epilogue_kwargs=dict(mbstd_group_size=2)).eval()
+        with torch.no_grad():
+            for n, p in D.named_parameters():
+                if p.ndim <= 1: p.add_(torch.randn_like(p) * 0.2)
+        img = dict(image=torch.randn(4, 3, 64, 64).clamp(-1, 1), image_raw=torch.randn(4, 3, 32, 32).clamp(-1, 1))
+        c = torch.randn(4, 25)
+        with torch.no_grad(): logits = D(img, c)
+        with open({str(tmp_path / 'nv.pkl')!r}, 'wb') as f: pickle.dump(dict(D=D), f)
+        torch.save(dict(c=c, logits=logits, **img), {str(tmp_path / 'ref.pt')!r})
+    """)
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = torch.load(tmp_path / 'ref.pt')
+    from facecl_nb.dual_discriminator import load_nvidia_discriminator
+    D = load_nvidia_discriminator(tmp_path / 'nv.pkl', block_kwargs={'freeze_layers': freeze})
+    assert D.load_report['missing'] == D.load_report['unexpected'] == D.load_report['mismatched'] == []
+    with torch.no_grad(): logits = D({'image': ref['image'], 'image_raw': ref['image_raw']}, ref['c'])
+    assert logits.shape == ref['logits'].shape
+    err = (logits - ref['logits']).abs().max() / ref['logits'].abs().max()
+    assert err < 1e-4, float(err)
+    assert nothing_imported()
+
 # ------------------------------------------------------------------------------ pSp W encoder against the original code (opt-in)
 PSP_SRC = os.environ.get('FACECL_PSP_SRC')
 
