@@ -149,7 +149,7 @@ def albums_3d(root=None, # where the 3D albums go (None: `<albums>/demo3d`)
     """The default demo albums copied under `<albums>/demo3d` with a cameras.json for every split (estimated by
     `facecl_nb.album_cameras`); redone only when the 2D album changed."""
     out = []
-    for a in default_demo_albums():
+    for a in default_demo_albums(log=log):
         if persons and a.person not in persons: continue
         dst_root = Path(root) if root else albums_dir()/'demo3d'
         dst = dst_root/a.person
