@@ -93,12 +93,18 @@ def test_shipped_prior3d_keeps_identity_across_views():
 def test_papermill_3d_notebook(album3d, tmp_path):
     cfg = C.RunConfig.from_dict(MICRO, strategy='none', buffer=0, person='kim', profile='demo3d', T=2)
     C.continual_run(album3d, cfg, tmp_path / 'runs' / 'kim' / 'none-s0', progress=False, log=lambda *a: None)
+    adv = C.RunConfig.from_dict({**MICRO, 'tuning': {**MICRO['tuning'], 'objective': 'adversarial', 'lr': 2e-4, 'steps': 2}},
+                                strategy='none', buffer=0, person='kim', profile='demo3d', T=2)      # the comparison run: only the objective differs
+    C.continual_run(album3d, adv, tmp_path / 'cmp' / 'kim' / 'none-s0', progress=False, log=lambda *a: None)
     nb = X.run_experiment_notebook('continual_3d', {'runs_dir': str(tmp_path / 'runs'), 'figures_dir': str(tmp_path / 'figs'),
-                                                    'album_root': str(album3d.root), 'png': False, 'n_faces': 1},
+                                                    'album_root': str(album3d.root), 'png': False, 'n_faces': 1,
+                                                    'compare_dir': str(tmp_path / 'cmp')},
                                    reports=tmp_path / 'reports', log=lambda *a: None)
     assert nb.is_file()
     written = json.loads((tmp_path / 'figs' / 'figures.json').read_text())['written']
     assert Path(written['novel_views']).is_file() and 'main_table_3d' in written
+    rows = Path(written['objective_comparison']).read_text().splitlines()
+    assert len(rows) == 3 and [r.split(',')[3] for r in rows[1:]] == ['reconstruction', 'adversarial']   # header, then each run beside its comparison
 
 
 def test_demo3d_refuses_a_prior_outside_the_encoders_latent_space(album3d, tmp_path):
