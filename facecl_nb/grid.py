@@ -256,7 +256,10 @@ def run_grid(album_root, # folder holding one album per person
         if run_is_complete(d): status[str(d)] = {'status': 'skipped (finished)'}; continue
         if RunDir(d).results() is None and RunDir(d).last_state() >= 0: log(f"grid: {d}: results.json is missing; the run rebuilds it from its state")
         todo.append(GridTask(str(Path(album_root).resolve()), p, st, k, s, str(d), profile, T, overrides or {}, str(out/'.shared')))
-    todo.sort(key=lambda a: -len(get_strategy(a.strategy).train_indices(99)))   # runs whose steps tune on most timestamps (the upper bound) first, so parallel workers finish together
+    # runs whose steps tune on most timestamps (the upper bound) first, so parallel workers finish together; within them
+    # seed before person, so the first runs at a time are of different persons (a 3D album's fixed anchors, projected by
+    # its first run while that album's other runs wait, are then made side by side)
+    todo.sort(key=lambda a: (-len(get_strategy(a.strategy).train_indices(99)), a.seed))
     on_ray = bool(address) or (jobs > 1 and len(todo) > 1)
     log(f"grid: {len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run"
         + (f" on Ray ({address or f'local, {jobs} at a time'})" if on_ray else ''))
