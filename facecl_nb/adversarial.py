@@ -329,7 +329,7 @@ def _main(argv=None):
     torch.set_num_threads(1)
     import json
     from pathlib import Path
-    from facecl_nb.core import atomic_write_bytes
+    from facecl_nb.core import atomic_write_bytes   # the module imports only what training needs
     r = train_demo_discriminator(a.out, load_eg3d(a.prior), distill_set(a.posed, seed=a.seed), steps=a.steps, batch_size=a.batch_size, seed=a.seed)
     atomic_write_bytes(Path(a.out).with_suffix('.history.json'), json.dumps({'steps': a.steps, 'batch_size': a.batch_size, 'posed': a.posed,
                                                                              'prior': Path(a.prior).name, 'hist': r['hist']}).encode())

@@ -90,7 +90,7 @@ def eg3d_project(G, # the generator (left unchanged)
         w0 = w0.to(dev).float(); w0 = w0[:, None] if w0.ndim == 2 else w0[:, :1]
         if w0.shape != (N, 1, avg.shape[-1]): raise ValueError(f"eg3d_project: w0 must be [N={N}, w_dim={avg.shape[-1]}] or [N, L, w_dim], got {tuple(w0.shape)}")
     start = avg.to(dev).expand(N, -1, -1) if w0 is None else w0
-    w = start.repeat(1, G.num_ws if space == 'w+' else 1, 1).detach().clone().requires_grad_(True)   # [N, num_ws or 1, w_dim]
+    w = start.detach().repeat(1, G.num_ws if space == 'w+' else 1, 1).requires_grad_(True)   # [N, num_ws or 1, w_dim] (repeat copies)
     std = std.to(dev).expand(N)[:, None, None]
     lp, x = _vgg_lpips(), images.to(dev).float()
     with torch.no_grad(): target = lp.features(x)
