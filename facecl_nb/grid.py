@@ -222,6 +222,34 @@ def _run_on_ray(todo: list, profile: str, address, jobs: int, retries: int, stat
         ray.shutdown()
         if main_thread: signal.signal(signal.SIGTERM, prev)
 
+def _run_in_processes(todo: list, profile: str, jobs: int, status: dict, log) -> None:
+    """`jobs` runs at a time in local worker processes: the fallback when a local Ray does not start (Ray gives its node a
+    fixed 30 s to register, too little on a loaded machine), so that a grid keeps its parallelism. A failed run is reported
+    as on the in-process path; a worker that dies takes only its runs, and the same command resumes them."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+    threads = get_profile(profile).resources['num_cpus']
+    main_thread = threading.current_thread() is threading.main_thread()
+    prev = signal.signal(signal.SIGTERM, _interrupted) if main_thread else None
+    ex = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context('spawn'))
+    try:
+        futs = {ex.submit(_grid_worker, replace(a, threads=threads)): a.out for a in todo}
+        with tqdm(total=len(futs), desc='grid') as bar:
+            for n, f in enumerate(as_completed(futs), 1):
+                d = futs[f]
+                try: _, st, err = f.result()
+                except BrokenProcessPool as e: st, err = 'failed', f"its worker process died ({e}); the same command resumes the run"
+                status[d] = {'status': st} if err is None else {'status': st, 'error': err}
+                bar.write(f"grid: [{n}/{len(futs)}] {'finished' if err is None else 'FAILED'} {d}"); bar.update()
+    except KeyboardInterrupt:
+        log("grid: interrupted — the running runs stopped; every finished run is kept, and the same command finishes the rest")
+        for p in list((getattr(ex, '_processes', None) or {}).values()): p.terminate()
+        raise
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+        if main_thread: signal.signal(signal.SIGTERM, prev)
+
 # %% ../nbs/06c_grid.ipynb #47a25364
 def _interrupted(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
@@ -236,7 +264,7 @@ def run_grid(album_root, # folder holding one album per person
              profile='demo', # 'demo', 'paper', 'demo3d' or 'paper3d'
              T=None, # first T timestamps of each album (None: all)
              overrides=None, # RunConfig fields for every run (stage overrides, n_synth, ...)
-             jobs: int = 1, # runs at a time on a local Ray (1 and no address: one after the other in this process)
+             jobs: int = 1, # runs at a time on a local Ray, or in local processes if Ray does not start (1 and no address: one after the other in this process)
              address: str | None = None, # an existing Ray cluster ('host:port'); its nodes must see `out` and the albums at the same paths
              retries: int = 2, # Ray retries of a failed run (each resumes after its last finished timestamp)
              also=(), # more (strategies, buffers) blocks run in the same grid (see `grid_specs`)
@@ -268,9 +296,10 @@ def run_grid(album_root, # folder holding one album per person
         try: _run_on_ray(todo, profile, address, jobs, retries, status, log)
         except RayStartError as e:
             if address: raise
-            log(f"grid: warning: a local Ray did not start ({type(e).__name__}: {str(e)[:200]}); running the runs here, one after the other")
-            on_ray = False
-    if not on_ray:
+            log(f"grid: warning: a local Ray did not start ({type(e).__name__}: {str(e)[:200]}); "
+                f"running {jobs} at a time in local worker processes instead")
+            _run_in_processes([a for a in todo if a.out not in status], profile, jobs, status, log)
+    else:
         for a in tqdm(todo, desc='grid', disable=len(todo) < 2):
             d, st, err = _grid_worker(a)
             status[d] = {'status': st} if err is None else {'status': st, 'error': err}

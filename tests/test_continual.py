@@ -168,6 +168,22 @@ def test_grid_on_local_ray_equals_in_process(album, tmp_path):
         assert _strip(a) == _strip(b), name
 
 
+def test_grid_without_ray_keeps_its_parallelism(album, tmp_path, monkeypatch):
+    """A local Ray that does not start (as on a loaded machine, where Ray's fixed 30 s for its node runs out): the grid says so
+    and runs `jobs` at a time in local worker processes, with the results of the same runs one after the other here."""
+    torch.set_num_threads(1)
+    def no_ray(*a, **k): raise GR.RayStartError("Exception: The current node timed out during startup.")
+    monkeypatch.setattr(GR, '_ray_init', no_ray)
+    msgs = []
+    s = GR.run_grid(album.root, ['pat'], ['none', 'hull'], [2], [0], tmp_path / 'pool', T=2, overrides=MICRO, jobs=2, log=msgs.append)
+    assert s['failed'] == [] and len(s['runs']) == 2, s
+    assert any('did not start' in m and '2 at a time in local worker processes' in m for m in msgs), msgs
+    GR.run_grid(album.root, ['pat'], ['none', 'hull'], [2], [0], tmp_path / 'seq', T=2, overrides=MICRO, jobs=1, log=lambda *a: None)
+    for name in ('pat/none-s0', 'pat/hull-k2-s0'):
+        a, b = (json.loads((tmp_path / d / name / 'results.json').read_text()) for d in ('pool', 'seq'))
+        assert _strip(a) == _strip(b), name
+
+
 def _ray_daemons() -> set:
     "pids of Ray's daemons (raylet, gcs_server) on this machine."
     out = set()
