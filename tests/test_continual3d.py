@@ -105,6 +105,10 @@ def test_papermill_3d_notebook(album3d, tmp_path):
     assert Path(written['novel_views']).is_file() and 'main_table_3d' in written
     rows = Path(written['objective_comparison']).read_text().splitlines()
     assert len(rows) == 3 and [r.split(',')[3] for r in rows[1:]] == ['reconstruction', 'adversarial']   # header, then each run beside its comparison
+    hdr, rec, adv = (r.split(',') for r in rows)
+    d = float(adv[hdr.index('AIP psnr')]) - float(rec[hdr.index('AIP psnr')])          # the sentence's sign follows the objectives, not the rows' order
+    text = '\n'.join(''.join(o.get('data', {}).get('text/markdown', '')) for c in json.loads(nb.read_text())['cells'] for o in c.get('outputs', []))
+    assert f"adversarial training gives an AIP PSNR {abs(d):.2f} dB {'higher' if d > 0 else 'lower'}" in text, text[-2000:]
 
 
 def test_demo3d_refuses_a_prior_outside_the_encoders_latent_space(album3d, tmp_path):
