@@ -26,7 +26,10 @@ def results_frame(results: Sequence[dict], # `results.json` dicts (e.g. `rundir.
         for m in sorted(r['R']):
             row[f'AIP {m}'] = r['AIP'].get(m, np.nan); row[f'AF {m}'] = r.get('AF', {}).get(m, np.nan)
         p = r.get('protocol', {})
-        row['protocol'] = f"anchors={p.get('anchors')} eval={p.get('eval')} tuning={p.get('tuning', {}).get('epochs')}ep/{p.get('tuning', {}).get('mix')}"
+        tu = p.get('tuning', {})
+        amount = f"{tu['steps']}steps" if tu.get('steps') else f"{tu.get('epochs')}ep"          # a step count, where it replaces epochs (3D)
+        obj = '' if tu.get('objective', 'reconstruction') == 'reconstruction' else f"/{tu['objective']}"
+        row['protocol'] = f"anchors={p.get('anchors')} eval={p.get('eval')} tuning={amount}/{tu.get('mix')}{obj}"
         v = r.get('versions', {}).get('code', {})
         row['code'] = (v.get('commit', '')[:10] + ('+dirty' if v.get('dirty') else '')) or v.get('facecl', '')
         rows.append(row)
