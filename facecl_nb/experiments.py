@@ -123,11 +123,16 @@ def _figures_and_table(what, notebook, grid, out, root, figures, reports, t0, lo
 
 def time_breakdown(results: Sequence[dict], # results dicts (their `timings`)
                   ) -> dict:
-    "Where a grid's time went: seconds summed over runs and timestamps per stage (anchors, select, tune, eval) and in all."
+    """Where a grid's time went: seconds summed over runs and timestamps per stage (anchors, select, tune, eval) and in all;
+    `run_total_s`: each run's own total, sorted (its median says what a run costs even when some ran beside other work)."""
     out = {'runs': len(results), 'anchors_s': 0.0, 'select_s': 0.0, 'tune_s': 0.0, 'eval_s': 0.0, 'total_s': 0.0}
+    per_run = []
     for r in results:
-        for p in (r.get('timings') or {}).get('per_timestamp', []):
+        pts = (r.get('timings') or {}).get('per_timestamp', [])
+        for p in pts:
             for k in ('anchors_s', 'select_s', 'tune_s', 'eval_s', 'total_s'): out[k] += float(p.get(k, 0.0))
+        per_run.append(round(sum(float(p.get('total_s', 0.0)) for p in pts), 1))
+    out['run_total_s'] = sorted(per_run)
     return out
 
 DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=[3], seeds=[0], T=3)   # `make demo3d`: ≤ 15 min on 2 cores, anchors included
