@@ -148,6 +148,12 @@ def _static_output(out: dict, uid: str) -> dict:
     return dict(out, data=keep or {"text/markdown": _NOTE})
 
 
+def _root_paths(src: str) -> str:
+    "Markdown of the README (paths from the repository root) with its links as the site's home page needs them."
+    src = re.sub(r"\]\((figures/)", r"](../\1", src)                          # figures: beside the docs folder
+    return re.sub(r"\]\(nbs/([^)]+)\.ipynb\)", r"](\1.ipynb)", src)             # chapters: pages of this site
+
+
 def preprocess_notebook(text: str, docname: str, course: list[tuple[str, list[str]]] | None = None) -> str:
     "The notebook JSON `text` with nbdev directives mapped to myst-nb tags (and, for the root, the toctrees)."
     try: nb = json.loads(text)
@@ -163,8 +169,13 @@ def preprocess_notebook(text: str, docname: str, course: list[tuple[str, list[st
             uid = "plotly-" + re.sub(r"\W", "-", docname) + f"-{ci}"
             cell["outputs"] = [_static_output(o, f"{uid}-{oi}") for oi, o in enumerate(cell.get("outputs", []))]
         if cell.get("cell_type") == "markdown" and docname == root_doc:     # the README's image paths are from the repository root
-            src = re.sub(r"\]\((figures/)", r"](../\1", _src(cell))
-            cell["source"] = re.sub(r"\]\(nbs/([^)]+)\.ipynb\)", r"](\1.ipynb)", src)     # chapters: pages of this site
+            cell["source"] = _root_paths(_src(cell))
+        if cell.get("cell_type") == "code" and docname == root_doc:         # and so are those of the Markdown its hidden cells print
+            for o in cell.get("outputs", []):
+                d = o.get("data") or {}
+                if "text/markdown" in d:
+                    md_text = d["text/markdown"]
+                    d["text/markdown"] = _root_paths("".join(md_text) if isinstance(md_text, list) else md_text)
         jup = md.get("jupyter") or {}
         if jup.get("source_hidden") and jup.get("outputs_hidden"): tags.add("hide-cell")
         elif jup.get("source_hidden"): tags.add("hide-input")
