@@ -128,10 +128,11 @@ def time_breakdown(results: Sequence[dict], # results dicts (their `timings`)
     out = {'runs': len(results), 'anchors_s': 0.0, 'select_s': 0.0, 'tune_s': 0.0, 'eval_s': 0.0, 'total_s': 0.0}
     per_run = []
     for r in results:
-        pts = (r.get('timings') or {}).get('per_timestamp', [])
-        for p in pts:
+        run = 0.0
+        for p in (r.get('timings') or {}).get('per_timestamp', []):
             for k in ('anchors_s', 'select_s', 'tune_s', 'eval_s', 'total_s'): out[k] += float(p.get(k, 0.0))
-        per_run.append(round(sum(float(p.get('total_s', 0.0)) for p in pts), 1))
+            run += float(p.get('total_s', 0.0))
+        per_run.append(round(run, 1))
     out['run_total_s'] = sorted(per_run)
     return out
 

@@ -5,6 +5,7 @@
 # %% ../nbs/06c_grid.ipynb #gr000002
 from __future__ import annotations
 import os, re, signal, socket, sys, threading, time, traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -87,12 +88,12 @@ def _run_task(task: GridTask) -> str:
     continual_run(Album(task.album_root, task.person), task.config(), task.out, progress=False, log=lambda *a: None, share=task.share)
     return task.out
 
-def _grid_worker(task: GridTask):
-    "The in-process path: run, and turn a failure into a report (its traceback in `<run>/error.txt`)."
-    try: return (_run_task(task), 'ok', None)
+def _grid_worker(task: GridTask) -> tuple[str, dict]:
+    "The path without Ray: run, and turn a failure into a report (its traceback in `<run>/error.txt`); returns (run folder, status)."
+    try: return _run_task(task), {'status': 'ok'}
     except Exception as e:
         atomic_write_text(Path(task.out)/'error.txt', traceback.format_exc())
-        return (task.out, 'failed', f"{type(e).__name__}: {e}")
+        return task.out, {'status': 'failed', 'error': f"{type(e).__name__}: {e}"}
 
 # %% ../nbs/06c_grid.ipynb #gr000009
 class GridError(RuntimeError):
@@ -194,65 +195,70 @@ def _ray_init(address, jobs: int, log):
 def _run_on_ray(todo: list, profile: str, address, jobs: int, retries: int, status: dict, log) -> None:
     "Each run one Ray task with the profile's resources; failures retried (`retries` times; a run resumes), then reported."
     ray = _ray_init(address, jobs, log)
-    main_thread = threading.current_thread() is threading.main_thread()
-    prev = signal.signal(signal.SIGTERM, _interrupted) if main_thread else None     # SIGTERM ends a grid as Ctrl-C does (within a second)
     try:
-        res = get_profile(profile).resources
-        task = ray.remote(_run_task).options(num_cpus=res['num_cpus'], num_gpus=res['num_gpus'], max_retries=retries, retry_exceptions=True)
-        refs = {task.remote(replace(a, threads=res['num_cpus'])): a for a in todo}
-        pending, n = list(refs), 0
-        with tqdm(total=len(refs), desc='grid') as bar:
-            try:
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1, timeout=1.0)   # a short wait, so that Ctrl-C is seen within a second
-                    for r in done:
-                        d = refs[r].out; n += 1
-                        try:
-                            ray.get(r); status[d] = {'status': 'ok'}; bar.write(f"grid: [{n}/{len(refs)}] finished {d}")
-                        except Exception as e:          # the task's own exception (after its retries) or a lost worker/node
-                            msg = str(e); Path(d).mkdir(parents=True, exist_ok=True)
-                            atomic_write_text(Path(d)/'error.txt', msg)
-                            status[d] = {'status': 'failed', 'error': msg.strip().splitlines()[-1][:300] if msg.strip() else type(e).__name__}
-                            bar.write(f"grid: [{n}/{len(refs)}] FAILED {d} (traceback in {d}/error.txt)")
-                        bar.update()
-            except KeyboardInterrupt:       # the running tasks end with the Ray shut down below (cancelling each one races Ray's own bookkeeping)
-                log(f"grid: interrupted — {len(pending)} runs stopped; every finished run is kept, and the same command finishes the rest")
-                raise
+        with _sigterm_interrupts():
+            res = get_profile(profile).resources
+            task = ray.remote(_run_task).options(num_cpus=res['num_cpus'], num_gpus=res['num_gpus'], max_retries=retries, retry_exceptions=True)
+            refs = {task.remote(replace(a, threads=res['num_cpus'])): a for a in todo}
+            pending, n = list(refs), 0
+            with tqdm(total=len(refs), desc='grid') as bar:
+                try:
+                    while pending:
+                        done, pending = ray.wait(pending, num_returns=1, timeout=1.0)   # a short wait, so that Ctrl-C is seen within a second
+                        for r in done:
+                            d = refs[r].out; n += 1
+                            try:
+                                ray.get(r); status[d] = {'status': 'ok'}; bar.write(f"grid: [{n}/{len(refs)}] finished {d}")
+                            except Exception as e:          # the task's own exception (after its retries) or a lost worker/node
+                                msg = str(e); Path(d).mkdir(parents=True, exist_ok=True)
+                                atomic_write_text(Path(d)/'error.txt', msg)
+                                status[d] = {'status': 'failed', 'error': msg.strip().splitlines()[-1][:300] if msg.strip() else type(e).__name__}
+                                bar.write(f"grid: [{n}/{len(refs)}] FAILED {d} (traceback in {d}/error.txt)")
+                            bar.update()
+                except KeyboardInterrupt:       # the running tasks end with the Ray shut down below (cancelling each one races Ray's own bookkeeping)
+                    log(f"grid: interrupted — {len(pending)} runs stopped; every finished run is kept, and the same command finishes the rest")
+                    raise
     finally:
         ray.shutdown()
-        if main_thread: signal.signal(signal.SIGTERM, prev)
 
 def _run_in_processes(todo: list, profile: str, jobs: int, status: dict, log) -> None:
     """`jobs` runs at a time in local worker processes: the fallback when a local Ray does not start (Ray gives its node a
     fixed 30 s to register, too little on a loaded machine), so that a grid keeps its parallelism. A failed run is reported
-    as on the in-process path; a worker that dies takes only its runs, and the same command resumes them."""
+    as on the in-process path; a worker process that dies breaks the pool: the runs not yet finished are reported failed,
+    and the same command resumes them."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
     threads = get_profile(profile).resources['num_cpus']
-    main_thread = threading.current_thread() is threading.main_thread()
-    prev = signal.signal(signal.SIGTERM, _interrupted) if main_thread else None
     ex = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context('spawn'))
     try:
-        futs = {ex.submit(_grid_worker, replace(a, threads=threads)): a.out for a in todo}
-        with tqdm(total=len(futs), desc='grid') as bar:
-            for n, f in enumerate(as_completed(futs), 1):
-                d = futs[f]
-                try: _, st, err = f.result()
-                except BrokenProcessPool as e: st, err = 'failed', f"its worker process died ({e}); the same command resumes the run"
-                status[d] = {'status': st} if err is None else {'status': st, 'error': err}
-                bar.write(f"grid: [{n}/{len(futs)}] {'finished' if err is None else 'FAILED'} {d}"); bar.update()
+        with _sigterm_interrupts():
+            futs = {ex.submit(_grid_worker, replace(a, threads=threads)): a.out for a in todo}
+            with tqdm(total=len(futs), desc='grid') as bar:
+                for n, f in enumerate(as_completed(futs), 1):
+                    d = futs[f]
+                    try: status[d] = f.result()[1]
+                    except BrokenProcessPool as e: status[d] = {'status': 'failed', 'error': f"its worker process died ({e}); the same command resumes the run"}
+                    bar.write(f"grid: [{n}/{len(futs)}] {'finished' if status[d]['status'] == 'ok' else 'FAILED'} {d}"); bar.update()
     except KeyboardInterrupt:
         log("grid: interrupted — the running runs stopped; every finished run is kept, and the same command finishes the rest")
         for p in list((getattr(ex, '_processes', None) or {}).values()): p.terminate()
         raise
     finally:
         ex.shutdown(wait=False, cancel_futures=True)
-        if main_thread: signal.signal(signal.SIGTERM, prev)
 
 # %% ../nbs/06c_grid.ipynb #47a25364
 def _interrupted(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+@contextmanager
+def _sigterm_interrupts():
+    "SIGTERM ends a grid as Ctrl-C does (within a second), while the block runs; only the main thread can install it."
+    main_thread = threading.current_thread() is threading.main_thread()
+    prev = signal.signal(signal.SIGTERM, _interrupted) if main_thread else None
+    try: yield
+    finally:
+        if main_thread: signal.signal(signal.SIGTERM, prev)
 
 # %% ../nbs/06c_grid.ipynb #gr000012
 def run_grid(album_root, # folder holding one album per person
@@ -298,11 +304,11 @@ def run_grid(album_root, # folder holding one album per person
             if address: raise
             log(f"grid: warning: a local Ray did not start ({type(e).__name__}: {str(e)[:200]}); "
                 f"running {jobs} at a time in local worker processes instead")
-            _run_in_processes([a for a in todo if a.out not in status], profile, jobs, status, log)
+            _run_in_processes(todo, profile, jobs, status, log)     # (Ray failed before any run started)
     else:
         for a in tqdm(todo, desc='grid', disable=len(todo) < 2):
-            d, st, err = _grid_worker(a)
-            status[d] = {'status': st} if err is None else {'status': st, 'error': err}
+            d, entry = _grid_worker(a)
+            status[d] = entry
     for d, v in status.items():
         if v['status'] == 'failed': print(f"grid: FAILED {d}: {v['error']} (traceback in {d}/error.txt)", file=sys.stderr)
     summary = {'runs': status, 'failed': sorted(d for d, v in status.items() if v['status'] == 'failed'), 'seconds': time.perf_counter() - t0}
