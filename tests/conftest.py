@@ -7,7 +7,8 @@ of space mid-suite (`OSError: [Errno 28] No space left on device` in a grid test
 - a passing test's `tmp_path` is deleted as soon as it passes (`tmp_path_retention_policy = "failed"` in
   `pyproject.toml`); a failing test's is kept for inspection;
 - the folders a test module makes with `tmp_path_factory` (its module-scoped albums and grids) are deleted when the
-  module ends, unless one of its tests failed.
+  module ends, unless one of its tests failed. (No fixture here is session-scoped; one that made folders would have to
+  be exempted, or the first module's end would delete them.)
 """
 import shutil
 
