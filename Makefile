@@ -10,7 +10,7 @@ help:
 	@echo "make test      - nbdev_test on nbs/ then pytest on tests/"
 	@echo "make demo      - offline continual runs on the default synthetic albums, figures into figures/"
 	@echo "make demo DEMO3D=1 (or make demo3d) - the 3D demo: tri-plane prior, albums with cameras, novel views into figures/demo3d/"
-	@echo "make figures   - the full 2D demo-tier benchmark (all persons, 3 buffer sizes, 3 seeds, the other buffers at k = 5)"
+	@echo "make figures   - the full 2D demo-tier benchmark (all persons, 3 buffer sizes, 3 seeds; the other buffers at k = 5 on alice, seed 0)"
 	@echo "make figures3d - the 3D demo-tier benchmark (hours on a CPU)"
 	@echo "make reproduce - the paper tier (GPU, user-supplied checkpoints and albums)"
 	@echo "make lab       - JupyterLab on nbs/"

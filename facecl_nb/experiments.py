@@ -32,16 +32,16 @@ DEMO = dict(persons=['alice'], strategies=['none', 'random', 'hull', 'joint'], b
 def _demo_jobs(jobs: int | None, quick: bool) -> int:
     "Runs at a time of a demo: as asked, else 1 for a quick smoke run and up to 2 (the cores) for the real one."
     return jobs or (1 if quick else min(2, os.cpu_count() or 1))
-FIGURES = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5, 10], seeds=[0, 1, 2], T=None,
-               others=dict(strategies=['hull-greedy', 'reservoir', 'kmeans', 'herding'], buffers=[5], seeds=[0]))   # `make figures`: + the other buffers at k = 5, seed 0
+FIGURES = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5, 10], seeds=[0, 1, 2], T=None,   # `make figures`: + the other
+               others=dict(strategies=['hull-greedy', 'reservoir', 'kmeans', 'herding'], buffers=[5], seeds=[0], persons=['alice']))  # buffers at k = 5, alice, seed 0
 QUICK_OVERRIDES = dict(projection={'steps': 10}, tuning={'steps': 10}, free={'steps': 5}, hull={'steps': 10}, n_synth=4, hull_candidates=50)
 
-def plan_blocks(plan: dict, # a plan such as `FIGURES`: its optional `others` block (strategies, buffers and, optionally, seeds)
+def plan_blocks(plan: dict, # a plan such as `FIGURES`: its optional `others` block (strategies, buffers and, optionally, seeds and persons)
                ) -> list[tuple]:
-    "The `also` blocks of `grid_specs` for a plan: its other strategies at their buffer sizes (on their own seeds when given)."
+    "The `also` blocks of `grid_specs` for a plan: its other strategies at their buffer sizes (on their own seeds and persons when given)."
     o = plan.get('others')
     if not o: return []
-    return [(o['strategies'], o['buffers'], o['seeds'])] if o.get('seeds') else [(o['strategies'], o['buffers'])]
+    return [(o['strategies'], o['buffers'], o.get('seeds') or None, o.get('persons') or None)]
 
 def experiments_dir() -> Path:
     "Folder of the experiment notebooks (in the source checkout)."

@@ -31,19 +31,23 @@ def grid_specs(persons, # person names
                strategies, # strategy names
                buffers, # buffer sizes k
                seeds, # seeds
-               also=(), # more blocks of the same grid: (strategies, buffers), or (strategies, buffers, seeds) with seeds of their own
+               also=(), # more blocks of the same grid: (strategies, buffers[, seeds[, persons]]), seeds and persons of their own when given
               ) -> list[tuple]:
     """The (person, strategy, buffer, seed) combinations of a grid, buffer-free strategies once; unknown strategies are
-    refused first. A block of `also` runs on the grid's seeds unless it names its own (e.g. other buffers at k = 5, seed 0)."""
-    blocks = [(strategies, buffers, seeds)] + [(b[0], b[1], b[2] if len(b) > 2 else seeds) for b in also]
+    refused first. A block of `also` runs on the grid's seeds and persons unless it names its own (e.g. the other buffers
+    at k = 5, seed 0, one person); a block's persons must be among the grid's."""
+    blocks = [(strategies, buffers, seeds, persons)] + [(b[0], b[1], b[2] if len(b) > 2 and b[2] is not None else seeds,
+                                                          b[3] if len(b) > 3 and b[3] is not None else persons) for b in also]
     bad = [s for sts, *_ in blocks for s in sts if s not in known_strategies()]
     if bad: raise ConfigError(f"grid: unknown strategies {bad}; known: {known_strategies()}")
-    all_seeds = list(dict.fromkeys(s for *_, ss in blocks for s in ss))
+    stray = [p for *_, ps in blocks[1:] for p in ps if p not in persons]
+    if stray: raise ConfigError(f"grid: a block of more runs names persons {stray} the grid does not have; its persons: {list(persons)}")
+    all_seeds = list(dict.fromkeys(s for *_, ss, _ in blocks for s in ss))
     out = []
     for p in persons:
         for s in all_seeds:
-            for sts, bs, ss in blocks:
-                if s not in ss: continue
+            for sts, bs, ss, ps in blocks:
+                if s not in ss or p not in ps: continue
                 for st in sts:
                     for k in (bs if get_strategy(st).k_matters else [0]):
                         if (p, st, k, s) not in out: out.append((p, st, k, s))

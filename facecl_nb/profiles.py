@@ -133,13 +133,13 @@ register_profile(Profile('paper', 2, stylegan2_prior, Protocol(anchors='encoder'
                          weights=('stylegan2-ffhq', 'psp-w-encoder', 'arcface-ir-se50') + PERCEPTUAL,
                          supplied=('stylegan2-ffhq', 'psp-w-encoder', 'arcface-ir-se50'),    # the prior, the W encoder of the anchors, identity
                          resources=dict(num_cpus=4, num_gpus=1)))
-# demo: the same protocol on the DigiFace DCGAN (64 px) with the demo encoder, scaled to `make demo` in 10 minutes on a
-# 2-core CPU: 6 epochs instead of 1000 (lr 3e-4 and batches of 2 + 2 as in the paper); the free evaluation 15 steps at
-# lr 0.05 (the DCGAN's z space; nbs/03_inversion.ipynb); 3 synthesized samples per (t, k) (dlib's descriptor costs
-# ~0.13 s per image on one core)
+# demo: the same protocol on the DigiFace DCGAN (64 px) with the demo encoder, scaled to `make demo` in 5 minutes and
+# `make figures` in an hour on a 2-core CPU: 5 epochs instead of 1000 (lr 3e-4 and batches of 2 + 2 as in the paper);
+# the free evaluation 10 steps at lr 0.05 instead of 800 at 5e-3 (the DCGAN's z space; nbs/03_inversion.ipynb); 3
+# synthesized samples per (t, k) (dlib's descriptor costs ~0.13 s per image on one core)
 register_profile(Profile('demo', 2, dcgan_prior, Protocol(anchors='encoder', encoder='dcgan-encoder-demo', eval='free', n_synth=3),
-                         ProjectionConfig(steps=40, lr=0.1, batch_size=32), TuningConfig(epochs=6, batch_size=2, lr=3e-4),
-                         FreeConfig(steps=15, lr=0.05), HullConfig(steps=20, lr=0.1),
+                         ProjectionConfig(steps=40, lr=0.1, batch_size=32), TuningConfig(epochs=5, batch_size=2, lr=3e-4),
+                         FreeConfig(steps=10, lr=0.05), HullConfig(steps=20, lr=0.1),
                          weights=('digiface-dcgan', 'dcgan-encoder-demo') + _DLIB + PERCEPTUAL))
 # demo3d: paper3d's protocol on the camera-consistent tri-plane prior of nbs/07a_prior3d.ipynb (it shares the DCGAN's
 # latent space, so every inversion starts at the demo encoder's code), scaled to `make figures3d` on a 2-core CPU:
