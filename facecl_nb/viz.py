@@ -100,15 +100,19 @@ def r_heatmaps(results: Sequence[dict], # results dicts of runs (those lacking `
 def aip_af_vs_buffer(table, # a `summary_table` DataFrame
                      metric: str = 'psnr', # the metric named in the subplot titles
                     ):
-    "AIP and AF (mean ± std over persons and seeds) against buffer size, each strategy in its registry style; buffer-free strategies as horizontal lines."
+    """AIP and AF (mean ± std over persons and seeds) against buffer size, each strategy in its registry style; buffer-free
+    strategies as horizontal lines. A strategy averaged over fewer runs than the others says how many in its legend entry."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     fig = make_subplots(rows=1, cols=2, subplot_titles=[f'AIP ({metric}, higher is better)' if metric != 'lpips' else 'AIP', f'AF ({metric}, lower is better)'])
     ks = sorted(int(k) for k in table.buffer.unique() if k > 0) or [0]
+    nmax = int(table.n.max()) if 'n' in table and len(table) else 0
     for st in sorted(set(table.strategy), key=strategy_order):
         d = table[table.strategy == st]
+        nst = int(d.n.min()) if 'n' in d else nmax
         for c, (m, s) in enumerate([('AIP_mean', 'AIP_std'), ('AF_mean', 'AF_std')], 1):
             sty = strategy_style(st); name = label({'strategy': st, 'buffer': 0}).split(' k=')[0]
+            if nst < nmax: name += f" ({nst} run{'s' if nst != 1 else ''})"      # not comparable point for point with the others' means
             if not k_matters(st):
                 if not np.isfinite(d[m].iloc[0]): continue
                 fig.add_trace(go.Scatter(x=ks, y=[d[m].iloc[0]] * len(ks), mode='lines', line=dict(color=sty['color'], dash=sty['dash'] if sty['dash'] != 'solid' else 'dash'),

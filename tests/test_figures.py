@@ -35,6 +35,7 @@ def test_every_trace_of_a_strategy_has_its_colour(grid):
     seen = set()
     for tr in fig.data:
         st = _strategy_of(tr.name); seen.add(st)
+        assert tr.legendgroup == st
         sty = strategy_style(st)
         assert tr.line.color == sty['color'], (tr.name, tr.line.color)
         if tr.error_y is not None and tr.error_y.array is not None: assert tr.error_y.color == sty['color']
@@ -84,3 +85,11 @@ def test_legends_fit_their_figures(grid, tmp_path):
             if bad: cut[name] = bad
         b.close()
     assert not cut, f"legends taller than their figure: {cut}"
+
+
+def test_a_strategy_from_fewer_runs_says_so_in_the_legend(grid):
+    sub = [r for r in grid if not (r['strategy'] == 'random' and r['person'] == 'ida')]       # ER-Rand on one person only
+    fig = viz.aip_af_vs_buffer(summary_table(sub, 'psnr'), 'psnr')
+    names = {tr.legendgroup: tr.name for tr in fig.data if tr.showlegend is not False}
+    assert names['random'] == f"{STRATEGIES['random'].label} (2 runs)", names
+    assert names['hull'] == STRATEGIES['hull'].label and names['none'] == STRATEGIES['none'].label
