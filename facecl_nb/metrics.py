@@ -257,14 +257,17 @@ class DISTSMetric(nn.Module):
             cov = (x * y).mean((2, 3), keepdim=True) - mx * my
             struct = struct + (beta[k] * (2 * cov + c) / (vx + vy + c)).sum(1, keepdim=True)
         return (1 - (tex + struct)).reshape(-1)
+    cache_size = 128      # images whose features are kept (~2 MB each at 64 px)
     def cached_features(self, x: Tensor, # [N, 3, H, W] in [-1, 1]: images met again and again (the test photos)
                        ) -> list:
-        "`features` of `x`, each image's computed once and kept (keyed by its pixels; at most 128 images, ~2 MB each at 64 px)."
+        """`features` of `x`, each image's computed once and kept (keyed by its pixels; at most `cache_size` images kept
+        between calls: a call that would pass it starts the cache afresh, with this call's images)."""
         import hashlib
         keys = [hashlib.sha1(np.ascontiguousarray(v.detach().float().cpu().numpy()).tobytes()).digest() for v in x]
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
         if todo:
-            if len(self._cache) + len(todo) > 128: self._cache.clear()
+            if len(self._cache) + len(todo) > self.cache_size:    # (one process may score several persons' photos in turn)
+                self._cache.clear(); todo = list(range(len(keys)))   # every image of this call is needed again, cached ones too
             fs = self.features(x[todo])
             for j, i in enumerate(todo): self._cache[keys[i]] = [f[j:j + 1].clone() for f in fs]
         return [torch.cat([self._cache[k][s] for k in keys]) for s in range(6)]
