@@ -258,6 +258,7 @@ def static_figures(width: int = 720, # default PNG size in pixels
     os.environ.setdefault('BROWSER_PATH', chromium_path())
     pio.renderers.default = 'png'
     pio.renderers['png'].width, pio.renderers['png'].height = width, height
+    from facecl_nb.viz import png_server; png_server()                      # one browser for all of them
     return True
 
 # %% ../nbs/90_core.ipynb #bdc2fa6c

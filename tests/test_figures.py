@@ -93,3 +93,15 @@ def test_a_strategy_from_fewer_runs_says_so_in_the_legend(grid):
     names = {tr.legendgroup: tr.name for tr in fig.data if tr.showlegend is not False}
     assert names['random'] == f"{STRATEGIES['random'].label} (2 runs)", names
     assert names['hull'] == STRATEGIES['hull'].label and names['none'] == STRATEGIES['none'].label
+
+
+@pytest.mark.skipif(viz.chromium_path() is None, reason='no Chromium on this machine: PNG export is skipped anyway')
+def test_a_browser_that_does_not_start_leaves_png_export_failing_not_hanging(tmp_path):
+    "The shared browser's probe fails, the figure's own export fails with an error in what `save_figure` returns, the process ends."
+    import os, subprocess, sys
+    code = ("import plotly.graph_objects as go\nfrom facecl_nb import viz\n"
+            f"ok = viz.png_server(timeout=20)\nr = viz.save_figure(go.Figure(), {str(tmp_path / 'x')!r})\nprint('SHARED', ok, 'PNG', r['png'][:40])")
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600, env={**os.environ, 'BROWSER_PATH': '/bin/false'})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'SHARED False PNG failed: ' in p.stdout, p.stdout
+    assert (tmp_path / 'x.html').exists() and not (tmp_path / 'x.png').exists()
