@@ -45,7 +45,7 @@ def main():
     per = r['timings']['per_timestamp']
     stages = {k: sum(p[k] for p in per) for k in ('anchors_s', 'select_s', 'tune_s', 'eval_s')}
     out = {'bench': 'stages', 'what': 'one continual run, alice, hull k=3, seed 0, demo profile, no profiler', 'T': len(per), 'threads': 1,
-           'settings': {'tuning_epochs': get_profile('demo').tuning.epochs, 'free_steps': get_profile('demo').free.steps},
+           'settings': {'tuning_epochs': (prof := get_profile('demo')).tuning.epochs, 'free_steps': prof.free.steps},
            'machine': platform.processor() or platform.machine(), 'torch': torch.__version__, 'wall_s': wall,
            'stages_s': stages, 'inside_eval_s': dict(SPENT), 'share_of_wall': {k: v / wall for k, v in {**stages, **SPENT}.items()},
            'result': {'AIP psnr': r['AIP']['psnr'], 'AF psnr': r['AF']['psnr'], 'AIP dists': r['AIP'].get('dists')}}

@@ -24,7 +24,7 @@ from .continual import RunConfig, continual_run
 
 # %% auto #0
 __all__ = ['grid_specs', 'run_name', 'run_is_complete', 'GridTask', 'GridError', 'RayStartError', 'probe_ray_gcs',
-           'check_address', 'ray_env', 'run_grid', 'summary_table', 'format_table']
+           'check_address', 'ray_env', 'run_grid', 'summary_table', 'same_runs', 'format_table']
 
 # %% ../nbs/06c_grid.ipynb #74c59b33
 def grid_specs(persons, # person names
@@ -334,6 +334,13 @@ def summary_table(results: Sequence[dict], # results dicts, e.g. from `collect_r
     t = g.agg(n=('AIP', 'size'), AIP_mean=('AIP', 'mean'), AIP_std=('AIP', 'std'), AF_mean=('AF', 'mean'), AF_std=('AF', 'std')).reset_index()
     t['o'] = t.strategy.map(strategy_order); t = t.sort_values(['o', 'buffer']).drop(columns='o').reset_index(drop=True)
     return t
+
+def same_runs(t, # a `summary_table` DataFrame
+              ref: str = 'joint', # the strategy the other rows are compared with
+             ) -> 'pd.DataFrame':
+    "The rows of other strategies averaged over as many runs as `ref`'s (a block of more runs may cover fewer persons or seeds)."
+    r = t[t.strategy == ref]
+    return t[(t.strategy != ref) & (t.n == r.n.iloc[0])] if len(r) else t.iloc[:0]
 
 def format_table(t, # a `summary_table` DataFrame
                  metric='psnr', # the metric named in the header

@@ -44,10 +44,10 @@ def png_server(timeout: float = 60, # seconds the first, tiny figure may take (C
     if 'ok' in _PNG_SERVER: return _PNG_SERVER['ok']
     _PNG_SERVER['ok'] = False
     if chromium_path() is None: return False
+    os.environ.setdefault('BROWSER_PATH', chromium_path())              # where kaleido finds Chromium, shared or per figure
     try:
         import threading, warnings, kaleido
         if not hasattr(kaleido, 'start_sync_server'): return False
-        os.environ.setdefault('BROWSER_PATH', chromium_path())
         kaleido.start_sync_server(silence_warnings=True)
         warnings.filterwarnings('ignore', message='The kopts argument is ignored if using a server')   # plotly's defaults, unused
         box = {}
@@ -77,7 +77,7 @@ def save_figure(fig, # a plotly figure
         if chromium_path() is None: out['png'] = 'skipped: no Chromium on this machine (make install installs Debian chromium as root)'
         else:
             try:
-                os.environ.setdefault('BROWSER_PATH', chromium_path()); png_server()
+                png_server()                                     # (it also tells kaleido where Chromium is)
                 fig.write_image(str(stem.with_suffix('.png')), width=width or fig.layout.width or 1000, height=height or fig.layout.height or 600)
                 out['png'] = str(stem.with_suffix('.png'))
             except Exception as e: out['png'] = f'failed: {type(e).__name__}: {e}'
