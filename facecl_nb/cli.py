@@ -113,6 +113,7 @@ def _add_run(sub):
     p.add_argument('--quick', action='store_true', help='a micro run (2 timestamps, few steps) to check the set-up')
 
 EXPERIMENTS = {'figures': 'the full 2D demo-tier benchmark (make figures)', 'figures3d': 'the 3D demo-tier benchmark (make figures3d; hours on a CPU)',
+               'figures3d-adversarial': "the 3D benchmark tuned by EG3D's adversarial objective, compared with figures3d's runs (make figures3d-adversarial)",
                'reproduce': 'the paper tier on a GPU with user-supplied checkpoints and albums (make reproduce)',
                'protocols': "the demo grid under the paper's protocol and the one used before (the README's comparison)"}
 
@@ -245,7 +246,7 @@ def cli_demo(out=None, # grid folder (None: runs/demo or runs/demo3d)
 
 def cli_experiment(what: str, # a key of `EXPERIMENTS`
                   ) -> int:
-    "`facecl experiment figures|figures3d|reproduce|protocols` (what `make figures`, `make figures3d` and `make reproduce` run)."
+    "`facecl experiment figures|figures3d|figures3d-adversarial|reproduce|protocols` (what `make figures`, `make figures3d` and `make reproduce` run)."
     from facecl_nb import experiments as X
     if what == 'protocols':
         df = X.compare_protocols(csv=X.PROJECT_ROOT/'nbs'/'data'/'protocol_comparison_demo.csv', paper_runs='runs/demo' if Path('runs/demo').is_dir() else None)
@@ -255,6 +256,9 @@ def cli_experiment(what: str, # a key of `EXPERIMENTS`
         return 1 if r['grid']['failed'] else 0
     if what == 'figures3d':                  # hours on a CPU (a tri-plane render per optimization step)
         r = X.demo3d('runs/figures3d', figures='figures/3d', reports='reports/full', plan=X.FIGURES3D)
+        return 1 if r['grid']['failed'] else 0
+    if what == 'figures3d-adversarial':      # hours on a CPU; compared with figures3d's runs where they exist
+        r = X.demo3d('runs/figures3d-adversarial', figures='figures/3d-adversarial', reports='reports/full', plan=X.FIGURES3D_ADVERSARIAL)
         return 1 if r['grid']['failed'] else 0
     return X.reproduce()
 

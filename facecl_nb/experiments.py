@@ -22,9 +22,9 @@ from .rundir import collect_results
 from .grid import run_grid, summary_table, format_table
 
 # %% auto #0
-__all__ = ['DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'FIGURES3D', 'BEFORE', 'PAPER', 'plan_blocks', 'experiments_dir',
-           'check_parameters', 'run_experiment_notebook', 'demo', 'time_breakdown', 'compare_dir', 'albums_3d',
-           'demo3d', 'compare_protocols', 'paper_tier_missing', 'reproduce']
+__all__ = ['DEMO', 'FIGURES', 'QUICK_OVERRIDES', 'DEMO3D', 'FIGURES3D', 'FIGURES3D_ADVERSARIAL', 'BEFORE', 'PAPER', 'plan_blocks',
+           'experiments_dir', 'check_parameters', 'run_experiment_notebook', 'demo', 'time_breakdown', 'with_tuning',
+           'compare_dir', 'albums_3d', 'demo3d', 'compare_protocols', 'paper_tier_missing', 'reproduce']
 
 # %% ../nbs/06d_experiments.ipynb #99ba3ecb
 DEMO = dict(persons=['alice'], strategies=['none', 'random', 'hull', 'joint'], buffers=[3, 5], seeds=[0], T=None)
@@ -141,6 +141,17 @@ DEMO3D = dict(persons=['alice'], strategies=['none', 'random', 'hull'], buffers=
 # objective (same data, batches and steps: only the objective differs) for the side-by-side table of the 3D notebook
 FIGURES3D = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3], seeds=[0, 1, 2], T=5,
                  compare=dict(persons=['alice'], strategies=['none', 'hull'], buffers=[3], seeds=[0], tuning=ADVERSARIAL3D))
+# `make figures3d-adversarial`: the same grid tuned by EG3D's adversarial objective, on 3 persons × 2 seeds (6 pairs: both
+# objectives on 9 pairs would pass 2 hours on 2 cores), its notebook comparing each run with `make figures3d`'s run of the
+# same (person, seed, strategy), tuned by reconstruction
+FIGURES3D_ADVERSARIAL = dict(persons=None, strategies=['none', 'random', 'hull', 'joint'], buffers=[3], seeds=[0, 1], T=5,
+                             tuning=ADVERSARIAL3D, compare_with='runs/figures3d')
+
+def with_tuning(overrides: dict, # RunConfig overrides
+                tuning: dict | None, # tuning fields laid over those of `overrides` (None: none)
+               ) -> dict:
+    "`overrides` with `tuning`'s fields over its own `tuning` ones (the quick run's steps stay unless `tuning` names them)."
+    return {**overrides, 'tuning': {**overrides.get('tuning', {}), **tuning}} if tuning else overrides
 
 def compare_dir(out, # a 3D grid folder
                ) -> Path:
@@ -178,8 +189,9 @@ def demo3d(out='runs/demo3d', # grid folder
            log=print, # called with each progress line
           ) -> dict:
     """The 3D demo: the tri-plane prior personalized on an album with cameras (lower bound, ER-Rand, ER-Hull), then the 3D
-    notebook. A plan with `compare` also runs those runs with other tuning settings (`compare_dir(out)`), for the notebook's
-    side-by-side table."""
+    notebook. A plan's `tuning` overrides the tuning of every run; a plan with `compare` also runs those runs with other
+    tuning settings (`compare_dir(out)`), and `compare_with` names a finished grid to compare with instead, for the
+    notebook's side-by-side table."""
     t0 = time.perf_counter()
     plan = {**DEMO3D, **(plan or {})}
     albums = albums_3d(persons=plan['persons'], log=log)
@@ -188,13 +200,14 @@ def demo3d(out='runs/demo3d', # grid folder
     overrides = dict(QUICK_OVERRIDES) if quick else {}
     T = 2 if quick else plan['T']
     s = run_grid(root, plan['persons'], plan['strategies'], plan['buffers'], plan['seeds'], out, profile='demo3d', T=T,
-                 overrides=overrides, jobs=_demo_jobs(jobs, quick), log=log)
+                 overrides=with_tuning(overrides, plan.get('tuning')), jobs=_demo_jobs(jobs, quick), log=log)
     params, cmp = {}, plan.get('compare')
     if cmp:
         cdir = compare_dir(out)
         run_grid(root, cmp['persons'], cmp['strategies'], cmp['buffers'], cmp['seeds'], cdir, profile='demo3d', T=T,
-                 overrides={**overrides, 'tuning': {**overrides.get('tuning', {}), **cmp['tuning']}}, jobs=_demo_jobs(jobs, quick), log=log)
+                 overrides=with_tuning(overrides, cmp['tuning']), jobs=_demo_jobs(jobs, quick), log=log)
         params['compare_dir'] = str(cdir.resolve())
+    elif plan.get('compare_with'): params['compare_dir'] = str(Path(plan['compare_with']).resolve())
     return _figures_and_table('demo3d', 'continual_3d', s, out, root, figures, reports, t0, log, params)
 
 # %% ../nbs/06d_experiments.ipynb #ec1b4337

@@ -109,6 +109,10 @@ def test_papermill_3d_notebook(album3d, tmp_path):
     d = float(adv[hdr.index('AIP psnr')]) - float(rec[hdr.index('AIP psnr')])          # the sentence's sign follows the objectives, not the rows' order
     text = '\n'.join(''.join(o.get('data', {}).get('text/markdown', '')) for c in json.loads(nb.read_text())['cells'] for o in c.get('outputs', []))
     assert f"adversarial training gives an AIP PSNR {abs(d):.2f} dB {'higher' if d > 0 else 'lower'}" in text, text[-2000:]
+    paired = Path(written['objective_paired']).read_text().splitlines()     # per run type: adversarial − reconstruction over the pairs
+    row = dict(zip(paired[0].split(','), next(r.split(',') for r in paired[1:] if ',AIP psnr,' in r)))
+    assert row['run'] == 'Lower bound' and row['pairs'] == '1' and abs(float(row['mean']) - d) < 2e-3
+    assert row['lo'] in ('', 'nan')                                          # one pair: no interval
 
 
 def test_demo3d_refuses_a_prior_outside_the_encoders_latent_space(album3d, tmp_path):
