@@ -148,7 +148,7 @@ register_profile(Profile('demo', 2, dcgan_prior, Protocol(anchors='encoder', enc
 # 10 steps from the test photo's encoder code instead of 1000 from w̄ (bench/costs3d.py: from w̄, 100 steps stay far
 # from the photo). Tuning is by reconstruction: EG3D's adversarial training (ADVERSARIAL3D, with the demo discriminator
 # of chapter 07c) made the prior *worse* at rendering the person at every step count a CPU affords (25 to 400 batches
-# per timestamp, bench/adversarial_curve.py), so it is the option, measured beside the default in `make figures3d`.
+# per timestamp, bench/adversarial_curve.py), so it is the option, measured beside the default by `make figures3d-adversarial`.
 ADVERSARIAL3D = dict(objective='adversarial', lr=2e-4)    # as `tuning` overrides: G's Adam rate for the DCGAN's plain layers (EG3D's 0.0025 assumes equalized ones)
 register_profile(Profile('demo3d', 3, triplane_prior,
                          Protocol(anchors='fixed', encoder='dcgan-encoder-demo', eval='wplus', wplus_start='encoder', mirror=True, n_synth=3),
