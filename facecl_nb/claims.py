@@ -14,7 +14,7 @@ from .metrics import higher_is_better
 from .strategies import k_matters
 
 # %% auto #0
-__all__ = ['results_frame', 'paired', 'Verdict', 'verdict', 'claims', 'claims_markdown', 'claims_summary']
+__all__ = ['results_frame', 'paired', 'Verdict', 'verdict', 'claims', 'interval_text', 'claims_markdown', 'claims_summary']
 
 # %% ../nbs/06b_claims.ipynb #6d25e56d
 def results_frame(results: Sequence[dict], # `results.json` dicts (e.g. `rundir.collect_results(runs_dir)`)
@@ -108,6 +108,15 @@ def claims(df: pd.DataFrame, # `results_frame` rows
             sdf = df.assign(**{aip: s * df[aip]})        # 'largest' = best for either direction of the metric
             out.append(verdict(paired(sdf, aip, ('joint', 0), best_of=others), "(d) the upper bound's AIP is the highest", m, n_boot, seed))
     return pd.DataFrame([v.__dict__ for v in out])
+
+def interval_text(mean: float, # a mean difference (NaN: no pairs)
+                  lo: float, # its interval's ends (NaN: no interval, e.g. fewer pairs than a verdict needs)
+                  hi: float,
+                  digits: int = 3, # decimals
+                 ) -> str:
+    "A signed mean with its 95 % interval, '+0.120 [+0.050, +0.190]'; '–' without a mean, the mean alone without an interval."
+    if not np.isfinite(mean): return '–'
+    return f"{mean:+.{digits}f}" + (f" [{lo:+.{digits}f}, {hi:+.{digits}f}]" if np.isfinite(lo) else '')
 
 def claims_markdown(t: pd.DataFrame, # `claims` rows
                    ) -> str:
