@@ -322,7 +322,7 @@ def evaluate_prior3d(G, # a tri-plane generator (eval mode)
     render vs the teacher's image; `pairwise`: mean dlib distance between different latents' frontal renders
     (`teacher_pairwise`: the same for the teacher's images); `yaw`: largest dlib distance of a yaw ±20° render to the
     frontal one (`yaw_mean` its mean); `yaw_ideal`, `yaw_ideal_mean`: the same for `projected_teacher`, the teacher's image
-    on the head model (the floor of this head). Also the images: `teacher` [n, 3, 64, 64], `views` [n, 1 + len(yaws), 3, 64, 64]
+    on the head model (the floor of this head); `dlib_each`: each latent's distance [n] behind `dlib_teacher`. Also the images: `teacher` [n, 3, 64, 64], `views` [n, 1 + len(yaws), 3, 64, 64]
     (frontal first) and `ideal` [n, len(yaws), 3, 64, 64]."""
     T = load_prior() if T is None else T
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
@@ -342,7 +342,8 @@ def evaluate_prior3d(G, # a tri-plane generator (eval mode)
     pair = lambda e: float(np.linalg.norm(e[:, None] - e[None], axis=-1)[np.triu_indices(n, 1)].mean())
     dy = np.linalg.norm(d[:, 2:k] - df[:, None], axis=-1)
     di = np.linalg.norm(d[:, k:] - dt[:, None], axis=-1)
-    return dict(psnr=float(psnr(views[:, 0], x).mean()), dlib_teacher=float(np.linalg.norm(df - dt, axis=-1).mean()),
+    each = np.linalg.norm(df - dt, axis=-1)
+    return dict(psnr=float(psnr(views[:, 0], x).mean()), dlib_teacher=float(each.mean()), dlib_each=each,
                 pairwise=pair(df), teacher_pairwise=pair(dt), yaw=float(dy.max()), yaw_mean=float(dy.mean()),
                 yaw_ideal=float(di.max()), yaw_ideal_mean=float(di.mean()), teacher=x, views=views, ideal=ideal)
 
