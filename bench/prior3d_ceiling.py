@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 from facecl_nb import prior3d as P
 from facecl_nb.core import resolve_weight, seed_everything
 from facecl_nb.data import to_uint8
-from facecl_nb.eg3d import load_eg3d, rays_from_label, render_planes
+from facecl_nb.eg3d import load_eg3d, rays_from_label
 from facecl_nb.faces import dlib_descriptors
 from facecl_nb.generators import load_prior
 from facecl_nb.metrics import lpips_loss, psnr
@@ -50,15 +50,16 @@ def render_parts(G, z, x, c):
     R, opts = G.neural_rendering_resolution, G.rendering_kwargs
     up = lambda a: F.interpolate(a, scale_factor=x.shape[-1] // R, mode='bilinear', align_corners=False)
     with torch.no_grad():
-        ws = G.mapping(z, c); planes = G.planes(ws)
-        o, d = rays_from_label(c, R)
-        vol, _, _ = render_planes(planes, G.decoder, o, d, opts)
+        ws = G.mapping(z, c)
+        vol = G.render(ws, c, noise_mode='none')                            # the renderer's own path, as every run sees it
+        o, d = rays_from_label(c, R)                                        # the same planes read at the head model's surface
         t, _ = P.raycast_head(o, d, float(opts['ray_start']), float(opts['ray_end']))
-        surf, _ = P.decode_at(G, planes, o + t[..., None] * d)
-        img = lambda f: (lambda fi: G.superresolution(fi[:, :3], fi, ws, noise_mode='none'))(f.permute(0, 2, 1).reshape(len(z), -1, R, R))
-        raw = vol.permute(0, 2, 1).reshape(len(z), -1, R, R)[:, :3]
-        return {'volume render, super-resolved (what runs see)': img(vol), 'surface decode, super-resolved': img(surf),
-                'raw 32² volume render, bilinear up': up(raw), "teacher's own image at 32², bilinear up": up(F.avg_pool2d(x, x.shape[-1] // R))}
+        surf, _ = P.decode_at(G, G.planes(ws), o + t[..., None] * d)
+        surf = surf.permute(0, 2, 1).reshape(len(z), -1, R, R)
+        return {'volume render, super-resolved (what runs see)': vol['image'],
+                'surface decode, super-resolved': G.superresolution(surf[:, :3], surf, ws, noise_mode='none'),
+                'raw 32² volume render, bilinear up': up(vol['image_raw']),
+                "teacher's own image at 32², bilinear up": up(F.avg_pool2d(x, x.shape[-1] // R))}
 
 
 def budget():
